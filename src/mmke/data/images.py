@@ -1,0 +1,41 @@
+"""Image paths and pixels, with failures that say which file is at fault.
+
+Dataset JSON names images by relative path; a path that leaves the image root (absolute, ``..``,
+or a symlink pointing elsewhere) would let a dataset file read arbitrary files, so every lookup
+goes through :func:`safe_join`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from PIL import Image
+
+# What Pillow raises on bad bytes: OSError (UnidentifiedImageError, truncated data), SyntaxError
+# and struct.error from some format plugins, EOFError on short reads, ValueError on bad headers.
+_PIL_ERRORS = (OSError, SyntaxError, struct.error, EOFError, ValueError, Image.DecompressionBombError)
+
+
+def safe_join(root: str | os.PathLike, rel: str) -> Path:
+    """Resolved absolute path of ``rel`` under ``root``; ValueError if it would end up outside."""
+    base = Path(root).resolve()
+    if not rel:
+        raise ValueError(f"empty image path under image root {base}")
+    if Path(rel).is_absolute():
+        raise ValueError(f"absolute path {rel!r} escapes image root {base}")
+    # Resolving follows symlinks too, so a link inside the root that points outside is caught here.
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"path {rel!r} escapes image root {base} (resolves to {path})")
+    return path
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode every pixel now, as RGB, so corruption surfaces here and the file handle is closed."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() loads the data and returns a detached copy
+    except _PIL_ERRORS as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err

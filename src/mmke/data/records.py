@@ -1,0 +1,182 @@
+"""E-VQA / E-IC JSON files -> :class:`EditRecord` lists, with EasyEdit's skip rules (spec §1).
+
+Everything wrong with a dataset file is reported as a :class:`DataError` naming the file, the
+record index and the field, at load time: a bad record found hours into an evaluation job costs
+the whole job, found here it costs a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .images import load_rgb, safe_join
+
+FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
+          "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
+IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
+MLOC_TEMPLATES = {"trainer": "Question: {q} Short answer:", "raw": "{q}"}
+
+
+class DataError(ValueError):
+    """Bad input; message always names file, record index and field."""
+
+    def __init__(self, file: str | os.PathLike, index: int | None, field: str | None, message: str):
+        self.file, self.index, self.field, self.message = file, index, field, message
+        where = [f"record {index}"] if index is not None else []
+        where += [f"field '{field}'"] if field is not None else []
+        super().__init__(": ".join([str(file), *([", ".join(where)] if where else []), message]))
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args); keep the four constructor arguments instead.
+        return type(self), (self.file, self.index, self.field, self.message)
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit request; targets already carry the leading space the label mask expects."""
+
+    id: int  # index of the record in the source JSON array (before skipping)
+    prompt: str
+    pred: str
+    target: str
+    rephrase: str
+    image: str  # relative to ImageRoots.image
+    image_rephrase: str  # relative to ImageRoots.rephrase
+    loc: str
+    loc_ans: str
+    m_loc: str  # relative to ImageRoots.image
+    m_loc_q: str  # raw question; see multimodal_locality_prompt
+    m_loc_a: str
+
+
+@dataclass(frozen=True)
+class ImageRoots:
+    """Where relative image paths point; rephrased images may live in a separate folder."""
+
+    image: Path
+    rephrase: Path | None = None  # None -> same as image
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image", Path(self.image))
+        if self.rephrase is not None:
+            object.__setattr__(self, "rephrase", Path(self.rephrase))
+
+    def resolve(self, field: str, rel: str) -> Path:
+        """Absolute path of image field ``field``'s value ``rel``, refusing escapes from its root."""
+        if field in ("image", "m_loc"):
+            return safe_join(self.image, rel)
+        if field == "image_rephrase":
+            return safe_join(self.rephrase or self.image, rel)
+        raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
+
+
+def multimodal_locality_prompt(record: EditRecord, template: str = "trainer") -> str:
+    """The OK-VQA question as a model sees it; EasyEdit's trainer and IKE paths differ (spec §6)."""
+    if template not in MLOC_TEMPLATES:
+        raise ValueError(f"unknown multimodal locality template {template!r}; "
+                         f"valid: {', '.join(MLOC_TEMPLATES)}")
+    return MLOC_TEMPLATES[template].format(q=record.m_loc_q)
+
+
+def load_evqa(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
+              check_images: bool = True) -> list[EditRecord]:
+    """E-VQA: drop a record whose ``alt`` or any other string field is empty."""
+    return _load(path, roots, size, check_images, keep=lambda row: all(row[f] for f in FIELDS))
+
+
+def load_eic(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
+             check_images: bool = True) -> list[EditRecord]:
+    """E-IC: drop only records with an empty ``alt``."""
+    return _load(path, roots, size, check_images, keep=lambda row: bool(row["alt"]))
+
+
+LOADERS: dict[str, Callable[..., list[EditRecord]]] = {"evqa": load_evqa, "eic": load_eic}
+
+
+def load_records(kind: str, path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
+                 check_images: bool = True) -> list[EditRecord]:
+    """Dispatch on the dataset kind named in config."""
+    if kind not in LOADERS:
+        raise ValueError(f"unknown dataset kind {kind!r}; valid: {', '.join(LOADERS)}")
+    return LOADERS[kind](path, roots, size=size, check_images=check_images)
+
+
+def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_images: bool,
+          keep: Callable[[dict], bool]) -> list[EditRecord]:
+    if size is not None and size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    rows = _read_array(Path(path))
+    if size is not None:
+        rows = rows[:size]  # before skipping, as EasyEdit slices the annotation list
+    checked: set[Path] = set()  # OK-VQA images repeat across records; decode each once
+    records = []
+    for index, row in enumerate(rows):
+        # Structure is checked on every record, skipped or not: a missing field is a broken file.
+        if not isinstance(row, dict):
+            raise DataError(path, index, None, f"expected a JSON object, got {_json_type(row)}")
+        for field in FIELDS:
+            if field not in row:
+                raise DataError(path, index, field, "missing")
+            if not isinstance(row[field], str):
+                raise DataError(path, index, field, f"expected a string, got {_json_type(row[field])}")
+        if not keep(row):
+            continue
+        for field in IMAGE_FIELDS:
+            _check_image(path, index, field, roots, row[field], check_images, checked)
+        records.append(EditRecord(
+            id=index, prompt=row["src"], pred=row["pred"], target=_lead_space(row["alt"]),
+            rephrase=row["rephrase"], image=row["image"], image_rephrase=row["image_rephrase"],
+            loc=row["loc"], loc_ans=_lead_space(row["loc_ans"]), m_loc=row["m_loc"],
+            m_loc_q=row["m_loc_q"], m_loc_a=_lead_space(row["m_loc_a"]),
+        ))
+    return records
+
+
+def _read_array(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(path, None, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(path, None, None, f"cannot read: {err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(path, None, None,
+                        f"invalid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(path, None, None, f"top level must be a JSON array, got {_json_type(data)}")
+    return data
+
+
+def _check_image(path: str | os.PathLike, index: int, field: str, roots: ImageRoots, rel: str,
+                 decode: bool, checked: set[Path]) -> None:
+    """Refuse escapes always (cheap); with ``decode``, also require a decodable file."""
+    try:
+        image = roots.resolve(field, rel)
+    except ValueError as err:
+        raise DataError(path, index, field, str(err)) from None
+    if not decode or image in checked:
+        return
+    if not image.is_file():
+        raise DataError(path, index, field, f"image file not found: {image}")
+    try:
+        load_rgb(image)
+    except ValueError as err:
+        raise DataError(path, index, field, str(err)) from err
+    checked.add(image)
+
+
+def _lead_space(text: str) -> str:
+    """Targets are scored as prompt + " " + answer tokens (spec §2); keep an existing space."""
+    return text if text.startswith(" ") else " " + text
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,268 @@
+"""E-VQA / E-IC loading: field mapping, EasyEdit's skip rules, and errors that point at the data."""
+
+import json
+from dataclasses import fields
+
+import pytest
+from PIL import Image
+
+from mmke.data import (
+    DataError,
+    EditRecord,
+    ImageRoots,
+    load_eic,
+    load_evqa,
+    load_records,
+    multimodal_locality_prompt,
+)
+
+STRING_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
+                 "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
+IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
+
+
+def row(i: int, **changes) -> dict:
+    """A valid record whose every value is distinct, so a mix-up of fields shows."""
+    base = {
+        "src": f"question {i}?", "pred": f"pred{i}", "alt": f"alt{i}", "rephrase": f"rephrased {i}?",
+        "image": f"img/{i}.png", "image_rephrase": f"reph/{i}.png", "loc": f"nq {i}?",
+        "loc_ans": f"nq answer {i}", "m_loc": f"okvqa/{i}.png", "m_loc_q": f"okvqa {i}?",
+        "m_loc_a": f"okvqa answer {i}",
+    }
+    return base | changes
+
+
+def write_dataset(root, rows, name="data.json"):
+    """Write ``rows`` as JSON and a small PNG for every image path that stays inside ``root``."""
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        for field in IMAGE_FIELDS:
+            rel = r.get(field)
+            if isinstance(rel, str) and rel and not rel.startswith("/") and ".." not in rel:
+                path = root / rel
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.new("RGB", (4, 4), (len(rel) * 9 % 255, 0, 0)).save(path)
+    path = root / name
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def assert_names(err: DataError, path, index, field):
+    message = str(err)
+    assert path.name in message
+    assert f"record {index}" in message
+    assert f"field '{field}'" in message
+    assert (err.index, err.field) == (index, field)
+
+
+@pytest.mark.parametrize("loader", [load_evqa, load_eic])
+def test_fields_map_onto_edit_record(tmp_path, loader):
+    rows = [row(0), row(1)]
+    path = write_dataset(tmp_path, rows)
+    records = loader(path, ImageRoots(tmp_path))
+    assert [r.id for r in records] == [0, 1]
+    for r, src in zip(records, rows):
+        assert (r.prompt, r.pred, r.rephrase) == (src["src"], src["pred"], src["rephrase"])
+        assert (r.image, r.image_rephrase, r.m_loc) == (src["image"], src["image_rephrase"], src["m_loc"])
+        assert (r.loc, r.m_loc_q) == (src["loc"], src["m_loc_q"])
+        assert (r.target, r.loc_ans, r.m_loc_a) == (" " + src["alt"], " " + src["loc_ans"], " " + src["m_loc_a"])
+    assert {f.name for f in fields(EditRecord)} == {"id", "prompt", "target", *STRING_FIELDS} - {"src", "alt"}
+
+
+@pytest.mark.parametrize(("source", "record"), [("alt", "target"), ("loc_ans", "loc_ans"), ("m_loc_a", "m_loc_a")])
+def test_answers_get_exactly_one_leading_space(tmp_path, source, record):
+    path = write_dataset(tmp_path, [row(0, **{source: "x"}), row(1, **{source: " x"}), row(2, **{source: "  x"})])
+    assert [getattr(r, record) for r in load_evqa(path, ImageRoots(tmp_path))] == [" x", " x", "  x"]
+
+
+@pytest.mark.parametrize("field", STRING_FIELDS)
+def test_evqa_skips_record_with_any_empty_field(tmp_path, field):
+    path = write_dataset(tmp_path, [row(0), row(1, **{field: ""}), row(2)])
+    assert [r.id for r in load_evqa(path, ImageRoots(tmp_path))] == [0, 2]
+
+
+@pytest.mark.parametrize("field", sorted(set(STRING_FIELDS) - set(IMAGE_FIELDS) - {"alt"}))
+def test_eic_keeps_empty_text_fields_and_skips_only_empty_alt(tmp_path, field):
+    path = write_dataset(tmp_path, [row(0, alt=""), row(1, **{field: ""}), row(2)])
+    records = load_eic(path, ImageRoots(tmp_path))
+    assert [r.id for r in records] == [1, 2]
+    mapped = {"src": "prompt"}.get(field, field)
+    assert getattr(records[0], mapped) in ("", " ")  # answers still get their leading space
+
+
+def test_size_is_applied_before_skipping(tmp_path):
+    path = write_dataset(tmp_path, [row(0), row(1, alt=""), row(2), row(3), row(4)])
+    assert [r.id for r in load_evqa(path, ImageRoots(tmp_path), size=3)] == [0, 2]
+    assert [r.id for r in load_eic(path, ImageRoots(tmp_path), size=0)] == []
+    assert [r.id for r in load_eic(path, ImageRoots(tmp_path), size=99)] == [0, 2, 3, 4]
+
+
+def test_size_applies_before_validation_of_later_records(tmp_path):
+    path = write_dataset(tmp_path, [row(0), row(1), "not a record"])
+    assert len(load_evqa(path, ImageRoots(tmp_path), size=2)) == 2
+
+
+def test_load_records_dispatches_on_kind(tmp_path):
+    path = write_dataset(tmp_path, [row(0), row(1, loc="")])
+    assert [r.id for r in load_records("evqa", path, ImageRoots(tmp_path))] == [0]
+    assert [r.id for r in load_records("eic", path, ImageRoots(tmp_path))] == [0, 1]
+    with pytest.raises(ValueError, match="evqa"):
+        load_records("okvqa", path, ImageRoots(tmp_path))
+
+
+def test_multimodal_locality_prompt_templates(tmp_path):
+    record = load_evqa(write_dataset(tmp_path, [row(7, m_loc_q="How many {dogs}?")]), ImageRoots(tmp_path))[0]
+    assert multimodal_locality_prompt(record) == "Question: How many {dogs}? Short answer:"
+    assert multimodal_locality_prompt(record, "trainer") == "Question: How many {dogs}? Short answer:"
+    assert multimodal_locality_prompt(record, "raw") == "How many {dogs}?"
+    with pytest.raises(ValueError, match="trainer, raw"):
+        multimodal_locality_prompt(record, "ike")
+
+
+def test_image_rephrase_resolves_against_rephrase_root(tmp_path):
+    data, rephrase = tmp_path / "data", tmp_path / "rephrase"
+    data.mkdir()
+    path = write_dataset(data, [row(0)])
+    (rephrase / "reph").mkdir(parents=True)
+    (data / "reph" / "0.png").rename(rephrase / "reph" / "0.png")
+    roots = ImageRoots(data, rephrase)
+    assert roots.resolve("image_rephrase", "reph/0.png") == rephrase.resolve() / "reph" / "0.png"
+    assert roots.resolve("image", "img/0.png") == roots.resolve("m_loc", "img/0.png") == data.resolve() / "img" / "0.png"
+    assert len(load_evqa(path, roots)) == 1
+    # without a separate rephrase root the image is looked for (and missing) under the data root
+    with pytest.raises(DataError) as err:
+        load_evqa(path, ImageRoots(data))
+    assert_names(err.value, path, 0, "image_rephrase")
+
+
+def test_check_images_false_skips_file_checks_but_not_escapes(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([row(0)]))  # no image files at all
+    assert len(load_evqa(path, ImageRoots(tmp_path), check_images=False)) == 1
+    path.write_text(json.dumps([row(0, m_loc="../x.png")]))
+    with pytest.raises(DataError) as err:
+        load_evqa(path, ImageRoots(tmp_path / "sub"), check_images=False)
+    assert_names(err.value, path, 0, "m_loc")
+
+
+# --- malformed input: one test per case, each error names file, record and field ---------------
+
+def test_missing_field(tmp_path):
+    bad = row(1)
+    del bad["loc_ans"]
+    path = write_dataset(tmp_path, [row(0), bad])
+    with pytest.raises(DataError, match="missing") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert_names(err.value, path, 1, "loc_ans")
+
+
+def test_missing_field_in_a_record_that_would_be_skipped_is_still_an_error(tmp_path):
+    bad = row(1, alt="")
+    del bad["pred"]
+    path = write_dataset(tmp_path, [row(0), bad])
+    with pytest.raises(DataError) as err:
+        load_eic(path, ImageRoots(tmp_path))
+    assert_names(err.value, path, 1, "pred")
+
+
+@pytest.mark.parametrize("value", [3, None, ["a"]])
+def test_field_of_wrong_type(tmp_path, value):
+    path = write_dataset(tmp_path, [row(0), row(1), row(2, rephrase=value)])
+    with pytest.raises(DataError, match="expected a string") as err:
+        load_eic(path, ImageRoots(tmp_path))
+    assert_names(err.value, path, 2, "rephrase")
+
+
+def test_empty_alt_is_skipped_not_an_error(tmp_path):
+    path = write_dataset(tmp_path, [row(0, alt=""), row(1)])
+    assert [r.id for r in load_evqa(path, ImageRoots(tmp_path))] == [1]
+    assert [r.id for r in load_eic(path, ImageRoots(tmp_path))] == [1]
+
+
+def test_missing_image(tmp_path):
+    path = write_dataset(tmp_path, [row(0), row(1)])
+    (tmp_path / "okvqa" / "1.png").unlink()
+    with pytest.raises(DataError, match="not found") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert_names(err.value, path, 1, "m_loc")
+
+
+def test_corrupt_image(tmp_path):
+    path = write_dataset(tmp_path, [row(0), row(1)])
+    (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="cannot read image") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert_names(err.value, path, 1, "image")
+
+
+def test_image_path_escaping_root_with_dotdot(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("RGB", (2, 2)).save(tmp_path / "secret.png")  # exists, so only the escape is wrong
+    path = write_dataset(root, [row(0), row(1, image="../secret.png")])
+    with pytest.raises(DataError, match="escapes image root") as err:
+        load_evqa(path, ImageRoots(root))
+    assert_names(err.value, path, 1, "image")
+
+
+def test_image_path_absolute(tmp_path):
+    Image.new("RGB", (2, 2)).save(tmp_path / "abs.png")
+    path = write_dataset(tmp_path, [row(0, image_rephrase=str(tmp_path / "abs.png"))])
+    with pytest.raises(DataError, match="escapes image root") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert_names(err.value, path, 0, "image_rephrase")
+
+
+def test_image_symlink_pointing_outside_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (2, 2)).save(outside / "x.png")
+    (root / "shared").symlink_to(outside)
+    path = write_dataset(root, [row(0), row(1), row(2, m_loc="shared/x.png")])
+    with pytest.raises(DataError, match="escapes image root") as err:
+        load_eic(path, ImageRoots(root))
+    assert_names(err.value, path, 2, "m_loc")
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"src": "a",\n  "pred": }]')
+    with pytest.raises(DataError, match=r"invalid JSON: .*\(line 2 column \d+\)") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert "broken.json" in str(err.value)
+    assert (err.value.index, err.value.field) == (None, None)
+
+
+def test_top_level_not_a_list(tmp_path):
+    path = tmp_path / "object.json"
+    path.write_text(json.dumps({"records": [row(0)]}))
+    with pytest.raises(DataError, match="JSON array, got object") as err:
+        load_eic(path, ImageRoots(tmp_path))
+    assert "object.json" in str(err.value)
+
+
+def test_record_not_an_object(tmp_path):
+    path = write_dataset(tmp_path, [row(0), ["src", "pred"]])
+    with pytest.raises(DataError, match="expected a JSON object, got array") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert path.name in str(err.value) and "record 1" in str(err.value)
+    assert err.value.index == 1
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.json"
+    with pytest.raises(DataError, match="file not found") as err:
+        load_evqa(path, ImageRoots(tmp_path))
+    assert str(path) in str(err.value)
+
+
+def test_data_error_message_format_and_attributes():
+    err = DataError("d.json", 4, "alt", "missing")
+    assert str(err) == "d.json: record 4, field 'alt': missing"
+    assert (err.file, err.index, err.field) == ("d.json", 4, "alt")
+    assert str(DataError("d.json", None, None, "invalid JSON")) == "d.json: invalid JSON"
+    assert str(DataError("d.json", 2, None, "bad")) == "d.json: record 2: bad"
+    assert isinstance(err, ValueError)
