@@ -1,0 +1,77 @@
+"""Edit metrics with the exact semantics of EasyEdit's multimodal evaluation (spec §3).
+
+Adapters return logits over the full sequence, unshifted: ``logits[:, t]`` predicts the token at
+``t + 1``. The shift happens here, once, so every method and model is scored by the same code.
+Locality works on the *full* logits (all positions, image queries included), because that is what
+EasyEdit compares; a mask only drops right padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair each prediction with the label it predicts: ``logits[:, :-1]`` with ``labels[:, 1:]``."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not aligned")
+    return logits[:, :-1], labels[:, 1:]
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of target tokens predicted correctly, pooled over every token of the batch."""
+    pred, gold = _predictions(logits, labels)
+    mask = gold != IGNORE_INDEX
+    if not mask.any():
+        raise ValueError("no target token in the batch (every label is -100)")
+    return (pred[mask] == gold[mask]).float().mean().item()
+
+
+def per_item_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: bool) -> torch.Tensor:
+    """Accuracy of each item: token accuracy, or 1/0 exact match of every target token."""
+    pred, gold = _predictions(logits, labels)
+    mask = gold != IGNORE_INDEX
+    counts = mask.sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError(f"items {torch.nonzero(counts == 0).flatten().tolist()} have no target token")
+    correct = ((pred == gold) & mask).sum(dim=1)
+    if exact_match:
+        return (correct == counts).float()
+    return correct.float() / counts.float()
+
+
+def top_k_predictions(logits: torch.Tensor, attention_mask: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Per item, the top-k token ids ``[T_i, k]`` at every non-padding position."""
+    top = torch.topk(logits.float(), k=k, dim=-1).indices
+    return [top[i][attention_mask[i].bool()] for i in range(top.shape[0])]
+
+
+def locality_agreement(pre: torch.Tensor, post: torch.Tensor) -> float:
+    """Fraction of (position, rank) slots where post-edit and pre-edit top-k ids agree.
+
+    Sequences of different length (e.g. IKE prepends demonstrations) are right-aligned, as in
+    EasyEdit: the shorter one's positions are compared with the longer one's last positions.
+    """
+    if pre.dim() != 2 or post.dim() != 2 or pre.shape[1] != post.shape[1]:
+        raise ValueError(f"top-k tensors must be [T, k] with the same k, got {tuple(pre.shape)} and {tuple(post.shape)}")
+    length = min(pre.shape[0], post.shape[0])
+    if length == 0:
+        raise ValueError("empty locality sequence")
+    return (pre[-length:] == post[-length:]).float().mean().item()
+
+
+def mean_metrics(rows: Iterable[Mapping[str, float]], keys: Sequence[str]) -> dict[str, float]:
+    """Dataset figure = mean of per-record values, per metric."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no records to average")
+    return {key: sum(float(row[key]) for row in rows) / len(rows) for key in keys}
+
+
+def _predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, labels = shift(logits, labels)
+    return logits.argmax(dim=-1), labels
