@@ -69,3 +69,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+@contextlib.contextmanager
+def redirect_output(log_path: str | os.PathLike | None) -> Iterator[None]:
+    """Send stdout and stderr (progress bars, warnings, tracebacks) to a stage's log file."""
+    if log_path is None:
+        yield
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            yield
+        except BaseException:
+            import traceback
+
+            traceback.print_exc(file=log)
+            raise

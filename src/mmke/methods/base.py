@@ -1,0 +1,81 @@
+"""The Editor interface every editing method implements, and the method registry.
+
+An editor turns records into an :class:`Edit`: while the edit is live the model behaves edited,
+and ``Edit.revert()`` puts it back exactly. Weight-editing methods snapshot only the parameters
+they touch through the adapter; prompt-editing methods (IKE) rewrite the text the model sees, so
+an edit also owns the prompt transform the evaluation loop applies.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from mmke.data.records import EditRecord
+from mmke.hparams import HParams
+from mmke.models.base import VLMAdapter
+
+#: Modules that register the built-in methods; importing one adds its editor to METHODS.
+BUILTIN_METHOD_MODULES = ("mmke.methods.noedit",)
+
+METHODS: dict[str, type["Editor"]] = {}
+
+
+class Edit:
+    """A live edit. The default is a weight edit restored from an adapter snapshot."""
+
+    def __init__(self, model: VLMAdapter | None = None, snapshot: Mapping | None = None):
+        self._model = model
+        self._snapshot = snapshot
+
+    def prompt(self, text: str) -> str:
+        """The text the edited model is asked instead of ``text`` (identity for weight edits)."""
+        return text
+
+    def revert(self) -> None:
+        if self._model is not None and self._snapshot:
+            self._model.restore(dict(self._snapshot))
+        self._snapshot = None
+
+
+class Editor(abc.ABC):
+    """One editing method. Reads hyperparameters only from its typed hparams object."""
+
+    name: ClassVar[str]
+    hparams_class: ClassVar[type[HParams]] = HParams
+
+    def __init__(self, hparams: HParams):
+        if not isinstance(hparams, self.hparams_class):
+            raise TypeError(f"{self.name} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
+        self.hparams = hparams
+
+    def prepare(self, resources: Mapping[str, Path]) -> None:
+        """Load what an earlier stage produced (embeddings, meta-network checkpoint)."""
+
+    @abc.abstractmethod
+    def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
+        """Edit ``model`` so it gives each record's target; return the handle that undoes it."""
+
+
+def register_method(cls: type[Editor]) -> type[Editor]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Editor]:
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}") from None
+
+
+def make_editor(hparams: HParams) -> Editor:
+    return get_method(hparams.method)(hparams)
