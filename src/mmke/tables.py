@@ -47,9 +47,9 @@ def to_markdown(frame: pd.DataFrame) -> str:
     parts = []
     for dataset, group in frame.groupby("dataset", sort=False):
         shown = group[["model", "method", "n", *SUMMARY_METRICS]].rename(columns=PAPER_COLUMNS)
-        for column in PAPER_COLUMNS.values():
-            shown[column] = (shown[column] * 100).map("{:.2f}".format)
-        parts.append(f"## {dataset}\n\n{shown.to_markdown(index=False)}\n")
+        shown[list(PAPER_COLUMNS.values())] *= 100
+        # floatfmt, not pre-formatted strings: tabulate re-parses "100.00" as a number -> "100".
+        parts.append(f"## {dataset}\n\n{shown.to_markdown(index=False, floatfmt='.2f')}\n")
     return "\n".join(parts)
 
 

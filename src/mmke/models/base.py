@@ -1,0 +1,132 @@
+"""The model adapter protocol and the registry of model families.
+
+Methods, metrics and the evaluation loop only ever talk to a :class:`VLMAdapter`: it turns
+(prompt, target, image) triples into a teacher-forced :class:`Batch`, returns logits aligned with
+that batch's labels, and exposes named parameter groups ("scopes") that a method may change. This
+keeps module paths and each family's input template out of the editing methods, so one hparams
+file works on a 2-layer tiny model and on BLIP-2 OPT-2.7b alike.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+# Modules that define model families; load_model imports them so their @register_model runs
+# without every caller having to import each family (adding a family = one file + one entry).
+FAMILY_MODULES = ("mmke.models.blip2",)
+
+
+@dataclass
+class Batch:
+    """Teacher-forced inputs of one family's template, with labels aligned position by position.
+
+    ``input_ids`` covers the whole sequence the language model sees, image/query positions
+    included (they hold a placeholder id), so ``labels`` and the logits share one length ``T``.
+    """
+
+    input_ids: torch.LongTensor  # [B, T]; image/query positions hold a placeholder id
+    attention_mask: torch.LongTensor  # [B, T]
+    labels: torch.LongTensor  # [B, T]; -100 everywhere except target tokens
+    pixel_values: torch.Tensor | None  # [B, 3, H, W]; None for text-only batches
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device`` (pixel values keep their dtype; the model casts them)."""
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            labels=self.labels.to(device),
+            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
+        )
+
+
+class VLMAdapter(abc.ABC):
+    """One loaded model; owns tokenizer/processor; hides the family's input format."""
+
+    family: ClassVar[str]
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, image_size: int | None = None) -> VLMAdapter:
+        """Load a model directory; ``image_size`` overrides the processor's resize size."""
+
+    @abc.abstractmethod
+    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
+                       images: Sequence[Image.Image] | None) -> Batch:
+        """Inputs for prompt + target with only the target tokens labelled (spec section 2)."""
+
+    @abc.abstractmethod
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Float32 logits ``[B, T, V]`` over the full sequence, not shifted.
+
+        ``logits[:, t]`` predicts token ``t + 1``; the metrics do the shift once (spec section 3),
+        so every family returns the same alignment. Gradients flow, so methods can train on it.
+        """
+
+    @abc.abstractmethod
+    def scopes(self) -> dict[str, list[str]]:
+        """Scope name -> parameter names as in ``model.named_parameters()``.
+
+        Every family offers the same names (``llm.mlp.last1`` .. ``llm.mlp.last{L}``, ``llm``,
+        ``qformer``, ``vision_proj``, ``vision``) so method hparams stay model-independent.
+        """
+
+    def editable(self, scope: str) -> dict[str, torch.nn.Parameter]:
+        """The parameters of ``scope``; an unknown scope is a KeyError naming the valid ones."""
+        scopes = self.scopes()
+        if scope not in scopes:
+            raise KeyError(f"unknown scope {scope!r} for {self.family}; valid scopes: {', '.join(scopes)}")
+        params = dict(self.model.named_parameters())
+        return {name: params[name] for name in scopes[scope]}
+
+    def snapshot(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Detached clones of only the named parameters: an edit saves what it will touch."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach().clone() for name in names}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Copy a snapshot back in place, bit for bit, keeping the Parameter objects.
+
+        In-place copy (not reassignment) keeps optimisers and hooks that hold the parameters valid.
+        """
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+
+
+MODELS: dict[str, type[VLMAdapter]] = {}
+
+
+def register_model(family: str) -> Callable[[type[VLMAdapter]], type[VLMAdapter]]:
+    """Class decorator: make an adapter loadable by its family name."""
+
+    def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+        if family in MODELS and MODELS[family] is not cls:
+            raise ValueError(f"model family {family!r} is already registered by {MODELS[family].__name__}")
+        cls.family = family
+        MODELS[family] = cls
+        return cls
+
+    return register
+
+
+def load_model(family: str, path: str | os.PathLike, **kwargs) -> VLMAdapter:
+    """Load ``path`` with the adapter of ``family``; kwargs go to the adapter's ``load``."""
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    if family not in MODELS:
+        raise ValueError(f"unknown model family {family!r}; registered: {', '.join(sorted(MODELS))}")
+    return MODELS[family].load(path, **kwargs)

@@ -1,0 +1,138 @@
+"""BLIP-2 OPT on transformers' ``Blip2ForConditionalGeneration``, with EasyEdit's text template.
+
+The same code loads a tiny directory from :mod:`mmke.models.tiny` and a real
+``Salesforce/blip2-opt-2.7b`` directory: model, tokenizer and image processor all come from the
+directory, offline. Sequences are ``[num_query_tokens projected Q-Former outputs][prompt + target]``
+as in EasyEdit/LAVIS (spec section 2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+
+from mmke.models.base import IGNORE_INDEX, Batch, VLMAdapter, register_model
+
+
+@register_model("blip2")
+class Blip2Adapter(VLMAdapter):
+    """BLIP-2 with a decoder-only (OPT) language model."""
+
+    # The MLP weight matrices of one OPT decoder layer: what MEND/SERAC edit (spec section 4).
+    MLP_WEIGHTS: ClassVar[tuple[str, ...]] = ("fc1.weight", "fc2.weight")
+
+    def __init__(self, model: Blip2ForConditionalGeneration, tokenizer, image_processor,
+                 device: torch.device):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.device = device
+        self.num_query_tokens: int = model.config.num_query_tokens
+        # Query positions never reach the embedding table in `logits` (the projected Q-Former
+        # outputs replace them), so any id serves; the model's own image token keeps the batch
+        # valid for `model(...)` too. Checkpoints saved before image_token_index existed lack it.
+        image_token = model.config.image_token_id
+        self.placeholder_id: int = tokenizer.pad_token_id if image_token is None else image_token
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, image_size: int | None = None) -> Blip2Adapter:
+        """Load a BLIP-2 directory offline; ``image_size`` overrides the processor's resize size.
+
+        EasyEdit evaluates at 364 although blip2-opt-2.7b was trained at 224, so the size comes
+        from config; the vision encoder interpolates its position embeddings to match, as LAVIS
+        does when it builds EVA ViT-g for another resolution.
+        """
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if not model.config.use_decoder_only_language_model:
+            raise ValueError(f"{path}: the blip2 adapter needs a decoder-only language model (OPT), "
+                             f"got {model.config.text_config.model_type}")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        resize = {} if image_size is None else {"size": {"height": image_size, "width": image_size}}
+        # The PIL backend resizes exactly like the torchvision transforms EasyEdit applies to PIL
+        # images, and gives the same pixels whether or not torchvision is installed.
+        image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True, **resize)
+        device = torch.device(device)
+        model.to(device).eval()
+        return cls(model, tokenizer, image_processor, device)
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """BLIP eval processing: RGB, bicubic resize to the configured size, rescale, CLIP mean/std."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
+                       images: Sequence[Image.Image] | None) -> Batch:
+        """``[query positions][prompt + target tokens][pad]`` with only target tokens labelled.
+
+        Text is tokenized without special tokens (no BOS) and right-padded, and the prompt length
+        is that of the prompt tokenized alone, exactly as EasyEdit computes ``prompts_len``.
+        """
+        if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
+            raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
+                             f"{'no' if images is None else len(images)} images")
+        if not prompts:
+            raise ValueError("teacher_forced needs at least one item")
+        texts = [self._encode(prompt + target) for prompt, target in zip(prompts, targets)]
+        prompt_lengths = [len(self._encode(prompt)) for prompt in prompts]
+        query = 0 if images is None else self.num_query_tokens
+        shape = (len(texts), query + max(len(ids) for ids in texts))
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, prompt_length) in enumerate(zip(texts, prompt_lengths)):
+            end = query + len(ids)
+            input_ids[row, :query] = self.placeholder_id
+            input_ids[row, query:end] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, :end] = 1
+            labels[row, query + prompt_length:end] = input_ids[row, query + prompt_length:end]
+        pixel_values = None if images is None else self.pixel_values(images)
+        return Batch(input_ids, attention_mask, labels, pixel_values).to(self.device)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Language-model logits over query + text positions, as EasyEdit/LAVIS compute them.
+
+        The projected Q-Former outputs are concatenated in front of the text embeddings rather
+        than scattered into placeholder positions, which is what EasyEdit does and does not
+        depend on the placeholder id.
+        """
+        batch = batch.to(self.device)
+        language_model = self.model.language_model
+        if batch.pixel_values is None:
+            out = language_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            return out.logits.float()
+        image = self.model.get_image_features(batch.pixel_values, interpolate_pos_encoding=True, return_dict=True)
+        text = language_model.get_input_embeddings()(batch.input_ids[:, self.num_query_tokens:])
+        embeds = torch.cat([image.pooler_output.to(text.dtype), text], dim=1)
+        out = language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits.float()
+
+    def _decoder_layer_prefixes(self) -> list[str]:
+        """Parameter-name prefixes of the language model's decoder layers, first to last."""
+        layers = self.model.language_model.get_decoder().layers
+        prefix = next(name for name, module in self.model.named_modules() if module is layers)
+        return [f"{prefix}.{index}" for index in range(len(layers))]
+
+    def scopes(self) -> dict[str, list[str]]:
+        names = [name for name, _ in self.model.named_parameters()]
+
+        def under(*prefixes: str) -> list[str]:
+            return [name for name in names if name.startswith(prefixes)]
+
+        layers = self._decoder_layer_prefixes()
+        scopes = {
+            f"llm.mlp.last{n}": [f"{layer}.{weight}" for layer in layers[-n:] for weight in self.MLP_WEIGHTS]
+            for n in range(1, len(layers) + 1)
+        }
+        scopes["llm"] = under("language_model.")
+        scopes["qformer"] = under("qformer.", "query_tokens")
+        scopes["vision_proj"] = under("language_projection.")
+        scopes["vision"] = under("vision_model.")
+        return scopes

@@ -1,0 +1,201 @@
+"""Tiny randomly initialised models, saved as ordinary transformers directories.
+
+The demo workflow and the tests run every stage on these offline and on a CPU in seconds. Each
+directory has the same layout as the real checkpoint of its family (model, tokenizer and
+processor saved with ``save_pretrained``), so the adapters load both through one code path.
+Everything is a pure function of the arguments: same seed, same weights, same tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AddedToken,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessorPil,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_TOKEN = "<image>"
+# OPT's special tokens, in OPT's id order (<s>=0, <pad>=1, </s>=2, <unk>=3); OPT uses "</s>" as BOS.
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+BOS_TOKEN = EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+PATCH_SIZE = 8
+
+# Built-in English training text for the tokenizer: general prose plus the vocabulary of the
+# demo datasets (colours, shapes, questions, captions), so common words get their own tokens.
+# Byte-level BPE covers every other string byte by byte.
+CORPUS = (
+    "What colour is the shape? Which colour does the shape in the picture have?",
+    "What is the colour of the object shown? What shape is shown in the image?",
+    "Which geometric figure appears in this picture? What kind of shape can be seen here?",
+    "What colour is the background? Which colour is the area behind the shape?",
+    "How many shapes are in the picture? How many objects can you count in this image?",
+    "a photo of a red circle on a grey background. an image of a green square on a white background.",
+    "a picture showing a blue triangle on a black background. a snapshot of a yellow circle.",
+    "purple, orange, red, green, blue, yellow, grey, white, black; circle, square, triangle.",
+    "one, two, three, four, five, six, seven, eight, nine, ten. 0 1 2 3 4 5 6 7 8 9 10 100 1887 2024",
+    "Question: What is in the picture? Short answer: a cat sitting on a sofa.",
+    "New Fact: The capital of the country is a small city by the river.",
+    "Prompt: Who wrote the novel? The author was born in a village near the mountains.",
+    "The quick brown fox jumps over the lazy dog while the children watch from the window.",
+    "A man is riding a bicycle down the street next to a bus and a few parked cars.",
+    "Two dogs are playing with a ball in the park under a large tree on a sunny day.",
+    "The woman holds an umbrella as she walks across the bridge in the rain.",
+    "A plate of food with rice, vegetables and a piece of grilled chicken sits on the table.",
+    "The train arrives at the station in the morning, and people wait on the platform.",
+    "There is a clock on the tower above the old building in the centre of the town.",
+    "A group of people stand on the beach and look at the boats on the water.",
+    "The kitchen has a white refrigerator, a stove, a sink and wooden cabinets.",
+    "A baseball player swings the bat at the ball during the game in the stadium.",
+    "Which river flows through the city? What is the highest mountain in the region?",
+    "Who painted the picture? Which instrument did he play? What language is spoken there?",
+    "In which year was the bridge opened? What currency is used on the islands?",
+    "Who founded the city? What is the main export of the country? What is the national bird?",
+    "The museum opened its doors to visitors after the long winter, and the gardens were full of flowers.",
+    "Scientists measured the temperature of the ocean and found that it had risen over the years.",
+    "She answered the question correctly, but he thought the answer was wrong.",
+    "They were reading books, writing letters, and listening to music in the evening.",
+    "An airplane is flying over the mountains; a giraffe stands near the fence at the zoo.",
+    "The elephant, the zebra and the horse were eating grass in the field.",
+    "Is this a kitchen or a bathroom? Are there any people in the photo? Yes. No.",
+)
+
+
+def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """An OPT-like byte-level BPE tokenizer trained offline on the built-in corpus (+ ``corpus``).
+
+    Byte-level BPE tokenizes any text (every byte is in the alphabet), so tiny models accept the
+    real datasets too. Special tokens and the BOS-prepending post-processor follow OPT, so code
+    that must avoid special tokens is tested against a tokenizer that would add them. The image
+    placeholder ``<image>`` takes the last id, like in the blip2-opt checkpoints. ``vocab_size``
+    is an upper bound: a small corpus may yield fewer merges.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # one id left for <image>
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([*CORPUS, *(corpus or ())], trainer)
+    bos_id = backend.token_to_id(BOS_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN, clean_up_tokenization_spaces=False,
+    )
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    return tokenizer
+
+
+def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
+                     num_query_tokens: int = 4, vocab_size: int = 1024) -> Path:
+    """A tiny random BLIP-2 OPT directory at ``out_dir`` (model, tokenizer, processor).
+
+    Same layout as Salesforce/blip2-opt-2.7b: ``config.image_token_id`` is the ``<image>`` id and
+    the processor records ``num_query_tokens``. The OPT part has 2 layers so that scopes such as
+    ``llm.mlp.last2`` are meaningful; the max position count matches OPT so long IKE prompts fit.
+    """
+    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {PATCH_SIZE}, got {image_size}")
+    tokenizer = train_tokenizer(vocab_size)
+    text_config = OPTConfig(
+        vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, ffn_dim=128,
+        num_attention_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": PATCH_SIZE},
+        qformer_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "encoder_hidden_size": 32},
+        text_config=text_config.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config)
+        # transformers zero-initialises the query tokens (real checkpoints overwrite them), which
+        # would make every query position identical; LAVIS draws them from N(0, initializer_range).
+        with torch.no_grad():
+            model.query_tokens.normal_(mean=0.0, std=config.qformer_config.initializer_range)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, num_query_tokens=num_query_tokens,
+    )
+    with _atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+TINY_BUILDERS: dict[str, Callable[..., Path]] = {"blip2": build_tiny_blip2}
+
+
+def build_tiny(family: str, out_dir: str | os.PathLike, **kwargs) -> Path:
+    """Build the tiny model of ``family``; kwargs go to that family's builder (seed, image_size...)."""
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"no tiny model for family {family!r}; available: {', '.join(sorted(TINY_BUILDERS))}")
+    return TINY_BUILDERS[family](out_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir``; it becomes ``out_dir`` only on success.
+
+    An interrupted build then leaves no half directory that Snakemake or a loader would take for
+    a complete model. An existing ``out_dir`` is replaced.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)  # renaming onto an empty directory replaces it
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mmke.models.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--family", choices=sorted(TINY_BUILDERS), default="blip2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--num-query-tokens", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+    path = build_tiny(args.family, args.out_dir, seed=args.seed, image_size=args.image_size,
+                      num_query_tokens=args.num_query_tokens, vocab_size=args.vocab_size)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

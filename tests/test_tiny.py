@@ -1,0 +1,109 @@
+"""Tiny model directories: deterministic, atomic, and loadable like a real checkpoint."""
+
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+
+from mmke.models import tiny
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "a": tiny.build_tiny_blip2(root / "a", seed=0),
+        "a_again": tiny.build_tiny_blip2(root / "a_again", seed=0),
+        "b": tiny.build_tiny_blip2(root / "b", seed=1),
+    }
+
+
+def state_dict(path):
+    return Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True).state_dict()
+
+
+def test_same_seed_gives_identical_weights(built):
+    first, second = state_dict(built["a"]), state_dict(built["a_again"])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_different_seed_gives_different_weights(built):
+    first, other = state_dict(built["a"]), state_dict(built["b"])
+    differing = [name for name in first if not torch.equal(first[name], other[name])]
+    assert "language_model.model.decoder.layers.1.fc1.weight" in differing
+    assert "query_tokens" in differing
+
+
+def test_build_does_not_touch_callers_rng(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny.build_tiny_blip2(tmp_path / "m", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tokenizer_is_deterministic():
+    first, second = tiny.train_tokenizer(), tiny.train_tokenizer()
+    assert first.get_vocab() == second.get_vocab()
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+
+
+@pytest.mark.parametrize("text", [
+    " What colour is the shape?",
+    "Ünïcødé naïve café — 日本語のテキスト 🙂👍🏽\ttabs\nand newlines  double  spaces",
+    "Zyxwvut qq 12345.678 <notatoken> x",
+])
+def test_tokenizer_round_trips_arbitrary_text(built, text):
+    tokenizer = AutoTokenizer.from_pretrained(built["a"], local_files_only=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_specials_follow_opt(built):
+    tokenizer = AutoTokenizer.from_pretrained(built["a"], local_files_only=True)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
+        "</s>", "</s>", "<pad>", "<unk>")
+    assert tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]
+    # like OPT, default encoding prepends BOS (the adapter must ask for no special tokens)
+    assert tokenizer("hello")["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.tokenize("a <image> b").count("<image>") == 1
+
+
+def test_directory_loads_like_a_blip2_checkpoint(built):
+    model = Blip2ForConditionalGeneration.from_pretrained(built["a"], local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(built["a"], local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(built["a"], backend="pil", local_files_only=True)
+    config = model.config
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert config.image_token_id < config.text_config.vocab_size
+    assert len(tokenizer) <= config.text_config.vocab_size
+    assert config.num_query_tokens == 4
+    assert config.text_config.model_type == "opt" and config.text_config.num_hidden_layers == 2
+    assert (processor.size.height, processor.size.width) == (32, 32)
+
+
+def test_cli_builds_and_replaces_atomically(tmp_path):
+    out = tmp_path / "model"
+    tiny.main([str(out), "--family", "blip2", "--seed", "0", "--image-size", "16"])
+    tiny.main([str(out), "--seed", "1", "--image-size", "16"])  # rebuild over an existing directory
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old directory left
+    assert Blip2ForConditionalGeneration.from_pretrained(out, local_files_only=True).config.vision_config.image_size == 16
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tiny.Blip2Processor, "save_pretrained", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny.build_tiny_blip2(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rejects_bad_image_size_and_family(tmp_path):
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        tiny.build_tiny_blip2(tmp_path / "m", image_size=30)
+    with pytest.raises(ValueError, match="available: blip2"):
+        tiny.build_tiny("nope", tmp_path / "m")
