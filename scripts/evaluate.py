@@ -17,5 +17,6 @@ with redirect_output(snakemake.log[0]):
         baseline_tensors=snakemake.input.baseline_tensors,
         metrics_out=snakemake.output.metrics,
         records_out=snakemake.output.records,
+        resources={name: snakemake.input[name] for name in snakemake.params.resources},
         device=snakemake.params.device,
     )

@@ -64,10 +64,20 @@ def baseline_inputs(wildcards):
     return {**dataset_inputs(wildcards), **model_inputs(wildcards)}
 
 
+def method_resources(wildcards):
+    """Stage outputs the editor of this combo loads in ``Editor.prepare``, by name.
+
+    IKE gets its training-set embeddings, MEND/SERAC/KE their meta-network checkpoint; a
+    method with no entry needs nothing. Names are passed through to ``prepare(resources)``.
+    """
+    return {}
+
+
 def evaluate_inputs(wildcards):
     prefix = f"results/baseline/{wildcards.model}/{wildcards.dataset}"
     return {
         **baseline_inputs(wildcards),
+        **method_resources(wildcards),
         "hparams": hparams_file(wildcards),
         "baseline_rows": f"{prefix}/pre.jsonl",
         "baseline_tensors": f"{prefix}/pre.safetensors",

@@ -12,6 +12,7 @@ rule evaluate:
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         device=config.get("device", "auto"),
+        resources=lambda wc: list(method_resources(wc)),
     log:
         "logs/evaluate/{method}/{model}/{dataset}.log",
     benchmark:
