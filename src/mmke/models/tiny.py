@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -33,6 +31,8 @@ from transformers import (
     OPTConfig,
     PreTrainedTokenizerFast,
 )
+
+from mmke.io import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 # OPT's special tokens, in OPT's id order (<s>=0, <pad>=1, </s>=2, <unk>=3); OPT uses "</s>" as BOS.
@@ -181,7 +181,7 @@ def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTra
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
     )
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)
@@ -225,7 +225,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                num_additional_image_tokens=1,
                                vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)
@@ -251,30 +251,6 @@ def build_tiny(family: str, out_dir: str | os.PathLike, **kwargs) -> Path:
     if family not in TINY_BUILDERS:
         raise ValueError(f"no tiny model for family {family!r}; available: {', '.join(sorted(TINY_BUILDERS))}")
     return TINY_BUILDERS[family](out_dir, **kwargs)
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; it becomes ``out_dir`` only on success.
-
-    An interrupted build then leaves no half directory that Snakemake or a loader would take for
-    a complete model. An existing ``out_dir`` is replaced.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)  # renaming onto an empty directory replaces it
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
