@@ -49,8 +49,6 @@ VISION_RULES = (
     ("blocks.{n}.norm1.", "vision_model.encoder.layers.{n}.layer_norm1."),
     ("blocks.{n}.norm2.", "vision_model.encoder.layers.{n}.layer_norm2."),
     ("blocks.{n}.attn.qkv.", "vision_model.encoder.layers.{n}.self_attn.qkv."),
-    ("blocks.{n}.attn.q_bias", "vision_model.encoder.layers.{n}.self_attn.q_bias"),
-    ("blocks.{n}.attn.v_bias", "vision_model.encoder.layers.{n}.self_attn.v_bias"),
     ("blocks.{n}.attn.proj.", "vision_model.encoder.layers.{n}.self_attn.projection."),
     ("blocks.{n}.mlp.fc1.", "vision_model.encoder.layers.{n}.mlp.fc1."),
     ("blocks.{n}.mlp.fc2.", "vision_model.encoder.layers.{n}.mlp.fc2."),
@@ -144,6 +142,34 @@ def _unused_reason(key: str, piece: str) -> str | None:
     return None
 
 
+def _merge_qv_biases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EVA's separate ``attn.q_bias`` / ``attn.v_bias`` -> one ``attn.qkv.bias`` (key part zero).
+
+    EVA has no key bias; transformers 5 stores the three as one ``qkv.bias``, which equals EVA's
+    attention as long as its middle third stays zero.
+    """
+    merged = dict(state)
+    for key in [key for key in state if key.endswith(".attn.q_bias")]:
+        block = key.removesuffix("q_bias")
+        if f"{block}v_bias" not in merged:
+            raise ValueError(f"vision checkpoint: {key} has no matching {block}v_bias")
+        q_bias, v_bias = merged.pop(key), merged.pop(f"{block}v_bias")
+        merged[f"{block}qkv.bias"] = torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
+    return merged
+
+
+def _split_qkv_bias(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_merge_qv_biases`; a non-zero key bias has no EVA equivalent."""
+    split = dict(state)
+    for key in [key for key in state if key.endswith(".attn.qkv.bias")]:
+        q_bias, k_bias, v_bias = split.pop(key).chunk(3)
+        if k_bias.any():
+            raise ValueError(f"{key}: EVA attention has no key bias, but this one is non-zero")
+        block = key.removesuffix("qkv.bias")
+        split[f"{block}q_bias"], split[f"{block}v_bias"] = q_bias, v_bias
+    return split
+
+
 def lavis_to_hf(sources: Mapping[str, Mapping[str, torch.Tensor]]
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
     """Rename the pieces (``vision``, ``qformer``, optional ``projection``) to transformers names.
@@ -159,8 +185,10 @@ def lavis_to_hf(sources: Mapping[str, Mapping[str, torch.Tensor]]
     origin: dict[str, str] = {}
     for piece, state in sources.items():
         unknown = []
+        if piece == "vision":
+            state = _merge_qv_biases({key.removeprefix("visual_encoder."): value for key, value in state.items()})
         for key, value in state.items():
-            name = key.removeprefix("visual_encoder.") if piece == "vision" else key
+            name = key
             target = _first_rename(name, rules[piece])
             if target is None:
                 reason = _unused_reason(name, piece)
@@ -201,6 +229,7 @@ def hf_to_lavis(state: Mapping[str, torch.Tensor], projection: str = "opt_proj")
         else:
             if not key.startswith("language_model."):
                 raise ValueError(f"no LAVIS name for {key}")
+    pieces["vision"] = _split_qkv_bias(pieces["vision"])
     return pieces
 
 
