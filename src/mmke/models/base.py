@@ -114,6 +114,15 @@ class VLMAdapter(abc.ABC):
                 params[name].copy_(value)
 
 
+def check_items(prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None) -> None:
+    """``teacher_forced`` arguments: one target (and image, if any) per prompt, at least one item."""
+    if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
+        raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
+                         f"{'no' if images is None else len(images)} images")
+    if not prompts:
+        raise ValueError("teacher_forced needs at least one item")
+
+
 def decoder_layer_prefixes(model: torch.nn.Module, language_model: torch.nn.Module) -> list[str]:
     """Parameter-name prefixes of ``language_model``'s decoder layers inside ``model``, first to last.
 

@@ -19,6 +19,7 @@ from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
     VLMAdapter,
+    check_items,
     decoder_layer_prefixes,
     mlp_scopes,
     params_under,
@@ -90,11 +91,7 @@ class Blip2Adapter(VLMAdapter):
         is that of the prompt tokenized alone, exactly as EasyEdit computes ``prompts_len``.
         Text-only items have no image part at all.
         """
-        if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
-            raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
-                             f"{'no' if images is None else len(images)} images")
-        if not prompts:
-            raise ValueError("teacher_forced needs at least one item")
+        check_items(prompts, targets, images)
         texts = [self._encode(prompt + target) for prompt, target in zip(prompts, targets)]
         prompt_lengths = [len(self._encode(prompt)) for prompt in prompts]
         before, after = self.image_prompt() if images is not None else ([], [])

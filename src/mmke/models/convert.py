@@ -129,7 +129,7 @@ def load_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _first_rename(key: str, rules) -> str | None:
+def _first_rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
     return next((name for source, target in rules if (name := _rename(key, source, target)) is not None), None)
 
 
@@ -188,10 +188,9 @@ def lavis_to_hf(sources: Mapping[str, Mapping[str, torch.Tensor]]
         if piece == "vision":
             state = _merge_qv_biases({key.removeprefix("visual_encoder."): value for key, value in state.items()})
         for key, value in state.items():
-            name = key
-            target = _first_rename(name, rules[piece])
+            target = _first_rename(key, rules[piece])
             if target is None:
-                reason = _unused_reason(name, piece)
+                reason = _unused_reason(key, piece)
                 if reason is None:
                     unknown.append(key)
                 else:

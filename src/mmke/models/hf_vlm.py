@@ -24,6 +24,7 @@ from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
     VLMAdapter,
+    check_items,
     decoder_layer_prefixes,
     mlp_scopes,
     params_under,
@@ -77,11 +78,7 @@ class HFVLMAdapter(VLMAdapter):
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
                        images: Sequence[Image.Image] | None) -> Batch:
         """Chat prompt + target per item, right-padded; only the target tokens are labelled."""
-        if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
-            raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
-                             f"{'no' if images is None else len(images)} images")
-        if not prompts:
-            raise ValueError("teacher_forced needs at least one item")
+        check_items(prompts, targets, images)
         chats = [self.chat_prompt(prompt, images is not None) for prompt in prompts]
         full = self._process([chat + target for chat, target in zip(chats, targets)], images)
         prompt_lengths = self._process(chats, images)["attention_mask"].sum(dim=1)
