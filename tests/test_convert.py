@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mmke.models import load_model
-from mmke.models.convert import convert_lavis, hf_to_lavis, load_pth
+from mmke.models.convert import convert_lavis, hf_to_lavis, load_pth, main
 from mmke.models.tiny import build_tiny
 
 TINY_HEADS = {"vision_config": {"num_attention_heads": 2}, "qformer_config": {"num_attention_heads": 2}}
@@ -103,3 +104,18 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "cfg": object()}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth: cannot load as a weights-only checkpoint"):
         load_pth(tmp_path / "bad.pth")
+
+
+def test_cli_converts_in_half_precision(exported, tmp_path):
+    family, adapter, _, paths = exported
+    args = [str(tmp_path / "out"), "--vision", str(paths["vision"]), "--qformer", str(paths["qformer"]),
+            "--llm", str(paths["llm"]), "--dtype", "bfloat16",
+            "--vision-config", '{"num_attention_heads": 2}', "--qformer-config", '{"num_attention_heads": 2}']
+    if "projection" in paths:
+        args += ["--projection", str(paths["projection"])]
+    main(args)
+    saved = load_file(tmp_path / "out/model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
+    expected = adapter.model.state_dict()["language_projection.weight"].to(torch.bfloat16)
+    assert torch.equal(saved["language_projection.weight"], expected)
+    assert load_model(family, tmp_path / "out", dtype=torch.bfloat16).model.dtype == torch.bfloat16

@@ -323,3 +323,27 @@ def convert_lavis(out_dir: str | os.PathLike, *, vision: str | os.PathLike, qfor
         image_processor.save_pretrained(tmp)
         write_json(tmp / "conversion.json", report)
     return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mmke.models.convert OUT --vision ... --qformer ... --llm ... [--projection ...]``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m mmke.models.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--vision", required=True, help="eva_vit_g.pth")
+    parser.add_argument("--qformer", required=True, help="blip2_pretrained_opt2.7b.pth / blip2_pretrained_flant5xxl.pth")
+    parser.add_argument("--llm", required=True, help="transformers directory of OPT-2.7b / Vicuna-7B")
+    parser.add_argument("--projection", help="pretrained_minigpt4_7b.pth (MiniGPT-4 only)")
+    parser.add_argument("--vision-config", type=json.loads, default={}, help="JSON Blip2VisionConfig overrides")
+    parser.add_argument("--qformer-config", type=json.loads, default={}, help="JSON Blip2QFormerConfig overrides")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    print(convert_lavis(args.out_dir, vision=args.vision, qformer=args.qformer, llm=args.llm,
+                        projection=args.projection, vision_config=args.vision_config,
+                        qformer_config=args.qformer_config, dtype=getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
