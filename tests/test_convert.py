@@ -60,7 +60,7 @@ def test_round_trip_gives_identical_logits(exported, tmp_path):
     again = converted.teacher_forced(["What colour is it?", "a photo of"], [" red", " a green square"], images)
     assert torch.equal(again.labels, batch.labels) and torch.equal(again.pixel_values, batch.pixel_values)
     assert torch.equal(converted.logits(batch), adapter.logits(batch))
-    assert converted.scopes().keys() == adapter.scopes().keys()
+    assert converted.scopes() == adapter.scopes()  # the same module tree, parameter for parameter
 
 
 def test_unused_keys_are_reported_by_name_with_reason(exported, tmp_path):

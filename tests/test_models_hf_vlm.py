@@ -76,3 +76,12 @@ def test_scopes_map_projector_and_vision_tower(adapter):
 def test_image_size_is_refused(model_dir):
     with pytest.raises(ValueError, match="take their resolution from the processor; remove image_size"):
         load_model("hf_vlm", model_dir, image_size=64)
+
+
+def test_processor_without_chat_template_is_refused(adapter):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(adapter.model.name_or_path, backend="pil", local_files_only=True)
+    processor.chat_template = None
+    with pytest.raises(ValueError, match="LlavaProcessor has no chat template"):
+        HFVLMAdapter(adapter.model, processor, adapter.device)
