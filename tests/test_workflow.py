@@ -45,16 +45,24 @@ def changed(before: dict[str, int], after: dict[str, int]) -> set[str]:
     return {path for path in after if before.get(path) != after[path]}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A copy of the workflow with a small two-model demo config, run once to completion."""
-    root = tmp_path_factory.mktemp("wf")
+def copy_workflow(root: Path) -> dict:
+    """Copy the workflow into ``root``; return the demo config with 6-record datasets, BLIP-2 only."""
     for part in WORKFLOW_PARTS:
         src = REPO / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / part)
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     for dataset in config["datasets"].values():
         dataset["demo"].update(n_train=6, n_eval=6)
+    config["models"] = {"tiny-blip2": config["models"]["tiny-blip2"]}
+    config.pop("exclude", None)
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of the workflow with a small two-model demo config, run once to completion."""
+    root = tmp_path_factory.mktemp("wf")
+    config = copy_workflow(root)
     first = config["models"]["tiny-blip2"]
     config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -112,6 +120,46 @@ def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
         "results/tables/summary.csv",
         "results/tables/summary.md",
     }
+
+
+def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
+    """A `lavis:` model entry: convert_model assembles it, the baseline stage loads it like any model."""
+    import torch
+
+    from mmke.models import load_model
+    from mmke.models.convert import hf_to_lavis
+    from mmke.models.tiny import build_tiny
+
+    config = copy_workflow(tmp_path)
+    tiny = load_model("minigpt4", build_tiny("minigpt4", tmp_path / "src/tiny"))
+    pieces = hf_to_lavis(tiny.model.state_dict(), "llama_proj")
+    for piece, state in pieces.items():
+        torch.save({"model": state}, tmp_path / f"src/{piece}.pth")
+    tiny.model.language_model.save_pretrained(tmp_path / "src/llm")
+    tiny.tokenizer.save_pretrained(tmp_path / "src/llm")
+    config["models"] = {"lavis-minigpt4": {
+        "family": "minigpt4", "path": "resources/models/lavis-minigpt4", "image_size": 32,
+        "lavis": {"vision": "src/vision.pth", "qformer": "src/qformer.pth", "projection": "src/projection.pth",
+                  "llm": "src/llm", "vision_config": {"num_attention_heads": 2},
+                  "qformer_config": {"num_attention_heads": 2}}}}
+    (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run_snakemake(tmp_path, "results/baseline/lavis-minigpt4/demo-evqa/pre.jsonl")
+    converted = tmp_path / "resources/models/lavis-minigpt4"
+    report = json.loads((converted / "conversion.json").read_text())
+    assert report["sources"]["projection"] == "src/projection.pth" and report["num_query_tokens"] == 4
+    assert len((tmp_path / "results/baseline/lavis-minigpt4/demo-evqa/pre.jsonl").read_text().splitlines()) == 6
+    assert (tmp_path / "logs/convert_model/lavis-minigpt4.log").exists()
+
+
+def test_lavis_model_outside_resources_models_is_refused(tmp_path):
+    config = copy_workflow(tmp_path)
+    config["models"]["tiny-blip2"]["lavis"] = {"vision": "v.pth", "qformer": "q.pth", "llm": "llm"}
+    (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "models.tiny-blip2.path: a model with `lavis:` pieces is assembled at resources/models/tiny-blip2" in (
+        proc.stdout + proc.stderr)
 
 
 def test_lint_is_clean():

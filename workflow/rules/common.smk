@@ -60,6 +60,29 @@ def model_inputs(wildcards):
     return {"model": MODELS[wildcards.model]["path"]}
 
 
+CONVERTED_DIR = "resources/models"
+
+
+def _check_converted_paths():
+    """A `lavis:` model is written by convert_model, whose output is resources/models/<name>."""
+    for name, spec in MODELS.items():
+        expected = f"{CONVERTED_DIR}/{name}"
+        if "lavis" in spec and spec["path"].rstrip("/") != expected:
+            raise ValueError(
+                f"models.{name}.path: a model with `lavis:` pieces is assembled at {expected}, "
+                f"got {spec['path']!r}"
+            )
+
+
+_check_converted_paths()
+
+
+def lavis_inputs(wildcards):
+    """The LAVIS / MiniGPT-4 checkpoint files and LLM directory a converted model is built from."""
+    pieces = MODELS[wildcards.model]["lavis"]
+    return {key: pieces[key] for key in ("vision", "qformer", "llm", "projection") if key in pieces}
+
+
 def baseline_inputs(wildcards):
     return {**dataset_inputs(wildcards), **model_inputs(wildcards)}
 

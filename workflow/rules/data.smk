@@ -41,3 +41,26 @@ rule tiny_model:
         ENV
     script:
         "../../scripts/tiny_model.py"
+
+
+rule convert_model:
+    input:
+        unpack(lavis_inputs),
+    output:
+        directory(f"{CONVERTED_DIR}/{{model}}"),
+    params:
+        vision_config=lambda wc: MODELS[wc.model]["lavis"].get("vision_config", {}),
+        qformer_config=lambda wc: MODELS[wc.model]["lavis"].get("qformer_config", {}),
+        dtype=lambda wc: MODELS[wc.model].get("dtype", "float32"),
+    log:
+        "logs/convert_model/{model}.log",
+    benchmark:
+        "results/benchmarks/convert_model/{model}.tsv"
+    threads: stage_resources("convert_model", "threads", 1)
+    resources:
+        mem_mb=stage_resources("convert_model", "mem_mb", 40000),
+        runtime=stage_resources("convert_model", "runtime", 60),
+    conda:
+        ENV
+    script:
+        "../../scripts/convert_model.py"

@@ -13,7 +13,7 @@ import abc
 import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -22,7 +22,10 @@ from PIL import Image
 IGNORE_INDEX = -100
 # Modules that define model families; load_model imports them so their @register_model runs
 # without every caller having to import each family (adding a family = one file + one entry).
-FAMILY_MODULES = ("mmke.models.blip2",)
+FAMILY_MODULES = ("mmke.models.blip2", "mmke.models.minigpt4", "mmke.models.hf_vlm")
+# The MLP weight pair of one decoder layer that MEND/SERAC edit (spec section 4), per layer style:
+# OPT names them fc1/fc2, Llama-style models (Vicuna, Qwen2) up_proj/down_proj.
+MLP_WEIGHT_PAIRS = (("fc1.weight", "fc2.weight"), ("mlp.up_proj.weight", "mlp.down_proj.weight"))
 
 
 @dataclass
@@ -36,7 +39,10 @@ class Batch:
     input_ids: torch.LongTensor  # [B, T]; image/query positions hold a placeholder id
     attention_mask: torch.LongTensor  # [B, T]
     labels: torch.LongTensor  # [B, T]; -100 everywhere except target tokens
-    pixel_values: torch.Tensor | None  # [B, 3, H, W]; None for text-only batches
+    pixel_values: torch.Tensor | None  # [B, 3, H, W] for BLIP-2; the processor's layout otherwise
+    # Further model inputs some families need next to the pixels (Qwen2-VL's image_grid_thw,
+    # LLaVA-OneVision's image_sizes), passed to the model by name.
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device`` (pixel values keep their dtype; the model casts them)."""
@@ -45,6 +51,7 @@ class Batch:
             attention_mask=self.attention_mask.to(device),
             labels=self.labels.to(device),
             pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
+            image_inputs={name: value.to(device) for name, value in self.image_inputs.items()},
         )
 
 
@@ -105,6 +112,50 @@ class VLMAdapter(abc.ABC):
         with torch.no_grad():
             for name, value in snapshot.items():
                 params[name].copy_(value)
+
+
+def check_items(prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None) -> None:
+    """``teacher_forced`` arguments: one target (and image, if any) per prompt, at least one item."""
+    if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
+        raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
+                         f"{'no' if images is None else len(images)} images")
+    if not prompts:
+        raise ValueError("teacher_forced needs at least one item")
+
+
+def decoder_layer_prefixes(model: torch.nn.Module, language_model: torch.nn.Module) -> list[str]:
+    """Parameter-name prefixes of ``language_model``'s decoder layers inside ``model``, first to last.
+
+    Causal-LM wrappers nest the layer list at different depths (OPTForCausalLM -> OPTDecoder,
+    LLaVA -> LlamaModel), so follow ``get_decoder()`` until a module holds ``layers``.
+    """
+    decoder = language_model
+    while not hasattr(decoder, "layers"):
+        inner = decoder.get_decoder()
+        if inner is decoder:
+            raise ValueError(f"cannot find the decoder layers of {type(language_model).__name__}")
+        decoder = inner
+    layers = decoder.layers
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return [f"{prefix}.{index}" for index in range(len(layers))]
+
+
+def mlp_scopes(model: torch.nn.Module, layer_prefixes: Sequence[str]) -> dict[str, list[str]]:
+    """``llm.mlp.last1`` .. ``llm.mlp.last{L}``: the MLP weight pair of the last n decoder layers."""
+    names = {name for name, _ in model.named_parameters()}
+    first = layer_prefixes[0]
+    pair = next((pair for pair in MLP_WEIGHT_PAIRS if all(f"{first}.{w}" in names for w in pair)), None)
+    if pair is None:
+        raise ValueError(f"{first} has none of the MLP weight pairs {MLP_WEIGHT_PAIRS}")
+    return {
+        f"llm.mlp.last{n}": [f"{layer}.{weight}" for layer in layer_prefixes[-n:] for weight in pair]
+        for n in range(1, len(layer_prefixes) + 1)
+    }
+
+
+def params_under(model: torch.nn.Module, *prefixes: str) -> list[str]:
+    """Names of the parameters of ``model`` that start with one of ``prefixes``."""
+    return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
 
 
 MODELS: dict[str, type[VLMAdapter]] = {}

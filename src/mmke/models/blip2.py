@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
 
-from mmke.models.base import IGNORE_INDEX, Batch, VLMAdapter, register_model
+from mmke.models.base import (
+    IGNORE_INDEX,
+    Batch,
+    VLMAdapter,
+    check_items,
+    decoder_layer_prefixes,
+    mlp_scopes,
+    params_under,
+    register_model,
+)
 
 
 @register_model("blip2")
 class Blip2Adapter(VLMAdapter):
-    """BLIP-2 with a decoder-only (OPT) language model."""
-
-    # The MLP weight matrices of one OPT decoder layer: what MEND/SERAC edit (spec section 4).
-    MLP_WEIGHTS: ClassVar[tuple[str, ...]] = ("fc1.weight", "fc2.weight")
+    """BLIP-2 with a decoder-only (OPT) language model; also the base of MiniGPT-4."""
 
     def __init__(self, model: Blip2ForConditionalGeneration, tokenizer, image_processor,
                  device: torch.device):
@@ -53,6 +58,8 @@ class Blip2Adapter(VLMAdapter):
             raise ValueError(f"{path}: the blip2 adapter needs a decoder-only language model (OPT), "
                              f"got {model.config.text_config.model_type}")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None:  # Llama/Vicuna tokenizers have none; EasyEdit pads with EOS
+            tokenizer.pad_token = tokenizer.eos_token
         resize = {} if image_size is None else {"size": {"height": image_size, "width": image_size}}
         # The PIL backend resizes exactly like the torchvision transforms EasyEdit applies to PIL
         # images, and gives the same pixels whether or not torchvision is installed.
@@ -68,39 +75,46 @@ class Blip2Adapter(VLMAdapter):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def image_prompt(self) -> tuple[list[int], list[int]]:
+        """Token ids placed before and after the query positions of an image item.
+
+        BLIP-2 puts the queries first and nothing around them; MiniGPT-4 wraps them in its
+        conversation template.
+        """
+        return [], []
+
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
                        images: Sequence[Image.Image] | None) -> Batch:
-        """``[query positions][prompt + target tokens][pad]`` with only target tokens labelled.
+        """``[before][query positions][after][prompt + target tokens][pad]``, only targets labelled.
 
         Text is tokenized without special tokens (no BOS) and right-padded, and the prompt length
         is that of the prompt tokenized alone, exactly as EasyEdit computes ``prompts_len``.
+        Text-only items have no image part at all.
         """
-        if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
-            raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
-                             f"{'no' if images is None else len(images)} images")
-        if not prompts:
-            raise ValueError("teacher_forced needs at least one item")
+        check_items(prompts, targets, images)
         texts = [self._encode(prompt + target) for prompt, target in zip(prompts, targets)]
         prompt_lengths = [len(self._encode(prompt)) for prompt in prompts]
+        before, after = self.image_prompt() if images is not None else ([], [])
         query = 0 if images is None else self.num_query_tokens
-        shape = (len(texts), query + max(len(ids) for ids in texts))
+        head = before + [self.placeholder_id] * query + after
+        shape = (len(texts), len(head) + max(len(ids) for ids in texts))
         input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(shape, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         for row, (ids, prompt_length) in enumerate(zip(texts, prompt_lengths)):
-            end = query + len(ids)
-            input_ids[row, :query] = self.placeholder_id
-            input_ids[row, query:end] = torch.tensor(ids, dtype=torch.long)
+            end = len(head) + len(ids)
+            input_ids[row, :end] = torch.tensor(head + ids, dtype=torch.long)
             attention_mask[row, :end] = 1
-            labels[row, query + prompt_length:end] = input_ids[row, query + prompt_length:end]
+            start = len(head) + prompt_length
+            labels[row, start:end] = input_ids[row, start:end]
         pixel_values = None if images is None else self.pixel_values(images)
         return Batch(input_ids, attention_mask, labels, pixel_values).to(self.device)
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        """Language-model logits over query + text positions, as EasyEdit/LAVIS compute them.
+        """Language-model logits over image prompt + text positions, as EasyEdit/LAVIS compute them.
 
-        The projected Q-Former outputs are concatenated in front of the text embeddings rather
-        than scattered into placeholder positions, which is what EasyEdit does and does not
+        The projected Q-Former outputs are spliced between the embedded ``image_prompt`` parts
+        rather than scattered into placeholder positions, which is what EasyEdit does and does not
         depend on the placeholder id.
         """
         batch = batch.to(self.device)
@@ -109,30 +123,18 @@ class Blip2Adapter(VLMAdapter):
             out = language_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             return out.logits.float()
         image = self.model.get_image_features(batch.pixel_values, interpolate_pos_encoding=True, return_dict=True)
-        text = language_model.get_input_embeddings()(batch.input_ids[:, self.num_query_tokens:])
-        embeds = torch.cat([image.pooler_output.to(text.dtype), text], dim=1)
+        embeds = language_model.get_input_embeddings()(batch.input_ids)
+        start = len(self.image_prompt()[0])
+        end = start + self.num_query_tokens
+        embeds = torch.cat([embeds[:, :start], image.pooler_output.to(embeds.dtype), embeds[:, end:]], dim=1)
         out = language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
         return out.logits.float()
 
-    def _decoder_layer_prefixes(self) -> list[str]:
-        """Parameter-name prefixes of the language model's decoder layers, first to last."""
-        layers = self.model.language_model.get_decoder().layers
-        prefix = next(name for name, module in self.model.named_modules() if module is layers)
-        return [f"{prefix}.{index}" for index in range(len(layers))]
-
     def scopes(self) -> dict[str, list[str]]:
-        names = [name for name, _ in self.model.named_parameters()]
-
-        def under(*prefixes: str) -> list[str]:
-            return [name for name in names if name.startswith(prefixes)]
-
-        layers = self._decoder_layer_prefixes()
-        scopes = {
-            f"llm.mlp.last{n}": [f"{layer}.{weight}" for layer in layers[-n:] for weight in self.MLP_WEIGHTS]
-            for n in range(1, len(layers) + 1)
-        }
-        scopes["llm"] = under("language_model.")
-        scopes["qformer"] = under("qformer.", "query_tokens")
-        scopes["vision_proj"] = under("language_projection.")
-        scopes["vision"] = under("vision_model.")
+        model = self.model
+        scopes = mlp_scopes(model, decoder_layer_prefixes(model, model.language_model))
+        scopes["llm"] = params_under(model, "language_model.")
+        scopes["qformer"] = params_under(model, "qformer.", "query_tokens")
+        scopes["vision_proj"] = params_under(model, "language_projection.")
+        scopes["vision"] = params_under(model, "vision_model.")
         return scopes

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -24,9 +22,17 @@ from transformers import (
     Blip2ForConditionalGeneration,
     Blip2Processor,
     BlipImageProcessorPil,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     OPTConfig,
     PreTrainedTokenizerFast,
 )
+
+from mmke.io import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 # OPT's special tokens, in OPT's id order (<s>=0, <pad>=1, </s>=2, <unk>=3); OPT uses "</s>" as BOS.
@@ -115,14 +121,47 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     the processor records ``num_query_tokens``. The OPT part has 2 layers so that scopes such as
     ``llm.mlp.last2`` are meaningful; the max position count matches OPT so long IKE prompts fit.
     """
-    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {PATCH_SIZE}, got {image_size}")
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
         vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, ffn_dim=128,
         num_attention_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
+    return _build_blip2_tree(out_dir, text_config, tokenizer, seed=seed, image_size=image_size,
+                             num_query_tokens=num_query_tokens)
+
+
+def build_tiny_minigpt4(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
+                        num_query_tokens: int = 4, vocab_size: int = 1024) -> Path:
+    """A tiny random MiniGPT-4: the BLIP-2 module tree with a 2-layer Llama language model.
+
+    MiniGPT-4 is saved as a BLIP-2 directory (see :mod:`mmke.models.minigpt4`); Vicuna's
+    untied input/output embeddings are kept untied here too.
+    """
+    tokenizer = train_tokenizer(vocab_size)
+    text_config = _tiny_llama_config(tokenizer, vocab_size)
+    return _build_blip2_tree(out_dir, text_config, tokenizer, seed=seed, image_size=image_size,
+                             num_query_tokens=num_query_tokens)
+
+
+def _tiny_llama_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {PATCH_SIZE}, got {image_size}")
+
+
+def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTrainedTokenizerFast, *,
+                      seed: int, image_size: int, num_query_tokens: int) -> Path:
+    """Tiny EVA-style vision + Q-Former around ``text_config``'s LM, saved with its processor."""
+    _check_image_size(image_size)
     config = Blip2Config(
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": image_size, "patch_size": PATCH_SIZE},
@@ -132,8 +171,7 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
         num_query_tokens=num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
-    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
-        torch.manual_seed(seed)
+    with _seeded(seed):
         model = Blip2ForConditionalGeneration(config)
         # transformers zero-initialises the query tokens (real checkpoints overwrite them), which
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
@@ -143,13 +181,69 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
     )
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)
 
 
-TINY_BUILDERS: dict[str, Callable[..., Path]] = {"blip2": build_tiny_blip2}
+# LLaVA-1.5's conversation format ("USER: <image>\n{text} ASSISTANT:"), images before text.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
+                     vocab_size: int = 1024) -> Path:
+    """A tiny random LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + 2-layer Llama).
+
+    Saved with a ``LlavaProcessor`` and LLaVA-1.5's chat template, so it loads through
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` like llava-hf/llava-1.5-7b-hf; the
+    processor expands ``<image>`` into one token per patch (CLS dropped, "default" strategy).
+    """
+    _check_image_size(image_size)
+    tokenizer = train_tokenizer(vocab_size)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=image_size, patch_size=PATCH_SIZE,
+                                       projection_dim=32).to_dict(),
+        text_config=_tiny_llama_config(tokenizer, vocab_size).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    with _seeded(seed):
+        model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    # num_additional_image_tokens=1: the CLS token, dropped again by the "default" strategy (as llava-hf).
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                               num_additional_image_tokens=1,
+                               vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the weights without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+TINY_BUILDERS: dict[str, Callable[..., Path]] = {
+    "blip2": build_tiny_blip2,
+    "minigpt4": build_tiny_minigpt4,
+    "hf_vlm": build_tiny_llava,
+}
 
 
 def build_tiny(family: str, out_dir: str | os.PathLike, **kwargs) -> Path:
@@ -159,41 +253,18 @@ def build_tiny(family: str, out_dir: str | os.PathLike, **kwargs) -> Path:
     return TINY_BUILDERS[family](out_dir, **kwargs)
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; it becomes ``out_dir`` only on success.
-
-    An interrupted build then leaves no half directory that Snakemake or a loader would take for
-    a complete model. An existing ``out_dir`` is replaced.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)  # renaming onto an empty directory replaces it
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmke.models.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--family", choices=sorted(TINY_BUILDERS), default="blip2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--num-query-tokens", type=int, default=4)
+    parser.add_argument("--num-query-tokens", type=int, help="BLIP-2 / MiniGPT-4 only (default 4)")
     parser.add_argument("--vocab-size", type=int, default=1024)
     args = parser.parse_args(argv)
+    extra = {} if args.num_query_tokens is None else {"num_query_tokens": args.num_query_tokens}
     path = build_tiny(args.family, args.out_dir, seed=args.seed, image_size=args.image_size,
-                      num_query_tokens=args.num_query_tokens, vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, **extra)
     print(path)
 
 

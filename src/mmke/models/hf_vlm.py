@@ -1,0 +1,122 @@
+"""Any chat vision-language model of transformers: ``AutoModelForImageTextToText`` + ``AutoProcessor``.
+
+LLaVA-1.5, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL directories load unchanged. Unlike BLIP-2,
+the image tokens live inside ``input_ids``: the processor expands each image placeholder of the
+chat template into as many tokens as the vision tower produces, and the model scatters the image
+features into them. So a teacher-forced item is the chat template's user turn (image + prompt)
+with the generation prompt, followed by the target, and the processor's own output (with the
+special tokens it adds, which is how these models were trained) is what the model sees. Labels
+count only the target tokens (spec section 2): everything up to the length of the processed
+prompt-only text, and padding, is -100.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from mmke.models.base import (
+    IGNORE_INDEX,
+    Batch,
+    VLMAdapter,
+    check_items,
+    decoder_layer_prefixes,
+    mlp_scopes,
+    params_under,
+    register_model,
+)
+
+
+@register_model("hf_vlm")
+class HFVLMAdapter(VLMAdapter):
+    """One adapter for the chat-template VLMs of transformers."""
+
+    # Where the families keep their vision encoder and the projector into the LM
+    # (LLaVA: vision_tower / multi_modal_projector; Qwen2-VL: visual / visual.merger).
+    VISION_MODULES: ClassVar[tuple[str, ...]] = ("vision_tower", "visual")
+    PROJECTOR_MODULES: ClassVar[tuple[str, ...]] = ("multi_modal_projector", "visual.merger")
+    BATCH_KEYS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "pixel_values")
+
+    def __init__(self, model: torch.nn.Module, processor, device: torch.device):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "right"  # labels and locality alignment assume right padding
+        self.device = device
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError(f"{type(processor).__name__} has no chat template; hf_vlm builds prompts with it")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, image_size: int | None = None) -> HFVLMAdapter:
+        """Load model and processor offline; resolution is the processor's (tiling/dynamic sizes)."""
+        if image_size is not None:
+            raise ValueError(f"{path}: hf_vlm models take their resolution from the processor; "
+                             f"remove image_size ({image_size}) from the model's config entry")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, backend="pil", local_files_only=True)
+        device = torch.device(device)
+        model.to(device).eval()
+        return cls(model, processor, device)
+
+    def chat_prompt(self, prompt: str, with_image: bool) -> str:
+        """The user turn (image first, then text) plus the assistant's generation prompt."""
+        content = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": prompt})
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def _process(self, texts: list[str], images: Sequence[Image.Image] | None) -> dict[str, torch.Tensor]:
+        kwargs = {} if images is None else {"images": list(images)}
+        return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
+
+    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
+                       images: Sequence[Image.Image] | None) -> Batch:
+        """Chat prompt + target per item, right-padded; only the target tokens are labelled."""
+        check_items(prompts, targets, images)
+        chats = [self.chat_prompt(prompt, images is not None) for prompt in prompts]
+        full = self._process([chat + target for chat, target in zip(chats, targets)], images)
+        prompt_lengths = self._process(chats, images)["attention_mask"].sum(dim=1)
+        input_ids, attention_mask = full["input_ids"], full["attention_mask"]
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        for row, length in enumerate(prompt_lengths.tolist()):
+            labels[row, :length] = IGNORE_INDEX
+        image_inputs = {key: value for key, value in full.items() if key not in self.BATCH_KEYS}
+        return Batch(input_ids, attention_mask, labels, full.get("pixel_values"), image_inputs).to(self.device)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The model's own forward: it places the image features at the image tokens."""
+        batch = batch.to(self.device)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.image_inputs}
+        if batch.pixel_values is not None:
+            inputs["pixel_values"] = batch.pixel_values.to(self.model.dtype)
+        return self.model(**inputs, use_cache=False).logits.float()
+
+    def _module_prefix(self, paths: Sequence[str]) -> str | None:
+        """``named_modules`` prefix of the first of ``paths`` (dotted, under ``model.model``) present."""
+        modules = dict(self.model.named_modules())
+        for path in paths:
+            for name in modules:
+                if name == path or name.endswith(f".{path}"):
+                    return f"{name}."
+        return None
+
+    def scopes(self) -> dict[str, list[str]]:
+        model = self.model
+        layers = decoder_layer_prefixes(model, model)
+        scopes = mlp_scopes(model, layers)
+        language_model = layers[0].rsplit(".layers.", 1)[0]
+        scopes["llm"] = params_under(model, f"{language_model}.", "lm_head.")
+        projector = self._module_prefix(self.PROJECTOR_MODULES)
+        vision = self._module_prefix(self.VISION_MODULES)
+        if projector is not None:
+            scopes["vision_proj"] = params_under(model, projector)
+        if vision is not None:
+            scopes["vision"] = [name for name in params_under(model, vision)
+                                if projector is None or not name.startswith(projector)]
+        return scopes

@@ -1,0 +1,118 @@
+"""Every registered method on every tiny model family, through the adapter's named scopes.
+
+Each combo makes one edit on a demo record and reverts it: logits on the edited prompt must
+change (except for ``base``, which must leave them identical) and after ``revert()`` the model's
+logits must be bit-for-bit those before the edit. The generic weight edit at the end exercises
+``editable(scope)`` / ``snapshot`` / ``restore`` on every family independently of any method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmke.data.demo import write_demo_dataset
+from mmke.data.images import load_rgb
+from mmke.data.records import ImageRoots, load_records
+from mmke.hparams import read_hparams
+from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, get_method, make_editor
+from mmke.models import load_model
+from mmke.models.tiny import TINY_BUILDERS, build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo config's tiny model of each family (config/config.yaml), whose hparams files we read.
+FAMILY_MODELS = {"blip2": "tiny-blip2", "minigpt4": "tiny-minigpt4", "hf_vlm": "tiny-llava"}
+# Methods that load what an earlier stage produced: name -> fn(tmp_dir, adapter, dataset) ->
+# the resources passed to Editor.prepare (IKE embeddings, MEND/SERAC checkpoints). A method
+# without an entry gets no resources.
+METHOD_RESOURCES: dict[str, Callable[..., dict[str, Path]]] = {}
+# Methods whose edit does not change the model by design.
+NO_CHANGE = {"base"}
+
+
+def registered_methods() -> list[str]:
+    get_method("base")  # imports every built-in method module
+    return sorted(METHODS)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    paths = write_demo_dataset(tmp_path_factory.mktemp("data"), "evqa", n_train=4, n_eval=2, seed=0, image_size=32)
+    roots = ImageRoots(paths["images"])
+    return {"paths": paths, "roots": roots, "records": load_records("evqa", paths["eval"], roots)}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_MODELS))
+def adapter(request, tmp_path_factory):
+    return load_model(request.param, build_tiny(request.param, tmp_path_factory.mktemp(request.param) / "m"))
+
+
+def edit_prompt_logits(adapter, edit, record, dataset) -> torch.Tensor:
+    image = load_rgb(dataset["roots"].resolve("image", record.image))
+    prompt = record.prompt if edit is None else edit.prompt(record.prompt)
+    with torch.no_grad():
+        return adapter.logits(adapter.teacher_forced([prompt], [record.target], [image]))
+
+
+def hparams_path(method: str, family: str) -> Path:
+    """The method's hparams for this family's tiny model, else its tiny-blip2 ones (scopes are shared)."""
+    own = REPO / "config/hparams" / method / f"{FAMILY_MODELS[family]}.yaml"
+    return own if own.exists() else REPO / "config/hparams" / method / "tiny-blip2.yaml"
+
+
+def test_every_family_has_a_tiny_builder_and_model():
+    assert set(FAMILY_MODELS) <= set(TINY_BUILDERS)
+    assert BUILTIN_METHOD_MODULES and "base" in registered_methods()
+
+
+@pytest.mark.parametrize("method", registered_methods())
+def test_edit_changes_and_revert_restores(method, adapter, dataset, tmp_path):
+    path = hparams_path(method, adapter.family)
+    assert path.exists(), f"method {method} has no demo hparams file {path}"
+    editor = make_editor(read_hparams(path, overrides={"model": FAMILY_MODELS[adapter.family]}))
+    setup = METHOD_RESOURCES.get(method)
+    editor.prepare(setup(tmp_path, adapter, dataset) if setup else {})
+    record = dataset["records"][0]
+    before = edit_prompt_logits(adapter, None, record, dataset)
+    params_before = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
+    edit = editor.apply(adapter, [record])
+    try:
+        edited = edit_prompt_logits(adapter, edit, record, dataset)
+    finally:
+        edit.revert()
+    changed = edited.shape != before.shape or not torch.equal(edited, before)
+    assert changed == (method not in NO_CHANGE)
+    assert torch.equal(edit_prompt_logits(adapter, None, record, dataset), before)
+    after = dict(adapter.model.named_parameters())
+    assert all(torch.equal(after[name], value) for name, value in params_before.items())
+
+
+@pytest.mark.parametrize("scope", ["llm.mlp.last1", "llm.mlp.last2", "vision_proj", "vision", "qformer"])
+def test_weight_edit_through_scope_changes_then_restores_bit_for_bit(scope, adapter, dataset):
+    if scope == "qformer" and adapter.family == "hf_vlm":
+        with pytest.raises(KeyError, match="unknown scope 'qformer' for hf_vlm; valid scopes: llm.mlp.last1"):
+            adapter.editable(scope)
+        return
+    record = dataset["records"][0]
+    before = edit_prompt_logits(adapter, None, record, dataset)
+    params = adapter.editable(scope)
+    assert params and all(p.requires_grad for p in params.values())
+    snapshot = adapter.snapshot(params)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p))
+    assert not torch.equal(edit_prompt_logits(adapter, None, record, dataset), before)
+    adapter.restore(snapshot)
+    assert torch.equal(edit_prompt_logits(adapter, None, record, dataset), before)
+
+
+def test_mlp_scope_names_the_last_layers_mlp_pair(adapter):
+    last1 = adapter.editable("llm.mlp.last1")
+    pair = ("fc1.weight", "fc2.weight") if adapter.family == "blip2" else ("mlp.up_proj.weight", "mlp.down_proj.weight")
+    assert [name.rsplit(".layers.1.", 1)[1] for name in last1] == list(pair)
+    assert set(last1) < set(adapter.editable("llm.mlp.last2")) < set(adapter.editable("llm"))
+    assert not set(adapter.editable("llm")) & set(adapter.editable("vision"))
+    assert not set(adapter.editable("vision")) & set(adapter.editable("vision_proj"))
