@@ -21,9 +21,10 @@ import mmke
 from mmke.data.records import EditRecord, ImageRoots, load_records
 from mmke.evaluate import Baseline, Protocol, evaluate, run_baseline
 from mmke.hparams import digest, read_hparams
-from mmke.io import write_json, write_jsonl
+from mmke.io import read_json, read_jsonl, write_json, write_jsonl
 from mmke.methods.base import make_editor
 from mmke.models.base import VLMAdapter, load_model
+from mmke.shards import merge_reports, shard_slice
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -60,8 +61,12 @@ def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out
 def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping, protocol: Mapping,
                    hparams_path: str | Path, baseline_rows: str | Path, baseline_tensors: str | Path,
                    metrics_out: str | Path, records_out: str | Path, resources: Mapping[str, Path] | None = None,
-                   device: str = "auto") -> dict:
-    """Edit + measure one method x model x dataset; ``names`` holds the three config keys."""
+                   device: str = "auto", shard: tuple[int, int] | None = None) -> dict:
+    """Edit + measure one method x model x dataset; ``names`` holds the three config keys.
+
+    ``shard=(index, count)`` measures only that contiguous block of the eval split (see
+    :mod:`mmke.shards`); :func:`gather_stage` merges the blocks into the unsharded result.
+    """
     start = time.perf_counter()
     hparams = read_hparams(hparams_path)
     if hparams.method != names["method"]:
@@ -69,6 +74,8 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     editor = make_editor(hparams)
     editor.prepare(resources or {})
     records, roots = load_eval_split(dataset)
+    if shard is not None:
+        records = shard_slice(records, *shard)
     adapter = load_configured_model(model, device)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
@@ -86,6 +93,18 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         "timings": {"load_s": load_s, **result.timings},
         "device": str(adapter.device),
     }
+    write_json(metrics_out, report)
+    return report
+
+
+def gather_stage(shard_metrics: Sequence[str | Path], shard_records: Sequence[str | Path],
+                 metrics_out: str | Path, records_out: str | Path) -> dict:
+    """Merge the shards of one combo into the ``metrics.json`` / ``records.jsonl`` of an unsharded run."""
+    if len(shard_metrics) != len(shard_records):
+        raise ValueError(f"{len(shard_metrics)} shard metrics files but {len(shard_records)} shard records files")
+    report, rows = merge_reports([read_json(p) for p in shard_metrics], [read_jsonl(p) for p in shard_records],
+                                 [str(p) for p in shard_metrics])
+    write_jsonl(records_out, rows)
     write_json(metrics_out, report)
     return report
 

@@ -8,13 +8,25 @@ ENV = "../../envs/mmke.yaml"
 
 
 def _alternatives(names):
-    return "|".join(re.escape(name) for name in names)
+    """A regex matching exactly these names; one that matches nothing for an empty list."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def shard_count(dataset):
+    return DATASETS[dataset].get("shards", 1)
+
+
+SHARDED_DATASETS = [name for name in DATASETS if shard_count(name) > 1]
+UNSHARDED_DATASETS = [name for name in DATASETS if shard_count(name) == 1]
+SHARD_DIR = "results/eval/{method}/{model}/{dataset}/shards/{shard}-of-{shards}"
 
 
 wildcard_constraints:
     method=_alternatives(METHODS),
     model=_alternatives(MODELS),
     dataset=_alternatives(DATASETS),
+    shard=r"\d+",
+    shards=r"\d+",
 
 
 def _excluded(method, model, dataset):
@@ -45,6 +57,26 @@ def eval_metrics():
 
 def summary_tables():
     return ["results/tables/summary.csv", "results/tables/summary.md"]
+
+
+def shard_outputs(wildcards):
+    """The shard results of one combo, in shard order (the gather step concatenates them)."""
+    count = shard_count(wildcards.dataset)
+    paths = [
+        SHARD_DIR.format(**wildcards, shard=index, shards=count)
+        for index in range(1, count + 1)
+    ]
+    return {
+        "metrics": [f"{path}/metrics.json" for path in paths],
+        "records": [f"{path}/records.jsonl" for path in paths],
+    }
+
+
+def shard_param(wildcards):
+    """(0-based index, count) of an evaluate_shard job; None for a whole-dataset evaluate job."""
+    if "shard" not in wildcards.keys():
+        return None
+    return int(wildcards.shard) - 1, int(wildcards.shards)
 
 
 def dataset_inputs(wildcards):
