@@ -22,3 +22,4 @@ rule all:
     input:
         eval_metrics(),
         summary_tables(),
+        plots(),

@@ -41,6 +41,12 @@ def snapshot(workdir: Path) -> dict[str, int]:
     }
 
 
+#: What the tables/plots stage rewrites whenever any metrics.json changes.
+TABLES = {f"results/tables/summary{suffix}" for suffix in (".csv", ".md", ".tex", "_long.csv")} | {
+    f"results/plots/{d}.png" for d in ("demo-evqa", "demo-eic")
+}
+
+
 def changed(before: dict[str, int], after: dict[str, int]) -> set[str]:
     return {path for path in after if before.get(path) != after[path]}
 
@@ -84,6 +90,20 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
 
 
+def test_tables_plots_and_html_report(workdir):
+    tex = (workdir / "results/tables/summary.tex").read_text()
+    assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
+    assert tex.count("Base & ") == 1
+    long = list(csv.DictReader((workdir / "results/tables/summary_long.csv").open()))
+    assert len(long) == 2 * 2 * 5
+    for dataset in ("demo-evqa", "demo-eic"):
+        assert (workdir / f"results/plots/{dataset}.png").read_bytes()[:4] == b"\x89PNG"
+    run_snakemake(workdir, "--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "Methods compared on dataset demo-evqa" in html  # rendered caption of the plot
+    assert "summary.tex" in html and "demo-eic.png" in html
+
+
 def test_second_run_does_nothing(workdir):
     before = snapshot(workdir)
     proc = run_snakemake(workdir)
@@ -98,7 +118,7 @@ def test_changed_hparams_reruns_only_its_jobs(workdir):
     run_snakemake(workdir)
     assert changed(before, snapshot(workdir)) == {
         f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in ("metrics.json", "records.jsonl")
-    } | {"results/tables/summary.csv", "results/tables/summary.md"}
+    } | TABLES
 
 
 def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
@@ -109,9 +129,7 @@ def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
     assert changed(before, snapshot(workdir)) == {
         "results/eval/base/tiny-blip2/demo-eic/metrics.json",
         "results/eval/base/tiny-blip2/demo-eic/records.jsonl",
-        "results/tables/summary.csv",
-        "results/tables/summary.md",
-    }
+    } | TABLES
 
 
 def test_lint_is_clean():

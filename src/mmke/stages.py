@@ -110,10 +110,20 @@ def gather_stage(shard_metrics: Sequence[str | Path], shard_records: Sequence[st
 
 
 def summary_stage(metric_paths: Sequence[str | Path], csv_out: str | Path, md_out: str | Path,
-                  method_order: Sequence[str] | None = None) -> None:
+                  method_order: Sequence[str] | None = None, long_out: str | Path | None = None,
+                  tex_out: str | Path | None = None, model_order: Sequence[str] | None = None,
+                  dataset_order: Sequence[str] | None = None) -> None:
     from mmke.tables import write_summary
 
-    write_summary(metric_paths, csv_out, md_out, method_order)
+    write_summary(metric_paths, csv_out, md_out, method_order, long_path=long_out, tex_path=tex_out,
+                  model_order=model_order, dataset_order=dataset_order)
+
+
+def plot_stage(summary_csv: str | Path, dataset: str, out: str | Path, model_order: Sequence[str] | None = None) -> None:
+    """One figure per dataset comparing methods, drawn from the summary CSV alone."""
+    from mmke.tables import plot_dataset, read_summary
+
+    plot_dataset(read_summary(summary_csv), dataset, out, model_order)
 
 
 def _optional_path(value: str | None) -> Path | None:

@@ -56,7 +56,17 @@ def eval_metrics():
 
 
 def summary_tables():
-    return ["results/tables/summary.csv", "results/tables/summary.md"]
+    return [
+        f"results/tables/summary.{ext}" for ext in ("csv", "md", "tex")
+    ] + ["results/tables/summary_long.csv"]
+
+
+def plots():
+    """One comparison plot per dataset that has at least one combo."""
+    return [
+        f"results/plots/{dataset}.png"
+        for dataset in dict.fromkeys(dataset for _, _, dataset in combos())
+    ]
 
 
 def shard_outputs(wildcards):
