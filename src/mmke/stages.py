@@ -126,5 +126,13 @@ def plot_stage(summary_csv: str | Path, dataset: str, out: str | Path, model_ord
     plot_dataset(read_summary(summary_csv), dataset, out, model_order)
 
 
+def download_stage(name: str, entry: Mapping[str, Any], checksums: Mapping[str, str | None],
+                   retries: int = 3) -> list[Path]:
+    """Fetch one ``downloads:`` entry of the config (see :mod:`mmke.download`)."""
+    from mmke.download import Download, fetch
+
+    return fetch(Download.from_config(name, entry), checksums, retries=retries)
+
+
 def _optional_path(value: str | None) -> Path | None:
     return Path(value) if value else None

@@ -4,6 +4,7 @@ import re
 DATASETS = config["datasets"]
 MODELS = config["models"]
 METHODS = config["methods"]
+DOWNLOADS = config.get("downloads", {})
 ENV = "../../envs/mmke.yaml"
 
 
@@ -128,6 +129,27 @@ def evaluate_inputs(wildcards):
 
 def hparams_file(wildcards):
     return f"{config.get('hparams_dir', 'config/hparams')}/{wildcards.method}/{wildcards.model}.yaml"
+
+
+def rule_id(name):
+    """``name`` made an identifier for use in generated rule names (blip2-opt -> blip2_opt)."""
+    return re.sub(r"\W", "_", name)
+
+
+def download_outputs(name):
+    """What the download ``name`` produces: a folder's listed files, a directory, or one file."""
+    entry = DOWNLOADS[name]
+    if entry.get("files"):
+        return [f"{entry['dest']}/{path}" for path in entry["files"]]
+    if "hf" in entry or entry.get("directory"):
+        return [directory(entry["dest"])]
+    return [entry["dest"]]
+
+
+def all_downloads():
+    return [
+        path for name in DOWNLOADS for path in download_outputs(name)
+    ] + [entry["extract"] for entry in DOWNLOADS.values() if "extract" in entry]
 
 
 def stage_resources(stage, key, default):
