@@ -20,6 +20,7 @@ import transformers
 import mmke
 from mmke.data.records import EditRecord, ImageRoots, load_records
 from mmke.evaluate import Baseline, Protocol, evaluate, run_baseline
+from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
 from mmke.io import read_json, read_jsonl, write_json, write_jsonl
 from mmke.methods.base import make_editor
@@ -28,9 +29,13 @@ from mmke.shards import merge_reports, shard_slice
 
 
 def resolve_device(name: str = "auto") -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """``auto``: CPU without CUDA, the only GPU, or a GPU claimed for this job among several."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    return f"cuda:{claim_gpu(count)}" if count > 1 else "cuda"
 
 
 def load_eval_split(dataset: Mapping[str, Any]) -> tuple[list[EditRecord], ImageRoots]:
