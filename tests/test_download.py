@@ -166,3 +166,27 @@ def test_not_an_archive(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"plain")
     with pytest.raises(DownloadError, match=r"x\.zip: not a zip or tar archive"):
         extract_archive(tmp_path / "x.zip", tmp_path / "out")
+
+
+def test_gdown_transport_calls(monkeypatch, tmp_path):
+    """The real transport's mapping of source kinds onto gdown / huggingface_hub calls."""
+    import gdown
+    import huggingface_hub
+
+    from mmke.download import HF_IGNORE, GdownTransport
+
+    calls = []
+    monkeypatch.setattr(gdown, "download", lambda **kw: calls.append(("download", kw)) or kw["output"])
+    monkeypatch.setattr(gdown, "download_folder", lambda **kw: calls.append(("folder", kw)) or None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append(("hf", repo, kw)) or kw["local_dir"])
+    transport = GdownTransport()
+    transport.fetch(Download.from_config("a", {"gdrive": "ID", "dest": "x"}), tmp_path / "a")
+    transport.fetch(Download.from_config("b", {"url": "https://h/f.pth", "dest": "x"}), tmp_path / "b")
+    transport.fetch(Download.from_config("c", {"hf": "org/m", "revision": "abc", "dest": "x"}), tmp_path / "c")
+    with pytest.raises(OSError, match="gdrive_folder F: nothing was downloaded"):
+        transport.fetch(Download.from_config("d", {"gdrive_folder": "F", "dest": "x", "files": ["f"]}), tmp_path / "d")
+    assert calls[0] == ("download", {"id": "ID", "output": str(tmp_path / "a"), "quiet": False})
+    assert calls[1] == ("download", {"url": "https://h/f.pth", "output": str(tmp_path / "b"), "quiet": False})
+    assert calls[2] == ("hf", "org/m", {"revision": "abc", "local_dir": str(tmp_path / "c"), "ignore_patterns": list(HF_IGNORE)})
+    assert calls[3][0] == "folder" and calls[3][1]["id"] == "F"
