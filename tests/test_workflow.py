@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ("Snakefile", "workflow", "scripts", "config", "envs")
+from workflow_copy import REPO, copy_workflow, snakemake_env
 
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2", "--directory", str(workdir), *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=900,
     )
     if proc.returncode != 0:
         raise AssertionError(f"snakemake {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -54,13 +49,11 @@ def changed(before: dict[str, int], after: dict[str, int]) -> set[str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A copy of the workflow with a small two-model demo config, run once to completion."""
-    root = tmp_path_factory.mktemp("wf")
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / part)
+    root = copy_workflow(tmp_path_factory.mktemp("wf"))
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     for dataset in config["datasets"].values():
         dataset["demo"].update(n_train=6, n_eval=6)
+    config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
     first = config["models"]["tiny-blip2"]
     config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -90,6 +83,16 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
 
 
+def test_sharded_dataset_is_gathered_in_record_order(workdir):
+    prefix = workdir / "results/eval/base/tiny-blip2/demo-eic"
+    shards = [[json.loads(line) for line in (prefix / f"shards/{i}-of-2/records.jsonl").open()] for i in (1, 2)]
+    merged = [json.loads(line) for line in (prefix / "records.jsonl").open()]
+    assert [len(rows) for rows in shards] == [3, 3] and merged == shards[0] + shards[1]
+    metrics = json.loads((prefix / "metrics.json").read_text())
+    assert metrics["n"] == 6 and metrics["shards"] == 2
+    assert "base: 100%" in (workdir / "logs/evaluate/base/tiny-blip2/demo-eic/2-of-2.log").read_text()  # tqdm bar
+
+
 def test_tables_plots_and_html_report(workdir):
     tex = (workdir / "results/tables/summary.tex").read_text()
     assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
@@ -116,12 +119,14 @@ def test_changed_hparams_reruns_only_its_jobs(workdir):
     hparams.write_text(hparams.read_text() + "# touched\n")
     before = snapshot(workdir)
     run_snakemake(workdir)
+    outputs = ("metrics.json", "records.jsonl")
     assert changed(before, snapshot(workdir)) == {
-        f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in ("metrics.json", "records.jsonl")
-    } | TABLES
+        f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in outputs
+    } | {f"results/eval/base/tiny-blip2-b/demo-eic/shards/{i}-of-2/{f}" for i in (1, 2) for f in outputs} | TABLES
 
 
 def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
+    """demo-eic is sharded: only the gather step reruns, not the shard jobs."""
     target = workdir / "results/eval/base/tiny-blip2/demo-eic/metrics.json"
     target.unlink()
     before = snapshot(workdir)

@@ -136,19 +136,23 @@ def rule_id(name):
     return re.sub(r"\W", "_", name)
 
 
-def download_outputs(name):
-    """What the download ``name`` produces: a folder's listed files, a directory, or one file."""
+def download_outputs(name, as_output=True):
+    """What the download ``name`` produces: a folder's listed files, a directory, or one file.
+
+    ``as_output=False`` gives plain paths for use as another rule's input (directory() is an
+    output-only flag).
+    """
     entry = DOWNLOADS[name]
     if entry.get("files"):
         return [f"{entry['dest']}/{path}" for path in entry["files"]]
-    if "hf" in entry or entry.get("directory"):
+    if as_output and ("hf" in entry or entry.get("directory")):
         return [directory(entry["dest"])]
     return [entry["dest"]]
 
 
 def all_downloads():
     return [
-        path for name in DOWNLOADS for path in download_outputs(name)
+        path for name in DOWNLOADS for path in download_outputs(name, as_output=False)
     ] + [entry["extract"] for entry in DOWNLOADS.values() if "extract" in entry]
 
 
