@@ -4,7 +4,11 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo is the default; `--configfile config/mmedit.yaml` *replaces* it (Snakemake would
+# otherwise deep-merge both, adding the demo's tiny models and datasets to the paper grid).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -22,3 +26,4 @@ rule all:
     input:
         eval_metrics(),
         summary_tables(),
+        plots(),

@@ -19,4 +19,5 @@ with redirect_output(snakemake.log[0]):
         records_out=snakemake.output.records,
         resources={name: snakemake.input[name] for name in snakemake.params.resources},
         device=snakemake.params.device,
+        shard=snakemake.params.shard,
     )

@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ("Snakefile", "workflow", "scripts", "config", "envs")
+from workflow_copy import REPO, copy_workflow, snakemake_env
 
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2", "--directory", str(workdir), *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=900,
     )
     if proc.returncode != 0:
         raise AssertionError(f"snakemake {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -41,15 +36,19 @@ def snapshot(workdir: Path) -> dict[str, int]:
     }
 
 
+#: What the tables/plots stage rewrites whenever any metrics.json changes.
+TABLES = {f"results/tables/summary{suffix}" for suffix in (".csv", ".md", ".tex", "_long.csv")} | {
+    f"results/plots/{d}.png" for d in ("demo-evqa", "demo-eic")
+}
+
+
 def changed(before: dict[str, int], after: dict[str, int]) -> set[str]:
     return {path for path in after if before.get(path) != after[path]}
 
 
-def copy_workflow(root: Path) -> dict:
+def demo_config(root: Path) -> dict:
     """Copy the workflow into ``root``; return the demo config with 6-record datasets, BLIP-2 only."""
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / part)
+    copy_workflow(root)
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     for dataset in config["datasets"].values():
         dataset["demo"].update(n_train=6, n_eval=6)
@@ -62,7 +61,8 @@ def copy_workflow(root: Path) -> dict:
 def workdir(tmp_path_factory) -> Path:
     """A copy of the workflow with a small two-model demo config, run once to completion."""
     root = tmp_path_factory.mktemp("wf")
-    config = copy_workflow(root)
+    config = demo_config(root)
+    config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
     first = config["models"]["tiny-blip2"]
     config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -92,6 +92,30 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
 
 
+def test_sharded_dataset_is_gathered_in_record_order(workdir):
+    prefix = workdir / "results/eval/base/tiny-blip2/demo-eic"
+    shards = [[json.loads(line) for line in (prefix / f"shards/{i}-of-2/records.jsonl").open()] for i in (1, 2)]
+    merged = [json.loads(line) for line in (prefix / "records.jsonl").open()]
+    assert [len(rows) for rows in shards] == [3, 3] and merged == shards[0] + shards[1]
+    metrics = json.loads((prefix / "metrics.json").read_text())
+    assert metrics["n"] == 6 and metrics["shards"] == 2
+    assert "base: 100%" in (workdir / "logs/evaluate/base/tiny-blip2/demo-eic/2-of-2.log").read_text()  # tqdm bar
+
+
+def test_tables_plots_and_html_report(workdir):
+    tex = (workdir / "results/tables/summary.tex").read_text()
+    assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
+    assert tex.count("Base & ") == 1
+    long = list(csv.DictReader((workdir / "results/tables/summary_long.csv").open()))
+    assert len(long) == 2 * 2 * 5
+    for dataset in ("demo-evqa", "demo-eic"):
+        assert (workdir / f"results/plots/{dataset}.png").read_bytes()[:4] == b"\x89PNG"
+    run_snakemake(workdir, "--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "Methods compared on dataset demo-evqa" in html  # rendered caption of the plot
+    assert "summary.tex" in html and "demo-eic.png" in html
+
+
 def test_second_run_does_nothing(workdir):
     before = snapshot(workdir)
     proc = run_snakemake(workdir)
@@ -104,12 +128,14 @@ def test_changed_hparams_reruns_only_its_jobs(workdir):
     hparams.write_text(hparams.read_text() + "# touched\n")
     before = snapshot(workdir)
     run_snakemake(workdir)
+    outputs = ("metrics.json", "records.jsonl")
     assert changed(before, snapshot(workdir)) == {
-        f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in ("metrics.json", "records.jsonl")
-    } | {"results/tables/summary.csv", "results/tables/summary.md"}
+        f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in outputs
+    } | {f"results/eval/base/tiny-blip2-b/demo-eic/shards/{i}-of-2/{f}" for i in (1, 2) for f in outputs} | TABLES
 
 
 def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
+    """demo-eic is sharded: only the gather step reruns, not the shard jobs."""
     target = workdir / "results/eval/base/tiny-blip2/demo-eic/metrics.json"
     target.unlink()
     before = snapshot(workdir)
@@ -117,9 +143,7 @@ def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
     assert changed(before, snapshot(workdir)) == {
         "results/eval/base/tiny-blip2/demo-eic/metrics.json",
         "results/eval/base/tiny-blip2/demo-eic/records.jsonl",
-        "results/tables/summary.csv",
-        "results/tables/summary.md",
-    }
+    } | TABLES
 
 
 def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
@@ -130,7 +154,7 @@ def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
     from mmke.models.convert import hf_to_lavis
     from mmke.models.tiny import build_tiny
 
-    config = copy_workflow(tmp_path)
+    config = demo_config(tmp_path)
     tiny = load_model("minigpt4", build_tiny("minigpt4", tmp_path / "src/tiny"))
     pieces = hf_to_lavis(tiny.model.state_dict(), "llama_proj")
     for piece, state in pieces.items():
@@ -152,7 +176,7 @@ def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
 
 
 def test_lavis_model_outside_resources_models_is_refused(tmp_path):
-    config = copy_workflow(tmp_path)
+    config = demo_config(tmp_path)
     config["models"]["tiny-blip2"]["lavis"] = {"vision": "v.pth", "qformer": "q.pth", "llm": "llm"}
     (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path)], cwd=tmp_path,

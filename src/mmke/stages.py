@@ -20,16 +20,22 @@ import transformers
 import mmke
 from mmke.data.records import EditRecord, ImageRoots, load_records
 from mmke.evaluate import Baseline, Protocol, evaluate, run_baseline
+from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
-from mmke.io import write_json, write_jsonl
+from mmke.io import read_json, read_jsonl, write_json, write_jsonl
 from mmke.methods.base import make_editor
 from mmke.models.base import VLMAdapter, load_model
+from mmke.shards import merge_reports, shard_slice
 
 
 def resolve_device(name: str = "auto") -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """``auto``: CPU without CUDA, the only GPU, or a GPU claimed for this job among several."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    return f"cuda:{claim_gpu(count)}" if count > 1 else "cuda"
 
 
 def load_eval_split(dataset: Mapping[str, Any]) -> tuple[list[EditRecord], ImageRoots]:
@@ -60,8 +66,12 @@ def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out
 def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping, protocol: Mapping,
                    hparams_path: str | Path, baseline_rows: str | Path, baseline_tensors: str | Path,
                    metrics_out: str | Path, records_out: str | Path, resources: Mapping[str, Path] | None = None,
-                   device: str = "auto") -> dict:
-    """Edit + measure one method x model x dataset; ``names`` holds the three config keys."""
+                   device: str = "auto", shard: tuple[int, int] | None = None) -> dict:
+    """Edit + measure one method x model x dataset; ``names`` holds the three config keys.
+
+    ``shard=(index, count)`` measures only that contiguous block of the eval split (see
+    :mod:`mmke.shards`); :func:`gather_stage` merges the blocks into the unsharded result.
+    """
     start = time.perf_counter()
     hparams = read_hparams(hparams_path)
     if hparams.method != names["method"]:
@@ -69,6 +79,8 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     editor = make_editor(hparams)
     editor.prepare(resources or {})
     records, roots = load_eval_split(dataset)
+    if shard is not None:
+        records = shard_slice(records, *shard)
     adapter = load_configured_model(model, device)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
@@ -90,11 +102,41 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     return report
 
 
+def gather_stage(shard_metrics: Sequence[str | Path], shard_records: Sequence[str | Path],
+                 metrics_out: str | Path, records_out: str | Path) -> dict:
+    """Merge the shards of one combo into the ``metrics.json`` / ``records.jsonl`` of an unsharded run."""
+    if len(shard_metrics) != len(shard_records):
+        raise ValueError(f"{len(shard_metrics)} shard metrics files but {len(shard_records)} shard records files")
+    report, rows = merge_reports([read_json(p) for p in shard_metrics], [read_jsonl(p) for p in shard_records],
+                                 [str(p) for p in shard_metrics])
+    write_jsonl(records_out, rows)
+    write_json(metrics_out, report)
+    return report
+
+
 def summary_stage(metric_paths: Sequence[str | Path], csv_out: str | Path, md_out: str | Path,
-                  method_order: Sequence[str] | None = None) -> None:
+                  method_order: Sequence[str] | None = None, long_out: str | Path | None = None,
+                  tex_out: str | Path | None = None, model_order: Sequence[str] | None = None,
+                  dataset_order: Sequence[str] | None = None) -> None:
     from mmke.tables import write_summary
 
-    write_summary(metric_paths, csv_out, md_out, method_order)
+    write_summary(metric_paths, csv_out, md_out, method_order, long_path=long_out, tex_path=tex_out,
+                  model_order=model_order, dataset_order=dataset_order)
+
+
+def plot_stage(summary_csv: str | Path, dataset: str, out: str | Path, model_order: Sequence[str] | None = None) -> None:
+    """One figure per dataset comparing methods, drawn from the summary CSV alone."""
+    from mmke.tables import plot_dataset, read_summary
+
+    plot_dataset(read_summary(summary_csv), dataset, out, model_order)
+
+
+def download_stage(name: str, entry: Mapping[str, Any], checksums: Mapping[str, str | None],
+                   retries: int = 3) -> list[Path]:
+    """Fetch one ``downloads:`` entry of the config (see :mod:`mmke.download`)."""
+    from mmke.download import Download, fetch
+
+    return fetch(Download.from_config(name, entry), checksums, retries=retries)
 
 
 def _optional_path(value: str | None) -> Path | None:

@@ -1,4 +1,4 @@
-"""Metric JSONs -> one tidy DataFrame -> summary CSV and Markdown.
+"""Metric JSONs -> one DataFrame -> summary CSV/Markdown, a tidy long CSV, the paper's LaTeX table, plots.
 
 Only the evaluate stage's ``metrics.json`` files are read: tables never touch model outputs, so
 re-tabulating is instant and cannot disagree with what was measured.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmke.evaluate import SUMMARY_METRICS
-from mmke.io import atomic_write, read_json
+from mmke.io import atomic_path, atomic_write, read_json
 
 #: Paper column names (MMEdit Table 2) for each summary metric.
 PAPER_COLUMNS = {
@@ -23,6 +23,14 @@ PAPER_COLUMNS = {
     "multimodal_locality_acc": "M-Loc.",
 }
 KEYS = ("method", "model", "dataset")
+
+#: Row groups and row labels of the MMEdit paper's main table; methods not listed go to "Other".
+METHOD_GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("Base Methods", (("base", "Base"), ("FT-L", "FT (LLM)"), ("FT-V", "FT (Vision)"))),
+    ("Model Editing", (("KE", "Knowledge Editor"), ("IKE", "In-Context Editing"), ("SERAC", "SERAC"),
+                       ("MEND", "MEND"))),
+)
+OTHER_GROUP = "Other"
 
 
 def collect(paths: Iterable[str | Path], method_order: Sequence[str] | None = None) -> pd.DataFrame:
@@ -53,11 +61,132 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def to_long(frame: pd.DataFrame) -> pd.DataFrame:
+    """Tidy form: one row per method x model x dataset x metric (value as a fraction)."""
+    long = frame.melt(id_vars=[*KEYS, "n"], value_vars=list(SUMMARY_METRICS), var_name="metric", value_name="value")
+    long.insert(long.columns.get_loc("metric") + 1, "column", long["metric"].map(PAPER_COLUMNS))
+    return long
+
+
+def method_rows(methods: Iterable[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The paper's row groups restricted to ``methods`` (in group order), then any others."""
+    present = list(dict.fromkeys(methods))
+    groups = []
+    for group, members in METHOD_GROUPS:
+        rows = [(key, label) for key, label in members if key in present]
+        if rows:
+            groups.append((group, rows))
+    known = {key for _, members in METHOD_GROUPS for key, _ in members}
+    others = [(key, key) for key in present if key not in known]
+    if others:
+        groups.append((OTHER_GROUP, others))
+    return groups
+
+
+def to_latex(frame: pd.DataFrame, model_order: Sequence[str] | None = None,
+             dataset_order: Sequence[str] | None = None) -> str:
+    """The paper's layout: rows = methods in their groups, column groups = model x dataset.
+
+    Values are percentages with two decimals; a combo that was not run shows "--". booktabs rules
+    and ``\\cmidrule`` under each group header, as in the paper.
+    """
+    models = _ordered(frame["model"], model_order)
+    datasets = _ordered(frame["dataset"], dataset_order)
+    groups = [(model, dataset) for model in models for dataset in datasets
+              if ((frame["model"] == model) & (frame["dataset"] == dataset)).any()]
+    values = frame.set_index(list(KEYS))
+    width = len(PAPER_COLUMNS)
+    lines = [
+        "\\begin{tabular}{l" + "c" * width * len(groups) + "}",
+        "\\toprule",
+        " & " + " & ".join(f"\\multicolumn{{{width}}}{{c}}{{{_tex(m)} / {_tex(d)}}}" for m, d in groups) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + i * width}-{1 + (i + 1) * width}}}" for i in range(len(groups))),
+        "Method & " + " & ".join(list(PAPER_COLUMNS.values()) * len(groups)) + " \\\\",
+    ]
+    for group, rows in method_rows(frame["method"]):
+        lines += ["\\midrule", f"\\multicolumn{{{1 + width * len(groups)}}}{{l}}{{\\textit{{{_tex(group)}}}}} \\\\"]
+        for key, label in rows:
+            cells = [
+                f"{100 * values.loc[(key, m, d), metric]:.2f}" if (key, m, d) in values.index else "--"
+                for m, d in groups for metric in PAPER_COLUMNS
+            ]
+            lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def plot_dataset(frame: pd.DataFrame, dataset: str, out: str | Path,
+                 model_order: Sequence[str] | None = None) -> None:
+    """Grouped bars per metric comparing methods, one panel per model, for one dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    subset = frame[frame["dataset"] == dataset]
+    if subset.empty:
+        raise ValueError(f"no results for dataset {dataset!r} to plot")
+    models = _ordered(subset["model"], model_order)
+    methods = [key for _, rows in method_rows(subset["method"]) for key, _ in rows]
+    fig, axes = plt.subplots(1, len(models), figsize=(1.5 + 4.5 * len(models), 3.6), squeeze=False, sharey=True)
+    bar = 0.8 / len(methods)
+    positions = range(len(PAPER_COLUMNS))
+    for ax, model in zip(axes[0], models):
+        rows = subset[subset["model"] == model].set_index("method")
+        for i, method in enumerate(methods):
+            if method in rows.index:
+                heights = [100 * rows.loc[method, metric] for metric in PAPER_COLUMNS]
+                offsets = [x + (i - (len(methods) - 1) / 2) * bar for x in positions]
+                ax.bar(offsets, heights, bar, label=method, color=f"C{i}")  # same colour in every panel
+        ax.set_xticks(positions, list(PAPER_COLUMNS.values()))
+        ax.set_title(f"{model} / {dataset}")
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("%")
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(legend.values(), legend.keys(), fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+
+
 def write_summary(paths: Iterable[str | Path], csv_path: str | Path, md_path: str | Path,
-                  method_order: Sequence[str] | None = None) -> pd.DataFrame:
+                  method_order: Sequence[str] | None = None, long_path: str | Path | None = None,
+                  tex_path: str | Path | None = None, model_order: Sequence[str] | None = None,
+                  dataset_order: Sequence[str] | None = None) -> pd.DataFrame:
     frame = collect(paths, method_order)
-    with atomic_write(csv_path, encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False, float_format="%.6f")
+    write_csv(frame, csv_path)
     with atomic_write(md_path, encoding="utf-8") as handle:
         handle.write(to_markdown(frame))
+    if long_path is not None:
+        write_csv(to_long(frame), long_path)
+    if tex_path is not None:
+        with atomic_write(tex_path, encoding="utf-8") as handle:
+            handle.write(to_latex(frame, model_order, dataset_order))
     return frame
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    with atomic_write(path, encoding="utf-8", newline="") as handle:
+        frame.to_csv(handle, index=False, float_format="%.6f")
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """The summary CSV back as a frame (for plots), with a clear error when columns are missing."""
+    frame = pd.read_csv(path)
+    missing = [c for c in (*KEYS, *SUMMARY_METRICS) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: summary CSV lacks columns {missing}")
+    return frame
+
+
+def _ordered(values: Iterable[str], order: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [v for v in (order or []) if v in present] + [v for v in present if v not in (order or [])]
+
+
+_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_SPECIAL.get(char, char) for char in str(text))

@@ -4,17 +4,30 @@ import re
 DATASETS = config["datasets"]
 MODELS = config["models"]
 METHODS = config["methods"]
+DOWNLOADS = config.get("downloads", {})
 ENV = "../../envs/mmke.yaml"
 
 
 def _alternatives(names):
-    return "|".join(re.escape(name) for name in names)
+    """A regex matching exactly these names; one that matches nothing for an empty list."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def shard_count(dataset):
+    return DATASETS[dataset].get("shards", 1)
+
+
+SHARDED_DATASETS = [name for name in DATASETS if shard_count(name) > 1]
+UNSHARDED_DATASETS = [name for name in DATASETS if shard_count(name) == 1]
+SHARD_DIR = "results/eval/{method}/{model}/{dataset}/shards/{shard}-of-{shards}"
 
 
 wildcard_constraints:
     method=_alternatives(METHODS),
     model=_alternatives(MODELS),
     dataset=_alternatives(DATASETS),
+    shard=r"\d+",
+    shards=r"\d+",
 
 
 def _excluded(method, model, dataset):
@@ -44,7 +57,37 @@ def eval_metrics():
 
 
 def summary_tables():
-    return ["results/tables/summary.csv", "results/tables/summary.md"]
+    return [
+        f"results/tables/summary.{ext}" for ext in ("csv", "md", "tex")
+    ] + ["results/tables/summary_long.csv"]
+
+
+def plots():
+    """One comparison plot per dataset that has at least one combo."""
+    return [
+        f"results/plots/{dataset}.png"
+        for dataset in dict.fromkeys(dataset for _, _, dataset in combos())
+    ]
+
+
+def shard_outputs(wildcards):
+    """The shard results of one combo, in shard order (the gather step concatenates them)."""
+    count = shard_count(wildcards.dataset)
+    paths = [
+        SHARD_DIR.format(**wildcards, shard=index, shards=count)
+        for index in range(1, count + 1)
+    ]
+    return {
+        "metrics": [f"{path}/metrics.json" for path in paths],
+        "records": [f"{path}/records.jsonl" for path in paths],
+    }
+
+
+def shard_param(wildcards):
+    """(0-based index, count) of an evaluate_shard job; None for a whole-dataset evaluate job."""
+    if "shard" not in wildcards.keys():
+        return None
+    return int(wildcards.shard) - 1, int(wildcards.shards)
 
 
 def dataset_inputs(wildcards):
@@ -109,6 +152,31 @@ def evaluate_inputs(wildcards):
 
 def hparams_file(wildcards):
     return f"{config.get('hparams_dir', 'config/hparams')}/{wildcards.method}/{wildcards.model}.yaml"
+
+
+def rule_id(name):
+    """``name`` made an identifier for use in generated rule names (blip2-opt -> blip2_opt)."""
+    return re.sub(r"\W", "_", name)
+
+
+def download_outputs(name, as_output=True):
+    """What the download ``name`` produces: a folder's listed files, a directory, or one file.
+
+    ``as_output=False`` gives plain paths for use as another rule's input (directory() is an
+    output-only flag).
+    """
+    entry = DOWNLOADS[name]
+    if entry.get("files"):
+        return [f"{entry['dest']}/{path}" for path in entry["files"]]
+    if as_output and ("hf" in entry or entry.get("directory")):
+        return [directory(entry["dest"])]
+    return [entry["dest"]]
+
+
+def all_downloads():
+    return [
+        path for name in DOWNLOADS for path in download_outputs(name, as_output=False)
+    ] + [entry["extract"] for entry in DOWNLOADS.values() if "extract" in entry]
 
 
 def stage_resources(stage, key, default):

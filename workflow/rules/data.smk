@@ -1,4 +1,5 @@
-# Datasets and models the demo builds itself (downloads for the paper config: see issue #6).
+# Datasets and checkpoints: downloaded for the paper config (`downloads:`, one rule per entry,
+# run on the submitting host because cluster nodes are often offline), or built by the demo.
 
 
 rule demo_dataset:
@@ -64,3 +65,57 @@ rule convert_model:
         ENV
     script:
         "../../scripts/convert_model.py"
+
+
+for _name, _entry in DOWNLOADS.items():
+
+    rule:
+        name:
+            f"download_{rule_id(_name)}"
+        output:
+            download_outputs(_name),
+        params:
+            name=_name,
+            entry=_entry,
+        log:
+            f"logs/download/{_name}.log",
+        benchmark:
+            f"results/benchmarks/download/{_name}.tsv"
+        localrule: True
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=stage_resources("download", "runtime", 240),
+        conda:
+            ENV
+        script:
+            "../../scripts/download.py"
+
+    if "extract" in _entry:
+
+        rule:
+            name:
+                f"extract_{rule_id(_name)}"
+            input:
+                _entry["dest"],
+            output:
+                directory(_entry["extract"]),
+            log:
+                f"logs/extract/{_name}.log",
+            benchmark:
+                f"results/benchmarks/extract/{_name}.tsv"
+            localrule: True
+            threads: 1
+            resources:
+                mem_mb=2000,
+                runtime=stage_resources("extract", "runtime", 120),
+            conda:
+                ENV
+            script:
+                "../../scripts/extract.py"
+
+
+rule downloads:
+    """Every download and extracted archive: run this first on a host with internet access."""
+    input:
+        all_downloads(),

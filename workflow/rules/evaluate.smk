@@ -1,4 +1,6 @@
-# Edit + measure one method x model x dataset combo.
+# Edit + measure one method x model x dataset combo. A dataset with `shards: N > 1` is measured
+# as N contiguous blocks (one job each, `evaluate_shard`), merged by `gather_shards` into the same
+# metrics.json / records.jsonl an unsharded `evaluate` job writes, so nothing downstream changes.
 
 
 rule evaluate:
@@ -7,12 +9,15 @@ rule evaluate:
     output:
         metrics="results/eval/{method}/{model}/{dataset}/metrics.json",
         records="results/eval/{method}/{model}/{dataset}/records.jsonl",
+    wildcard_constraints:
+        dataset=_alternatives(UNSHARDED_DATASETS),
     params:
         model=lambda wc: MODELS[wc.model],
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         device=config.get("device", "auto"),
         resources=lambda wc: list(method_resources(wc)),
+        shard=shard_param,
     log:
         "logs/evaluate/{method}/{model}/{dataset}.log",
     benchmark:
@@ -26,3 +31,37 @@ rule evaluate:
         ENV
     script:
         "../../scripts/evaluate.py"
+
+
+use rule evaluate as evaluate_shard with:
+    output:
+        metrics=f"{SHARD_DIR}/metrics.json",
+        records=f"{SHARD_DIR}/records.jsonl",
+    wildcard_constraints:
+        dataset=_alternatives(SHARDED_DATASETS),
+    log:
+        "logs/evaluate/{method}/{model}/{dataset}/{shard}-of-{shards}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{method}/{model}/{dataset}/{shard}-of-{shards}.tsv"
+
+
+rule gather_shards:
+    input:
+        unpack(shard_outputs),
+    output:
+        metrics="results/eval/{method}/{model}/{dataset}/metrics.json",
+        records="results/eval/{method}/{model}/{dataset}/records.jsonl",
+    wildcard_constraints:
+        dataset=_alternatives(SHARDED_DATASETS),
+    log:
+        "logs/gather_shards/{method}/{model}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/gather_shards/{method}/{model}/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../../scripts/gather_shards.py"
