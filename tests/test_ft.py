@@ -99,3 +99,10 @@ def test_every_hparams_file_is_valid_and_named_after_its_folder():
     for path in files:
         hparams = read_hparams(path)
         assert (hparams.method, hparams.model) == (path.parent.name, path.stem)
+
+
+def test_empty_scopes_and_zero_steps_are_refused():
+    with pytest.raises(ValueError, match="FT-V: hparams field 'scopes' is empty"):
+        editor("FT-V", scopes=[])
+    with pytest.raises(ValueError, match="FT-L: hparams field 'num_steps' must be >= 1, got 0"):
+        editor("FT-L", num_steps=0)

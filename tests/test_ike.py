@@ -7,7 +7,7 @@ import torch
 
 from mmke.data.records import EditRecord
 from mmke.embed import load_embeddings, load_sentence_model, save_embeddings, sentence_model_path, slug
-from mmke.evaluate import Protocol, evaluate
+from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import build_hparams
 from mmke.methods.ike import IKE, IKEHParams, Retriever, query_sentence, training_sentences
 from mmke.stages import embed_stage
@@ -123,8 +123,6 @@ def test_sentence_model_names():
 
 
 def test_sequential_mode_refuses_in_context_edits(adapter, eval_records, roots, baseline):
-    from mmke.evaluate import Schedule
-
     corpus = ["x"]
     ike = IKE(build_hparams(IKEHParams, {"method": "IKE", "k": 1}))
     ike.retriever = Retriever(TableModel({"x": [1.0]} | {query_sentence(r): [1.0] for r in eval_records}),

@@ -24,7 +24,7 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor, register_method
 from mmke.metrics import IGNORE_INDEX, shift
-from mmke.models.base import VLMAdapter
+from mmke.models.base import Batch, VLMAdapter
 
 #: The adapter scope holding every language-model parameter; FT-L must stay inside it, FT-V outside.
 LANGUAGE_MODEL_SCOPE = "llm"
@@ -52,6 +52,8 @@ class FineTune(Editor):
         super().__init__(hparams)
         if not self.hparams.scopes:
             raise ValueError(f"{self.name}: hparams field 'scopes' is empty")
+        if self.hparams.num_steps < 1:
+            raise ValueError(f"{self.name}: hparams field 'num_steps' must be >= 1, got {self.hparams.num_steps}")
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         params = self._parameters(model)
@@ -72,7 +74,9 @@ class FineTune(Editor):
         return Edit(model, snapshot)
 
     def _optimise(self, model: VLMAdapter, params: dict[str, torch.nn.Parameter],
-                  original: dict[str, torch.Tensor], batch) -> None:
+                  original: dict[str, torch.Tensor], batch: Batch) -> None:
+        """AdamW on the target NLL. The model stays in eval mode (no dropout), so an edit is a
+        deterministic function of model and record; EasyEdit trains in train mode."""
         optimiser = torch.optim.AdamW(params.values(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         bound = self.hparams.norm_constraint
         for _ in range(self.hparams.num_steps):
@@ -83,6 +87,7 @@ class FineTune(Editor):
                 with torch.no_grad():
                     for name, p in params.items():
                         p.copy_(torch.clamp(p, min=original[name] - bound, max=original[name] + bound))
+        optimiser.zero_grad(set_to_none=True)  # free the gradients; the edit keeps only the weights
 
     def _parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
         language = set(model.scopes()[LANGUAGE_MODEL_SCOPE])
