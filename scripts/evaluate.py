@@ -18,6 +18,7 @@ with redirect_output(snakemake.log[0]):
         metrics_out=snakemake.output.metrics,
         records_out=snakemake.output.records,
         resources={name: snakemake.input[name] for name in snakemake.params.resources},
+        evaluation=snakemake.params.evaluation,
         device=snakemake.params.device,
         shard=snakemake.params.shard,
     )

@@ -28,7 +28,18 @@ FAMILY_MODELS = {"blip2": "tiny-blip2", "minigpt4": "tiny-minigpt4", "hf_vlm": "
 # Methods that load what an earlier stage produced: name -> fn(tmp_dir, adapter, dataset) ->
 # the resources passed to Editor.prepare (IKE embeddings, MEND/SERAC checkpoints). A method
 # without an entry gets no resources.
-METHOD_RESOURCES: dict[str, Callable[..., dict[str, Path]]] = {}
+def ike_resources(tmp_path: Path, adapter, dataset) -> dict[str, Path]:
+    """IKE's retrieval index of the dataset's training split, as the embed stage writes it."""
+    from mmke.stages import embed_stage
+
+    paths = dataset["paths"]
+    out = {"embeddings": tmp_path / "embeddings.safetensors", "sentences": tmp_path / "sentences.json"}
+    embed_stage({"kind": "evqa", "train": str(paths["train"]), "image_root": str(paths["images"])},
+                "all-MiniLM-L6-v2", out["embeddings"], out["sentences"], device="cpu")
+    return out
+
+
+METHOD_RESOURCES: dict[str, Callable[..., dict[str, Path]]] = {"IKE": ike_resources}
 # Methods whose edit does not change the model by design.
 NO_CHANGE = {"base"}
 
@@ -74,6 +85,7 @@ def test_edit_changes_and_revert_restores(method, adapter, dataset, tmp_path):
     assert path.exists(), f"method {method} has no demo hparams file {path}"
     editor = make_editor(read_hparams(path, overrides={"model": FAMILY_MODELS[adapter.family]}))
     setup = METHOD_RESOURCES.get(method)
+    editor.bind_images(dataset["roots"])
     editor.prepare(setup(tmp_path, adapter, dataset) if setup else {})
     record = dataset["records"][0]
     before = edit_prompt_logits(adapter, None, record, dataset)

@@ -21,6 +21,14 @@ def test_shards_are_contiguous_near_equal_blocks_covering_everything(n, count):
     assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
+def test_shards_cut_only_between_sequential_groups():
+    items = list(range(10))  # groups of 3: [0 1 2] [3 4 5] [6 7 8] [9]
+    blocks = [shard_slice(items, i, 3, group=3) for i in range(3)]
+    assert blocks == [[0, 1, 2, 3, 4, 5], [6, 7, 8], [9]]
+    with pytest.raises(ValueError, match="5 shards for 10 records in 4 group"):
+        shard_slice(items, 0, 5, group=3)
+
+
 def test_bad_shard_arguments_are_errors():
     with pytest.raises(ValueError, match="3 shards for 2 records"):
         shard_slice([1, 2], 0, 3)

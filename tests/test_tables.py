@@ -93,3 +93,16 @@ def test_summary_csv_round_trips_and_bad_csv_is_named(tmp_path):
     (tmp_path / "bad.csv").write_text("method,model\nx,y\n")
     with pytest.raises(ValueError, match=r"bad\.csv: summary CSV lacks columns \['dataset'"):
         read_summary(tmp_path / "bad.csv")
+
+
+def test_single_and_sequential_metrics_are_not_stacked(tmp_path):
+    single = metrics_file(tmp_path / "a.json", "base", 0.5)  # written before schedules were recorded
+    explicit = tmp_path / "c.json"
+    write_json(explicit, {"method": "IKE", "model": "m", "dataset": "evqa", "n": 4,
+                          "summary": {k: 0.5 for k in METRICS}, "evaluation": {"mode": "single", "n_edits": 1}})
+    sequential = tmp_path / "b.json"
+    write_json(sequential, {"method": "FT-L", "model": "m", "dataset": "evqa", "n": 4,
+                            "summary": {k: 0.5 for k in METRICS}, "evaluation": {"mode": "sequential", "n_edits": 4}})
+    assert len(collect([single, explicit])) == 2
+    with pytest.raises(ValueError, match=r"different evaluation schedules.*b\.json"):
+        collect([single, sequential])

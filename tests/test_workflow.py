@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 from workflow_copy import REPO, copy_workflow, snakemake_env
+
+METHODS = ("base", "FT-L", "FT-V", "IKE")
+FT_METHODS = ("FT-L", "FT-V")
+MODELS = ("tiny-blip2", "tiny-blip2-b")
+DATASETS = ("demo-evqa", "demo-eic")
 
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -65,8 +71,12 @@ def workdir(tmp_path_factory) -> Path:
     config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
     first = config["models"]["tiny-blip2"]
     config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
+    # FT on the second model would only repeat the first model's jobs; base and IKE run on both
+    config["exclude"] = [{"method": method, "model": "tiny-blip2-b"} for method in FT_METHODS]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (root / "config/hparams/base/tiny-blip2-b.yaml").write_text("method: base\nmodel: tiny-blip2-b\n")
+    for method in ("base", "IKE"):  # model b gets model a's hparams
+        source = root / f"config/hparams/{method}/tiny-blip2.yaml"
+        (source.parent / "tiny-blip2-b.yaml").write_text(source.read_text().replace("model: tiny-blip2\n", "model: tiny-blip2-b\n"))
     run_snakemake(root)
     return root
 
@@ -74,12 +84,17 @@ def workdir(tmp_path_factory) -> Path:
 def test_full_run_writes_metrics_and_summary(workdir):
     rows = list(csv.DictReader((workdir / "results/tables/summary.csv").open()))
     combos = {(r["method"], r["model"], r["dataset"]) for r in rows}
-    assert combos == {("base", m, d) for m in ("tiny-blip2", "tiny-blip2-b") for d in ("demo-evqa", "demo-eic")}
+    assert combos == {(method, m, d) for method in METHODS for m in MODELS for d in DATASETS
+                      if not (method in FT_METHODS and m == "tiny-blip2-b")}
+    assert [r["method"] for r in rows[:4]] == list(METHODS)  # config order within a model x dataset
     for row in rows:
         assert int(row["n"]) == 6
+    for row in (r for r in rows if r["method"] == "base"):
         # the unedited model agrees with its own pre-edit predictions everywhere
         assert float(row["locality_acc"]) == 1.0
         assert float(row["multimodal_locality_acc"]) == 1.0
+    for row in (r for r in rows if r["method"] == "FT-V"):
+        assert float(row["locality_acc"]) == 1.0  # the Q-Former never sees the text-only NQ item
     metrics = json.loads((workdir / "results/eval/base/tiny-blip2/demo-evqa/metrics.json").read_text())
     records = [json.loads(line) for line in (workdir / "results/eval/base/tiny-blip2/demo-evqa/records.jsonl").open()]
     assert metrics["n"] == len(records) == 6
@@ -87,7 +102,9 @@ def test_full_run_writes_metrics_and_summary(workdir):
     mean = sum(r["post"]["rewrite_acc"] for r in records) / len(records)
     assert metrics["summary"]["rewrite_acc"] == pytest.approx(mean)
     assert all(r["post"]["rewrite_acc"] == r["pre"]["rewrite_acc"] for r in records)
-    assert "| base" in (workdir / "results/tables/summary.md").read_text()
+    assert metrics["evaluation"] == {"mode": "single", "n_edits": 1}
+    markdown = (workdir / "results/tables/summary.md").read_text()
+    assert all(f"| {method} " in markdown for method in METHODS)
     assert (workdir / "logs/evaluate/base/tiny-blip2/demo-evqa.log").exists()
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
 
@@ -107,13 +124,29 @@ def test_tables_plots_and_html_report(workdir):
     assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
     assert tex.count("Base & ") == 1
     long = list(csv.DictReader((workdir / "results/tables/summary_long.csv").open()))
-    assert len(long) == 2 * 2 * 5
+    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FT_METHODS)) * 5
     for dataset in ("demo-evqa", "demo-eic"):
         assert (workdir / f"results/plots/{dataset}.png").read_bytes()[:4] == b"\x89PNG"
     run_snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "Methods compared on dataset demo-evqa" in html  # rendered caption of the plot
     assert "summary.tex" in html and "demo-eic.png" in html
+
+
+def test_one_embedding_job_per_dataset_shared_by_both_models(workdir):
+    proc = run_snakemake(workdir, "--dry-run", "--forceall", "--quiet", "rules")
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, flags=re.MULTILINE))
+    assert counts["embed"] == str(len(DATASETS))
+    combos = len(METHODS) * len(MODELS) - len(FT_METHODS)  # per dataset
+    assert counts["evaluate"] == str(combos)  # demo-evqa
+    assert counts["evaluate_shard"] == str(2 * combos)  # demo-eic, 2 shards
+    made = sorted(str(p.relative_to(workdir)) for p in (workdir / "resources/embeddings").rglob("*.safetensors"))
+    assert made == [f"resources/embeddings/{d}/all-MiniLM-L6-v2/embeddings.safetensors" for d in sorted(DATASETS)]
+    for dataset in DATASETS:
+        sentences = json.loads((workdir / f"resources/embeddings/{dataset}/all-MiniLM-L6-v2/sentences.json").read_text())
+        assert len(sentences) == 3 * 6  # three per training record
+        for model in MODELS:
+            assert json.loads((workdir / f"results/eval/IKE/{model}/{dataset}/metrics.json").read_text())["n"] == 6
 
 
 def test_second_run_does_nothing(workdir):

@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmke import metrics
-from mmke.data.images import load_rgb
-from mmke.data.records import EditRecord, ImageRoots, multimodal_locality_prompt
+from mmke.data.records import EditRecord, ImageRoots, RecordImages, multimodal_locality_prompt
 from mmke.io import atomic_path, read_jsonl, write_jsonl
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import VLMAdapter
@@ -39,6 +38,26 @@ class Protocol:
 
     exact_match: bool = True
     mloc_template: str = "trainer"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How edits meet the model: ``single`` (revert after each record, the benchmark) or
+    ``sequential`` (``n_edits`` edits accumulate, then all of them are measured).
+
+    Recorded in metrics.json, so sequential figures are never mistaken for single-edit ones.
+    """
+
+    mode: str = "single"
+    n_edits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("single", "sequential"):
+            raise ValueError(f"evaluation mode must be 'single' or 'sequential', got {self.mode!r}")
+        if self.n_edits < 1:
+            raise ValueError(f"evaluation n_edits must be >= 1, got {self.n_edits}")
+        if self.mode == "single" and self.n_edits != 1:
+            raise ValueError(f"evaluation mode 'single' edits one record at a time; n_edits is {self.n_edits}")
 
 
 @dataclasses.dataclass
@@ -80,20 +99,6 @@ class EvalResult:
     timings: dict[str, float]
 
 
-class RecordImages:
-    """Loads the three images of a record from their roots (never outside them)."""
-
-    def __init__(self, roots: ImageRoots):
-        self.roots = roots
-
-    def __call__(self, record: EditRecord) -> dict[str, object]:
-        return {
-            "image": load_rgb(self.roots.resolve("image", record.image)),
-            "image_rephrase": load_rgb(self.roots.resolve("image_rephrase", record.image_rephrase)),
-            "m_loc": load_rgb(self.roots.resolve("m_loc", record.m_loc)),
-        }
-
-
 def run_baseline(
     model: VLMAdapter, records: Sequence[EditRecord], roots: ImageRoots, protocol: Protocol
 ) -> Baseline:
@@ -116,26 +121,44 @@ def evaluate(
     roots: ImageRoots,
     baseline: Baseline,
     protocol: Protocol,
+    schedule: Schedule = Schedule(),
 ) -> EvalResult:
-    """Single-edit protocol of the benchmark: edit one record, measure, revert, next."""
+    """Edit, measure, revert: one record at a time, or ``schedule.n_edits`` records at a time.
+
+    Single mode is the benchmark's protocol. Sequential mode applies the edits of a group one
+    after another to the same model and measures every record of the group only after the last
+    edit (the final group may be shorter); the edits are reverted newest first, so each snapshot
+    puts back exactly what its own edit found.
+    """
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")
+    missing = [record.id for record in records if record.id not in baseline.accuracy]
+    if missing:
+        raise KeyError(f"records {missing} have no baseline entry (baseline of another dataset?)")
     images = RecordImages(roots)
+    editor.bind_images(roots)
     rows: list[dict] = []
     edit_seconds = 0.0
     start = time.perf_counter()
-    for record in tqdm(records, desc=editor.name, unit="edit"):
-        if record.id not in baseline.accuracy:
-            raise KeyError(f"record {record.id} has no baseline entry (baseline of another dataset?)")
-        imgs = images(record)
-        tick = time.perf_counter()
-        edit = editor.apply(model, [record])
-        edit_seconds += time.perf_counter() - tick
+    size = schedule.n_edits
+    progress = tqdm(total=len(records), desc=editor.name, unit="edit")
+    for group in (records[i:i + size] for i in range(0, len(records), size)):
+        edits: list[Edit] = []
         try:
-            post = _measure_post(model, record, imgs, protocol, edit, baseline)
+            for record in group:
+                tick = time.perf_counter()
+                edits.append(editor.apply(model, [record]))
+                edit_seconds += time.perf_counter() - tick
+                if schedule.mode == "sequential" and edits[-1].in_context:
+                    raise ValueError(f"method {editor.name} edits the prompt, not the weights: "
+                                     "its edits cannot accumulate (use evaluation mode 'single')")
+            for record, edit in zip(group, edits):
+                rows.append(_measure(model, record, images(record), protocol, edit, baseline))
+                progress.update()
         finally:
-            edit.revert()
-        rows.append({"id": record.id, "pre": baseline.accuracy[record.id], "post": post})
+            for edit in reversed(edits):
+                edit.revert()
+    progress.close()
     total = time.perf_counter() - start
     summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS)
     timings = {
@@ -146,14 +169,24 @@ def evaluate(
     return EvalResult(rows, summary, timings)
 
 
-def _measure_post(
+def _measure(
     model: VLMAdapter, record: EditRecord, imgs: dict, protocol: Protocol, edit: Edit, baseline: Baseline
-) -> dict[str, float]:
+) -> dict:
+    """One records.jsonl row: pre- and post-edit values of a record under a live edit.
+
+    Pre-edit values come from the baseline, except for in-context edits, whose pre-edit scores
+    use the edit's own context (spec §4: IKE's demonstrations followed by the bare question).
+    Locality always compares with the baseline's predictions of the unedited, context-free model.
+    """
+    if edit.in_context:
+        pre = _edit_accuracies(model, record, imgs, protocol, edit.pre_prompt)
+    else:
+        pre = baseline.accuracy[record.id]
     post = _edit_accuracies(model, record, imgs, protocol, edit.prompt)
     loc, m_loc = _locality_predictions(model, record, imgs, protocol, edit.prompt)
     post["locality_acc"] = metrics.locality_agreement(baseline.loc[record.id], loc)
     post["multimodal_locality_acc"] = metrics.locality_agreement(baseline.m_loc[record.id], m_loc)
-    return post
+    return {"id": record.id, "pre": pre, "post": post}
 
 
 @torch.no_grad()

@@ -18,18 +18,26 @@ T = TypeVar("T")
 
 #: Fields that must agree across shards: they describe *what* was measured, so a mismatch means
 #: shards of different runs (e.g. an hparams file edited between two shard jobs).
-SAME_ACROSS_SHARDS = ("method", "model", "dataset", "hparams", "hparams_digest", "protocol")
+SAME_ACROSS_SHARDS = ("method", "model", "dataset", "hparams", "hparams_digest", "protocol", "evaluation")
 
 
-def shard_slice(items: Sequence[T], index: int, count: int) -> list[T]:
-    """The ``index``-th of ``count`` contiguous, near-equal blocks of ``items`` (0-based)."""
+def shard_slice(items: Sequence[T], index: int, count: int, group: int = 1) -> list[T]:
+    """The ``index``-th of ``count`` contiguous, near-equal blocks of ``items`` (0-based).
+
+    Blocks are cut only between whole groups of ``group`` items: sequential evaluation edits
+    ``n_edits`` records together, so a shard boundary inside a group would change what is measured.
+    """
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}: need 0 <= shard < shards and shards >= 1")
-    if count > len(items):
-        raise ValueError(f"{count} shards for {len(items)} records: every shard needs at least one record")
-    base, extra = divmod(len(items), count)
+    if group < 1:
+        raise ValueError(f"group size must be >= 1, got {group}")
+    groups = -(-len(items) // group)  # the last group may be shorter, as in the unsharded run
+    if count > groups:
+        raise ValueError(f"{count} shards for {len(items)} records in {groups} group(s) of {group}: "
+                         "every shard needs at least one group")
+    base, extra = divmod(groups, count)
     start = index * base + min(index, extra)
-    return list(items[start : start + base + (index < extra)])
+    return list(items[start * group : (start + base + (index < extra)) * group])
 
 
 def merge_reports(reports: Sequence[dict], rows: Sequence[Sequence[dict]], sources: Sequence[str]) -> tuple[dict, list[dict]]:

@@ -19,7 +19,7 @@ import transformers
 
 import mmke
 from mmke.data.records import EditRecord, ImageRoots, load_records
-from mmke.evaluate import Baseline, Protocol, evaluate, run_baseline
+from mmke.evaluate import Baseline, Protocol, Schedule, evaluate, run_baseline
 from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
 from mmke.io import read_json, read_jsonl, write_json, write_jsonl
@@ -38,9 +38,14 @@ def resolve_device(name: str = "auto") -> str:
     return f"cuda:{claim_gpu(count)}" if count > 1 else "cuda"
 
 
+def image_roots(dataset: Mapping[str, Any]) -> ImageRoots:
+    """The image roots of a config ``datasets:`` entry."""
+    return ImageRoots(Path(dataset["image_root"]), _optional_path(dataset.get("rephrase_image_root")))
+
+
 def load_eval_split(dataset: Mapping[str, Any]) -> tuple[list[EditRecord], ImageRoots]:
     """Records and image roots of a dataset's eval split, from its config entry."""
-    roots = ImageRoots(Path(dataset["image_root"]), _optional_path(dataset.get("rephrase_image_root")))
+    roots = image_roots(dataset)
     records = load_records(dataset["kind"], dataset["eval"], roots, size=dataset.get("size"))
     if not records:
         raise ValueError(f"{dataset['eval']}: no record left after the skip rules")
@@ -66,13 +71,16 @@ def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out
 def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping, protocol: Mapping,
                    hparams_path: str | Path, baseline_rows: str | Path, baseline_tensors: str | Path,
                    metrics_out: str | Path, records_out: str | Path, resources: Mapping[str, Path] | None = None,
-                   device: str = "auto", shard: tuple[int, int] | None = None) -> dict:
+                   evaluation: Mapping | None = None, device: str = "auto",
+                   shard: tuple[int, int] | None = None) -> dict:
     """Edit + measure one method x model x dataset; ``names`` holds the three config keys.
 
+    ``evaluation`` is the config's single/sequential schedule (default: single edits).
     ``shard=(index, count)`` measures only that contiguous block of the eval split (see
     :mod:`mmke.shards`); :func:`gather_stage` merges the blocks into the unsharded result.
     """
     start = time.perf_counter()
+    schedule = Schedule(**(evaluation or {}))
     hparams = read_hparams(hparams_path)
     if hparams.method != names["method"]:
         raise ValueError(f"{hparams_path}: field 'method' is {hparams.method!r}, expected {names['method']!r}")
@@ -80,11 +88,11 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     editor.prepare(resources or {})
     records, roots = load_eval_split(dataset)
     if shard is not None:
-        records = shard_slice(records, *shard)
+        records = shard_slice(records, *shard, group=schedule.n_edits)
     adapter = load_configured_model(model, device)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
-                      Protocol(**protocol))
+                      Protocol(**protocol), schedule)
     write_jsonl(records_out, result.rows)
     report = {
         **{key: names[key] for key in ("method", "model", "dataset")},
@@ -93,6 +101,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         "hparams": dataclasses.asdict(hparams),
         "hparams_digest": digest(hparams),
         "protocol": dict(protocol),
+        "evaluation": dataclasses.asdict(schedule),
         "versions": {"mmke": mmke.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "timings": {"load_s": load_s, **result.timings},
@@ -112,6 +121,24 @@ def gather_stage(shard_metrics: Sequence[str | Path], shard_records: Sequence[st
     write_jsonl(records_out, rows)
     write_json(metrics_out, report)
     return report
+
+
+def embed_stage(dataset: Mapping, sentence_model: str, tensors_out: str | Path, sentences_out: str | Path,
+                device: str = "auto") -> int:
+    """IKE's retrieval index: embed the training split's sentences once per dataset x sentence model.
+
+    Only the text of the records is needed, so images are not decoded here. Returns the count.
+    """
+    from mmke.embed import encode, load_sentence_model, save_embeddings
+    from mmke.methods.ike import training_sentences
+
+    records = load_records(dataset["kind"], dataset["train"], image_roots(dataset), check_images=False)
+    if not records:
+        raise ValueError(f"{dataset['train']}: no training record left after the skip rules")
+    sentences = training_sentences(records)
+    embeddings = encode(load_sentence_model(sentence_model, resolve_device(device)), sentences)
+    save_embeddings(tensors_out, sentences_out, embeddings, sentences, sentence_model)
+    return len(sentences)
 
 
 def summary_stage(metric_paths: Sequence[str | Path], csv_out: str | Path, md_out: str | Path,

@@ -6,6 +6,7 @@ re-tabulating is instant and cannot disagree with what was measured.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ PAPER_COLUMNS = {
     "multimodal_locality_acc": "M-Loc.",
 }
 KEYS = ("method", "model", "dataset")
+#: The schedule of metrics JSONs written before the evaluation schedule was recorded.
+SINGLE_EDIT = {"mode": "single", "n_edits": 1}
 
 #: Row groups and row labels of the MMEdit paper's main table; methods not listed go to "Other".
 METHOD_GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
@@ -36,12 +39,18 @@ OTHER_GROUP = "Other"
 def collect(paths: Iterable[str | Path], method_order: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per method x model x dataset with n and the five summary metrics."""
     rows = []
+    schedules: dict[str, list[str]] = {}
     for path in paths:
         data = read_json(path)
         missing = [k for k in (*KEYS, "n", "summary") if k not in data]
         if missing:
             raise ValueError(f"{path}: metrics JSON lacks {missing}")
+        schedule = json.dumps(data.get("evaluation", SINGLE_EDIT), sort_keys=True)
+        schedules.setdefault(schedule, []).append(str(path))
         rows.append({**{k: data[k] for k in KEYS}, "n": data["n"], **{m: data["summary"][m] for m in SUMMARY_METRICS}})
+    if len(schedules) > 1:
+        # single-edit and sequential figures measure different things; one table must not mix them
+        raise ValueError(f"metrics JSONs come from different evaluation schedules: {schedules}")
     frame = pd.DataFrame(rows, columns=[*KEYS, "n", *SUMMARY_METRICS])
     order = list(method_order or []) + sorted(set(frame["method"]) - set(method_order or []))
     frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)

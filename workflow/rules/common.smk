@@ -1,6 +1,8 @@
 # Combos, input functions, wildcard constraints and resource helpers shared by all rules.
 import re
 
+import yaml
+
 DATASETS = config["datasets"]
 MODELS = config["models"]
 METHODS = config["methods"]
@@ -28,6 +30,7 @@ wildcard_constraints:
     dataset=_alternatives(DATASETS),
     shard=r"\d+",
     shards=r"\d+",
+    sentence_model=r"[A-Za-z0-9._-]+",
 
 
 def _excluded(method, model, dataset):
@@ -136,7 +139,55 @@ def method_resources(wildcards):
     IKE gets its training-set embeddings, MEND/SERAC/KE their meta-network checkpoint; a
     method with no entry needs nothing. Names are passed through to ``prepare(resources)``.
     """
+    if wildcards.method == "IKE":
+        prefix = embeddings_prefix(wildcards.dataset, ike_sentence_model(wildcards.model))
+        return {
+            "embeddings": f"{prefix}/embeddings.safetensors",
+            "sentences": f"{prefix}/sentences.json",
+        }
     return {}
+
+
+def ike_sentence_model(model):
+    """The sentence model named by IKE's hparams for ``model`` (embeddings depend on it alone)."""
+    path = hparams_path("IKE", model)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)["sentence_model"]
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read field 'sentence_model': {err!r}") from err
+
+
+def slug(name):
+    """A folder name for a sentence model name or path (``a/b`` -> ``a--b``, as the HF cache does).
+
+    Defined here, not imported from mmke: the Snakefile must parse without the package installed
+    (``--sdm conda`` installs it only inside the rules' environment).
+    """
+    text = re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-")
+    if not text:
+        raise ValueError(f"cannot make a folder name from sentence model {name!r}")
+    return text
+
+
+def embeddings_prefix(dataset, sentence_model):
+    """One folder per dataset x sentence model, shared by every edited model."""
+    return f"resources/embeddings/{dataset}/{slug(sentence_model)}"
+
+
+def sentence_models():
+    """Folder name -> sentence model name, over the IKE combos of the config."""
+    names = {
+        ike_sentence_model(model)
+        for method, model, _ in combos()
+        if method == "IKE"
+    }
+    return {slug(name): name for name in names}
+
+
+def train_inputs(wildcards):
+    """The training split (IKE embeds its facts; only the text is read)."""
+    return {"train": DATASETS[wildcards.dataset]["train"]}
 
 
 def evaluate_inputs(wildcards):
@@ -151,7 +202,11 @@ def evaluate_inputs(wildcards):
 
 
 def hparams_file(wildcards):
-    return f"{config.get('hparams_dir', 'config/hparams')}/{wildcards.method}/{wildcards.model}.yaml"
+    return hparams_path(wildcards.method, wildcards.model)
+
+
+def hparams_path(method, model):
+    return f"{config.get('hparams_dir', 'config/hparams')}/{method}/{model}.yaml"
 
 
 def rule_id(name):

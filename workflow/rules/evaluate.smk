@@ -15,6 +15,7 @@ rule evaluate:
         model=lambda wc: MODELS[wc.model],
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
+        evaluation=config["evaluation"],
         device=config.get("device", "auto"),
         resources=lambda wc: list(method_resources(wc)),
         shard=shard_param,

