@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmke import metrics
-from mmke.data.images import load_rgb
-from mmke.data.records import EditRecord, ImageRoots, multimodal_locality_prompt
+from mmke.data.records import EditRecord, ImageRoots, RecordImages, multimodal_locality_prompt
 from mmke.io import atomic_path, read_jsonl, write_jsonl
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import VLMAdapter
@@ -80,20 +79,6 @@ class EvalResult:
     timings: dict[str, float]
 
 
-class RecordImages:
-    """Loads the three images of a record from their roots (never outside them)."""
-
-    def __init__(self, roots: ImageRoots):
-        self.roots = roots
-
-    def __call__(self, record: EditRecord) -> dict[str, object]:
-        return {
-            "image": load_rgb(self.roots.resolve("image", record.image)),
-            "image_rephrase": load_rgb(self.roots.resolve("image_rephrase", record.image_rephrase)),
-            "m_loc": load_rgb(self.roots.resolve("m_loc", record.m_loc)),
-        }
-
-
 def run_baseline(
     model: VLMAdapter, records: Sequence[EditRecord], roots: ImageRoots, protocol: Protocol
 ) -> Baseline:
@@ -121,6 +106,7 @@ def evaluate(
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")
     images = RecordImages(roots)
+    editor.bind_images(roots)
     rows: list[dict] = []
     edit_seconds = 0.0
     start = time.perf_counter()

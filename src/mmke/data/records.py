@@ -74,6 +74,20 @@ class ImageRoots:
         raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
 
 
+class RecordImages:
+    """Loads the three images of a record from their roots (never outside them)."""
+
+    def __init__(self, roots: ImageRoots):
+        self.roots = roots
+
+    def __call__(self, record: EditRecord) -> dict[str, object]:
+        return {
+            "image": load_rgb(self.roots.resolve("image", record.image)),
+            "image_rephrase": load_rgb(self.roots.resolve("image_rephrase", record.image_rephrase)),
+            "m_loc": load_rgb(self.roots.resolve("m_loc", record.m_loc)),
+        }
+
+
 def multimodal_locality_prompt(record: EditRecord, template: str = "trainer") -> str:
     """The OK-VQA question as a model sees it; EasyEdit's trainer and IKE paths differ (spec §6)."""
     if template not in MLOC_TEMPLATES:

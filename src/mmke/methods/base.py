@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from mmke.data.records import EditRecord
+from PIL import Image
+
+from mmke.data.records import EditRecord, ImageRoots, RecordImages
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
 
 #: Modules that register the built-in methods; importing one adds its editor to METHODS.
-BUILTIN_METHOD_MODULES = ("mmke.methods.noedit",)
+BUILTIN_METHOD_MODULES = ("mmke.methods.noedit", "mmke.methods.mend", "mmke.methods.serac", "mmke.methods.ke")
 
 METHODS: dict[str, type["Editor"]] = {}
 
@@ -51,6 +53,21 @@ class Editor(abc.ABC):
         if not isinstance(hparams, self.hparams_class):
             raise TypeError(f"{self.name} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
         self.hparams = hparams
+        self._images: RecordImages | None = None
+
+    def bind_images(self, roots: ImageRoots) -> None:
+        """Say where the records' images live; the evaluation loop calls this before any edit.
+
+        Records carry image paths relative to their dataset's roots, and an editor that trains on
+        the edit item (FT, MEND) needs the pixels.
+        """
+        self._images = RecordImages(roots)
+
+    def images(self, record: EditRecord) -> dict[str, Image.Image]:
+        """The record's ``image``, ``image_rephrase`` and ``m_loc`` images."""
+        if self._images is None:
+            raise RuntimeError(f"{self.name}: call bind_images(roots) before editing")
+        return self._images(record)
 
     def prepare(self, resources: Mapping[str, Path]) -> None:
         """Load what an earlier stage produced (embeddings, meta-network checkpoint)."""
