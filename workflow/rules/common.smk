@@ -1,10 +1,16 @@
 # Combos, input functions, wildcard constraints and resource helpers shared by all rules.
 import re
 
+import yaml
+
 DATASETS = config["datasets"]
 MODELS = config["models"]
 METHODS = config["methods"]
 ENV = "../../envs/mmke.yaml"
+# Methods whose network is meta-trained by the pretrain stage before they can edit.
+PRETRAINED_METHODS = ("MEND", "SERAC", "KE")
+# Hparams keys naming SERAC's auxiliary model directories (inputs of its pretrain job).
+AUX_MODEL_KEYS = ("classifier", "counterfactual")
 
 
 def _alternatives(names):
@@ -15,6 +21,7 @@ wildcard_constraints:
     method=_alternatives(METHODS),
     model=_alternatives(MODELS),
     dataset=_alternatives(DATASETS),
+    kind="counterfactual|classifier",
 
 
 def _excluded(method, model, dataset):
@@ -70,7 +77,25 @@ def method_resources(wildcards):
     IKE gets its training-set embeddings, MEND/SERAC/KE their meta-network checkpoint; a
     method with no entry needs nothing. Names are passed through to ``prepare(resources)``.
     """
+    if wildcards.method in PRETRAINED_METHODS:
+        return {"checkpoint": checkpoint_file(wildcards)}
     return {}
+
+
+def checkpoint_file(wildcards):
+    """The trained network of a method x model, meta-trained on the dataset's own train split."""
+    return f"resources/checkpoints/{wildcards.method}/{wildcards.model}/{wildcards.dataset}/editor.safetensors"
+
+
+def pretrain_inputs(wildcards):
+    """Train split + images, the model, the hparams file and the auxiliary models it names."""
+    spec = DATASETS[wildcards.dataset]
+    inputs = {key: path for key, path in dataset_inputs(wildcards).items() if key != "eval"}
+    inputs |= {"train": spec["train"], **model_inputs(wildcards), "hparams": hparams_file(wildcards)}
+    with open(hparams_file(wildcards), encoding="utf-8") as handle:
+        hparams = yaml.safe_load(handle) or {}
+    inputs |= {key: hparams[key] for key in AUX_MODEL_KEYS if key in hparams}
+    return inputs
 
 
 def evaluate_inputs(wildcards):
