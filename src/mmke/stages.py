@@ -7,6 +7,7 @@ outputs atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import time
@@ -84,7 +85,9 @@ def pretrain_stage(*, method: str, model: Mapping, dataset: Mapping, protocol: M
                    mloc_template=protocol.get("mloc_template", "trainer"))
     n_train, n_val = (len(part) for part in split_train_val(records, hparams.val_fraction))
     write_train_report(report_out, result, hparams, n_train, n_val)
-    Path(state_path).unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other digests' resume files keep a non-empty folder
+        state_path.parent.rmdir()
     return dataclasses.asdict(result)
 
 

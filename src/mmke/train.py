@@ -211,8 +211,8 @@ def train(editor: MetaLearner, model: VLMAdapter, records: Sequence[EditRecord],
         optimizer.step()
         progress["step"] += 1
         if progress["step"] % hp.val_interval == 0 or progress["step"] == hp.max_iters:
+            elapsed = time.perf_counter() - tick  # training only, validation excluded
             val = validate(editor, model, val_batches)
-            elapsed = time.perf_counter() - tick
             progress["history"].append({"step": progress["step"], "val": val, "train_total": sum(window) / len(window),
                                         "steps_per_s": len(window) / hp.accumulate_bs / elapsed})
             log(f"step {progress['step']} val {val}")

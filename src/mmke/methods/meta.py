@@ -139,20 +139,21 @@ def swapped_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tenso
     """Let ``module`` compute with plain tensors in place of the named parameters, then put them back.
 
     The tensors may carry a graph (``W - delta(network)``), so losses of the edited model
-    backpropagate into the network while the Parameter objects stay untouched.
+    backpropagate into the network. They shadow the parameters as instance attributes, which
+    Python finds before ``Module.__getattr__`` looks in ``_parameters``; the Parameter objects
+    and their registration order stay untouched.
     """
-    swapped = []
+    owners = []
     try:
         for name, value in values.items():
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name)
-            swapped.append((owner, leaf, owner._parameters.pop(leaf)))
-            setattr(owner, leaf, value)
+            owner.__dict__[leaf] = value
+            owners.append((owner, leaf))
         yield
     finally:
-        for owner, leaf, param in reversed(swapped):
-            delattr(owner, leaf)
-            owner._parameters[leaf] = param
+        for owner, leaf in owners:
+            del owner.__dict__[leaf]
 
 
 def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
