@@ -57,6 +57,9 @@ def workdir(tmp_path_factory) -> Path:
         dataset["demo"].update(n_train=6, n_eval=6)
     first = config["models"]["tiny-blip2"]
     config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
+    # one meta-trained method keeps the pretrain stage in the DAG without training all three
+    config["methods"] = ["base", "MEND"]
+    config["exclude"] = [{"method": "MEND", "model": "tiny-blip2-b"}]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (root / "config/hparams/base/tiny-blip2-b.yaml").write_text("method: base\nmodel: tiny-blip2-b\n")
     run_snakemake(root)
@@ -66,8 +69,10 @@ def workdir(tmp_path_factory) -> Path:
 def test_full_run_writes_metrics_and_summary(workdir):
     rows = list(csv.DictReader((workdir / "results/tables/summary.csv").open()))
     combos = {(r["method"], r["model"], r["dataset"]) for r in rows}
-    assert combos == {("base", m, d) for m in ("tiny-blip2", "tiny-blip2-b") for d in ("demo-evqa", "demo-eic")}
-    for row in rows:
+    datasets = ("demo-evqa", "demo-eic")
+    assert combos == ({("base", m, d) for m in ("tiny-blip2", "tiny-blip2-b") for d in datasets}
+                      | {("MEND", "tiny-blip2", d) for d in datasets})
+    for row in (r for r in rows if r["method"] == "base"):
         assert int(row["n"]) == 6
         # the unedited model agrees with its own pre-edit predictions everywhere
         assert float(row["locality_acc"]) == 1.0
@@ -82,6 +87,36 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert "| base" in (workdir / "results/tables/summary.md").read_text()
     assert (workdir / "logs/evaluate/base/tiny-blip2/demo-evqa.log").exists()
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
+
+
+def test_pretrain_writes_checkpoint_report_and_feeds_evaluate(workdir):
+    prefix = workdir / "resources/checkpoints/MEND/tiny-blip2/demo-evqa"
+    report = json.loads((prefix / "train.json").read_text())
+    metrics = json.loads((workdir / "results/eval/MEND/tiny-blip2/demo-evqa/metrics.json").read_text())
+    assert report["hparams_digest"] == metrics["hparams_digest"]
+    assert report["steps"] == metrics["hparams"]["max_iters"]
+    assert (report["n_train"], report["n_val"]) == (4, 2)  # 6 training records, the last 20% held out
+    assert [h["step"] for h in report["history"]] == [0, 10, 20, 30]
+    assert (prefix / "editor.safetensors").stat().st_size > 0
+    assert not (prefix / "resume").exists()  # the resume state is removed once training finished
+    assert (workdir / "logs/pretrain/MEND/tiny-blip2/demo-evqa.log").exists()
+    # MEND edits: the edited model is not the unedited one
+    records = [json.loads(line) for line in (workdir / "results/eval/MEND/tiny-blip2/demo-evqa/records.jsonl").open()]
+    assert any(r["post"]["locality_acc"] < 1.0 for r in records)
+
+
+def test_changed_method_hparams_retrain_only_that_method(workdir):
+    hparams = workdir / "config/hparams/MEND/tiny-blip2.yaml"
+    hparams.write_text(hparams.read_text() + "# touched\n")
+    before = snapshot(workdir)
+    run_snakemake(workdir)
+    assert changed(before, snapshot(workdir)) == {
+        f"{top}/MEND/tiny-blip2/{d}/{f}"
+        for d in ("demo-evqa", "demo-eic")
+        for top, files in (("resources/checkpoints", ("editor.safetensors", "train.json")),
+                           ("results/eval", ("metrics.json", "records.jsonl")))
+        for f in files
+    } | {"results/tables/summary.csv", "results/tables/summary.md"}
 
 
 def test_second_run_does_nothing(workdir):

@@ -176,11 +176,13 @@ def train(editor: MetaLearner, model: VLMAdapter, records: Sequence[EditRecord],
     """Meta-train ``editor`` on ``records``; write the best network to ``checkpoint``.
 
     ``state`` is the resume file: if it exists with the same hparams digest, training continues
-    from it; a different digest is an error (delete the file to start over).
+    from it; a different digest is an error (delete the file to start over). The base model's
+    parameters are left with ``requires_grad=False``: training owns its process.
     """
     hp = editor.hparams
     for param in model.model.parameters():  # the base model is frozen; only the editor learns
         param.requires_grad_(False)
+    torch.manual_seed(hp.seed)  # dropout in SERAC's auxiliary models draws from the global RNG
     network = editor.build(model)
     optimizer = torch.optim.Adam(editor.param_groups())
     generator = torch.Generator().manual_seed(hp.seed)
@@ -268,7 +270,8 @@ def load_checkpoint(path: str | Path, hparams) -> dict[str, torch.Tensor]:
 def _save_state(path: str | Path, hp_digest: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 generator: torch.Generator, progress: dict, best_state: dict) -> None:
     blob = {"digest": hp_digest, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": generator.get_state(), "progress": progress, "best": best_state}
+            "rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "progress": progress,
+            "best": best_state}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
@@ -282,6 +285,7 @@ def _load_state(path: str | Path, hp_digest: str, network: torch.nn.Module, opti
     network.load_state_dict(blob["network"])
     optimizer.load_state_dict(blob["optimizer"])
     generator.set_state(blob["rng"])
+    torch.set_rng_state(blob["torch_rng"])
     progress.update(blob["progress"])
     return blob["best"]
 

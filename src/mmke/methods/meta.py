@@ -72,8 +72,9 @@ class MetaEditor(Editor, abc.ABC):
 
     def build(self, model: VLMAdapter) -> torch.nn.Module:
         """A fresh (untrained) network for ``model``, on its device; also what training starts from."""
-        torch.manual_seed(self.hparams.seed)
-        self.network = self.make_network(model).to(model.device)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.hparams.seed)
+            self.network = self.make_network(model).to(model.device)
         return self.network
 
     def ready(self, model: VLMAdapter) -> torch.nn.Module:
@@ -167,8 +168,8 @@ def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
     params = dict(model.model.named_parameters())
     with torch.enable_grad(), contextlib.ExitStack() as stack:
         for name in names:
+            stack.callback(params[name].requires_grad_, params[name].requires_grad)
             params[name].requires_grad_(True)
-            stack.callback(params[name].requires_grad_, False)
         if not capture_linear_io:
             loss = target_nll(model.logits(batch), batch.labels)
             grads = torch.autograd.grad(loss, [params[name] for name in names])
