@@ -8,6 +8,7 @@ resumes to exactly the network of an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -133,25 +134,38 @@ def test_untrained_serac_classifier_does_not_separate(world, model, eval_records
     assert routed[0] == routed[1]
 
 
-EDITED_LOGITS = textwrap.dedent("""
-    import sys, torch
-    from mmke.data.records import ImageRoots, load_records
-    from mmke.hparams import read_hparams
-    from mmke.methods.base import make_editor
-    from mmke.models.base import load_model
-    world, hparams, checkpoint, out = sys.argv[1:]
-    model = load_model("blip2", f"{world}/model")
-    roots = ImageRoots(f"{world}/data/images")
-    record = load_records("evqa", f"{world}/data/eval.json", roots)[0]
-    editor = make_editor(read_hparams(hparams))
-    editor.prepare({"checkpoint": checkpoint})
+def edited_logits(editor, world: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a rephrase and a locality item on a freshly loaded model, with ``editor``'s edit of
+    the first eval record live, and after its revert."""
+    model = load_model("blip2", world / "model")
+    roots = ImageRoots(world / "data/images")
+    record = load_records("evqa", world / "data/eval.json", roots)[0]
     editor.bind_images(roots)
     images = editor.images(record)
+
+    def logits() -> torch.Tensor:
+        batch = model.teacher_forced([record.rephrase, record.loc], [record.target, record.loc_ans],
+                                     [images["image"], images["m_loc"]])
+        with torch.no_grad():
+            return model.logits(batch)
+
     edit = editor.apply(model, [record])
-    batch = model.teacher_forced([record.rephrase, record.loc], [record.target, record.loc_ans],
-                                 [images["image"], images["m_loc"]])
-    with torch.no_grad():
-        torch.save(model.logits(batch), out)
+    edited = logits()
+    edit.revert()
+    return edited, logits()
+
+
+EDITED_LOGITS_FROM_CHECKPOINT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from mmke.hparams import read_hparams
+    from mmke.methods.base import make_editor
+    from test_train import edited_logits
+    world, hparams, checkpoint, out = sys.argv[1:]
+    editor = make_editor(read_hparams(hparams))
+    editor.prepare({"checkpoint": checkpoint})
+    torch.save(edited_logits(editor, Path(world))[0], out)
 """)
 
 
@@ -160,26 +174,15 @@ def test_checkpoint_reproduces_edited_logits_in_a_fresh_process(trained, world, 
     out = tmp_path / "logits.pt"
     entry = trained[method]
     env = subprocess_env()
-    subprocess.run([sys.executable, "-c", EDITED_LOGITS, str(world), str(entry["hparams"]), str(entry["checkpoint"]),
-                    str(out)], check=True, env=env, timeout=300)
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", EDITED_LOGITS_FROM_CHECKPOINT, str(world), str(entry["hparams"]),
+                    str(entry["checkpoint"]), str(out)], check=True, env=env, timeout=300)
     theirs = torch.load(out, weights_only=True)
-    # the network trained in this process, applied here, gives the same edited logits
-    editor = entry["editor"]
-    model = load_model("blip2", world / "model")
-    roots = ImageRoots(world / "data/images")
-    record = load_records("evqa", world / "data/eval.json", roots)[0]
-    editor.network.eval()
-    editor.bind_images(roots)
-    images = editor.images(record)
-    edit = editor.apply(model, [record])
-    batch = model.teacher_forced([record.rephrase, record.loc], [record.target, record.loc_ans],
-                                 [images["image"], images["m_loc"]])
-    with torch.no_grad():
-        ours = model.logits(batch)
-    edit.revert()
+    # the network trained in this process gives the same edited logits, and the edit shows in them
+    entry["editor"].network.eval()
+    ours, unedited = edited_logits(entry["editor"], world)
     assert torch.allclose(ours, theirs, atol=1e-5)
-    with torch.no_grad():  # and the edit is visible in them
-        assert not torch.allclose(model.logits(batch), theirs, atol=1e-3)
+    assert not torch.allclose(unedited, theirs, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["MEND", "SERAC", "KE"])
@@ -304,3 +307,34 @@ def test_early_stopping_keeps_the_best_network(world, model, train_records, root
     best = min(h["val"]["total"] for h in result.history)
     assert result.best_val == best
     assert result.stopped == "early_stop" and result.step == result.best_step + 4 < 30
+
+
+def test_serac_leaves_out_of_scope_outputs_exactly_unedited(trained, world, model, eval_records):
+    serac = trained["SERAC"]["editor"]
+    serac.network.eval()
+    serac.bind_images(ImageRoots(world / "data/images"))
+    record = eval_records[0]
+    m_loc_image = serac.images(record)["m_loc"]
+
+    def locality_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model.logits(model.teacher_forced([f"Question: {record.m_loc_q} Short answer:"], [record.m_loc_a],
+                                                     [m_loc_image]))
+
+    pre = locality_logits()
+    edit = serac.apply(model, [record])
+    try:
+        assert torch.equal(locality_logits(), pre)
+    finally:
+        edit.revert()
+    assert "logits" not in vars(model) and "teacher_forced" not in vars(model)  # the router is gone
+
+
+def test_serac_refuses_a_counterfactual_model_with_another_vocabulary(world, model, tmp_path, eval_records):
+    build_tiny_aux("counterfactual", tmp_path / "cf512", vocab_size=512)
+    editor = make_editor(read_hparams(hparams_file(world, "SERAC")))
+    editor = make_editor(dataclasses.replace(editor.hparams, counterfactual=str(tmp_path / "cf512")))
+    editor.build(model)
+    editor.bind_images(ImageRoots(world / "data/images"))
+    with pytest.raises(ValueError, match="counterfactual model has 512 output tokens, the edited model 1024"):
+        editor.apply(model, eval_records[:1])
