@@ -338,3 +338,18 @@ def test_serac_refuses_a_counterfactual_model_with_another_vocabulary(world, mod
     editor.bind_images(ImageRoots(world / "data/images"))
     with pytest.raises(ValueError, match="counterfactual model has 512 output tokens, the edited model 1024"):
         editor.apply(model, eval_records[:1])
+
+
+@pytest.mark.parametrize("model_name", ["blip2-opt-2.7b", "minigpt4-vicuna-7b"])
+def test_paper_hparams_carry_the_spec_values(model_name):
+    mend = read_hparams(REPO / f"config/hparams/MEND/{model_name}.yaml")
+    assert (mend.lr, mend.edit_lr, mend.lr_lr, mend.cedit, mend.iedit, mend.cloc) == (1e-6, 1e-4, 1e-4, 0.1, 0.1, 1.0)
+    assert (mend.rank, mend.n_hidden, mend.init, mend.norm, mend.combine, mend.mlp_class, mend.shared) == (
+        1920, 1, "id", True, True, "IDMLP", True)
+    assert (mend.grad_clip, mend.accumulate_bs, mend.max_iters, mend.val_interval, mend.early_stop_patience,
+            mend.seed) == (100.0, 2, 30000, 5000, 20000, 42)
+    assert mend.scope == "llm.mlp.last3"
+    serac = read_hparams(REPO / f"config/hparams/SERAC/{model_name}.yaml")
+    assert (serac.lr, serac.edit_lr, serac.cedit, serac.iedit, serac.cloc) == (1e-5, 1e-2, 0.1, 0.1, 1.0)
+    assert (serac.max_iters, serac.val_interval, serac.early_stop_patience, serac.seed) == (50000, 2000, 10000, 0)
+    assert read_hparams(REPO / f"config/hparams/KE/{model_name}.yaml").scope == "llm.mlp.last3"

@@ -10,12 +10,10 @@ prompt's target NLL. As in MEND, the network only sees the gradient as a constan
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
 from mmke.methods.meta import MetaHParams, WeightDeltaEditor, edit_loss_gradients
 from mmke.models.base import VLMAdapter
@@ -68,7 +66,7 @@ class KE(WeightDeltaEditor):
                 raise ValueError(f"{name}: KE edits weight matrices, got shape {tuple(shape)}")
         return KENetwork(model.model.get_input_embeddings().embedding_dim, shapes, self.hparams)
 
-    def deltas(self, model: VLMAdapter, edit: Item, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
         network = self.network
         grads = edit_loss_gradients(model, edit.batch, network.names)
         texts = [prompt + target for prompt, target in zip(edit.prompts, edit.targets)]

@@ -12,12 +12,10 @@ by a learned per-weight scale and shift ("mode"). Hyperparameters: spec §4.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
 from mmke.methods.meta import MetaHParams, WeightDeltaEditor, edit_loss_gradients
 from mmke.models.base import VLMAdapter
@@ -146,7 +144,7 @@ class MEND(WeightDeltaEditor):
         return [{"params": list(network.transforms.parameters()), "lr": self.hparams.lr},
                 {"params": [network.edit_lrs], "lr": self.hparams.lr_lr}]
 
-    def deltas(self, model: VLMAdapter, edit: Item, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
         network = self.network
         factors = edit_loss_gradients(model, edit.batch, network.names, capture_linear_io=True)
         deltas = {}

@@ -113,11 +113,11 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         return model.editable(self.hparams.scope)
 
     @abc.abstractmethod
-    def deltas(self, model: VLMAdapter, edit: Item, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
         """Weight change per edited parameter name; the edited weight is ``W - delta``."""
 
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
-        deltas = self.deltas(model, batch.edit, batch.records)
+        deltas = self.deltas(model, batch.edit)
         params = self.edited_parameters(model)
         return swapped_parameters(model.model, {name: params[name].detach() - d for name, d in deltas.items()})
 
@@ -126,7 +126,7 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         self.ready(model)
         edit = edit_item(model, records, [self.images(r)["image"] for r in records])
         with torch.no_grad():
-            deltas = self.deltas(model, edit, records)
+            deltas = self.deltas(model, edit)
         snapshot = model.snapshot(deltas)
         params = self.edited_parameters(model)
         with torch.no_grad():
