@@ -25,10 +25,10 @@ from mmke.models.tiny import TINY_BUILDERS, build_tiny
 REPO = Path(__file__).resolve().parents[1]
 # The demo config's tiny model of each family (config/config.yaml), whose hparams files we read.
 FAMILY_MODELS = {"blip2": "tiny-blip2", "minigpt4": "tiny-minigpt4", "hf_vlm": "tiny-llava"}
-# Methods that load what an earlier stage produced: name -> fn(tmp_dir, adapter, dataset) ->
+# Methods that load what an earlier stage produced: name -> fn(tmp_dir, adapter, dataset, hparams) ->
 # the resources passed to Editor.prepare (IKE embeddings, MEND/SERAC checkpoints). A method
 # without an entry gets no resources.
-def ike_resources(tmp_path: Path, adapter, dataset) -> dict[str, Path]:
+def ike_resources(tmp_path: Path, adapter, dataset, hparams) -> dict[str, Path]:
     """IKE's retrieval index of the dataset's training split, as the embed stage writes it."""
     from mmke.stages import embed_stage
 
@@ -39,7 +39,29 @@ def ike_resources(tmp_path: Path, adapter, dataset) -> dict[str, Path]:
     return out
 
 
-METHOD_RESOURCES: dict[str, Callable[..., dict[str, Path]]] = {"IKE": ike_resources}
+def meta_resources(tmp_path: Path, adapter, dataset, hparams) -> dict[str, Path]:
+    """A checkpoint of the meta-trained editor after a couple of steps: enough to edit with.
+
+    ``train`` freezes the base model (it owns its process); the flags are put back because the
+    module-scoped adapter is shared with the scope tests.
+    """
+    from mmke.data.records import RecordImages
+    from mmke.train import train
+
+    flags = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    checkpoint = tmp_path / "editor.safetensors"
+    train(make_editor(hparams), adapter, dataset["train_records"], RecordImages(dataset["roots"]), checkpoint,
+          tmp_path / "resume.pt", log=lambda _: None)
+    for name, p in adapter.model.named_parameters():
+        p.requires_grad_(flags[name])
+    return {"checkpoint": checkpoint}
+
+
+METHOD_RESOURCES: dict[str, Callable[..., dict[str, Path]]] = {
+    "IKE": ike_resources, "MEND": meta_resources, "SERAC": meta_resources, "KE": meta_resources,
+}
+# Shorter budgets for the meta-trained editors (the demo files train for 30 steps).
+META_BUDGET = {"max_iters": 2, "val_interval": 1, "early_stop_patience": 2}
 # Methods whose edit does not change the model by design.
 NO_CHANGE = {"base"}
 
@@ -53,7 +75,17 @@ def registered_methods() -> list[str]:
 def dataset(tmp_path_factory):
     paths = write_demo_dataset(tmp_path_factory.mktemp("data"), "evqa", n_train=4, n_eval=2, seed=0, image_size=32)
     roots = ImageRoots(paths["images"])
-    return {"paths": paths, "roots": roots, "records": load_records("evqa", paths["eval"], roots)}
+    return {"paths": paths, "roots": roots, "records": load_records("evqa", paths["eval"], roots),
+            "train_records": load_records("evqa", paths["train"], roots)}
+
+
+@pytest.fixture(scope="module")
+def aux_models(tmp_path_factory) -> dict[str, str]:
+    """SERAC's tiny scope classifier and counterfactual model (same tokenizer as the tiny families)."""
+    from mmke.models.tiny_aux import build_tiny_aux
+
+    root = tmp_path_factory.mktemp("aux")
+    return {kind: str(build_tiny_aux(kind, root / kind)) for kind in ("classifier", "counterfactual")}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_MODELS))
@@ -80,13 +112,17 @@ def test_every_family_has_a_tiny_builder_and_model():
 
 
 @pytest.mark.parametrize("method", registered_methods())
-def test_edit_changes_and_revert_restores(method, adapter, dataset, tmp_path):
+def test_edit_changes_and_revert_restores(method, adapter, dataset, aux_models, tmp_path):
     path = hparams_path(method, adapter.family)
     assert path.exists(), f"method {method} has no demo hparams file {path}"
-    editor = make_editor(read_hparams(path, overrides={"model": FAMILY_MODELS[adapter.family]}))
+    overrides = {"model": FAMILY_MODELS[adapter.family]}
+    if METHOD_RESOURCES.get(method) is meta_resources:
+        overrides |= META_BUDGET | ({key: aux_models[key] for key in aux_models} if method == "SERAC" else {})
+    hparams = read_hparams(path, overrides=overrides)
+    editor = make_editor(hparams)
     setup = METHOD_RESOURCES.get(method)
     editor.bind_images(dataset["roots"])
-    editor.prepare(setup(tmp_path, adapter, dataset) if setup else {})
+    editor.prepare(setup(tmp_path, adapter, dataset, hparams) if setup else {})
     record = dataset["records"][0]
     before = edit_prompt_logits(adapter, None, record, dataset)
     params_before = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}

@@ -20,6 +20,8 @@ from workflow_copy import REPO, copy_workflow, snakemake_env
 PAPER = yaml.safe_load((REPO / "config/mmedit.yaml").read_text())
 METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND"]
 MODELS = ["blip2-opt-2.7b", "minigpt4-vicuna-7b"]
+#: Rules of the paper DAG that run on a GPU (the others run on CPU nodes or the submitting host).
+GPU_RULES = ("baseline", "evaluate_shard", "embed", "pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,8 @@ def test_plans_the_full_grid_offline(paper_workdir):
     assert counts["download_editing_data"] == counts["download_images"] == counts["extract_images"] == 1
     assert counts["summary"] == 1 and counts["plot"] == 2
     assert counts["convert_model"] == len(MODELS)  # each model assembled once from its LAVIS pieces
+    assert counts["pretrain"] == 3 * len(MODELS) * 2  # MEND, SERAC, KE x model x training set
+    assert counts["embed"] == 2  # one IKE index per dataset, shared by both models
     assert "evaluate" not in counts  # every paper dataset is sharded
     gathered = {(j["wildcards"]["method"], j["wildcards"]["model"], j["wildcards"]["dataset"])
                 for j in jobs if j["rule"] == "gather_shards"}
@@ -94,7 +98,8 @@ def test_local_profile_requests_gpus_per_job(paper_workdir):
     assert "gpu=2" in profile["resources"]
     jobs = planned_jobs(dry_run(paper_workdir, "--profile", "config/profiles/local"))
     by_rule = {job["rule"]: job["resources"] for job in jobs}
-    for rule, stage in (("evaluate_shard", "evaluate"), ("baseline", "baseline")):
+    for rule, stage in (("evaluate_shard", "evaluate"), ("baseline", "baseline"), ("embed", "embed"),
+                        ("pretrain", "pretrain")):
         wanted = PAPER["resources"][stage]
         assert by_rule[rule]["gpu"] == str(wanted["gpu"]) == "1"
         assert by_rule[rule]["mem_mb"] == str(wanted["mem_mb"])
@@ -107,13 +112,13 @@ def test_slurm_profile_maps_gpu_jobs_to_the_gpu_partition(paper_workdir):
     profile = yaml.safe_load((REPO / "config/profiles/slurm/config.yaml").read_text())
     assert profile["executor"] == "slurm"
     assert {"slurm_account", "slurm_partition", "mem_mb", "runtime"} <= set(profile["default-resources"])
-    assert set(profile["set-resources"]) == {"baseline", "evaluate", "evaluate_shard"}
+    assert set(profile["set-resources"]) == set(GPU_RULES) | {"evaluate"}
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm not installed (pip install .[slurm]): profile parsed only")
     jobs = planned_jobs(dry_run(paper_workdir, "--profile", "config/profiles/slurm"))
     gpu_partition = profile["set-resources"]["evaluate"]["slurm_partition"]
     for job in jobs:
-        if job["rule"] in ("evaluate_shard", "baseline"):
+        if job["rule"] in GPU_RULES:
             assert job["resources"]["slurm_partition"] == gpu_partition and job["resources"]["gpu"] == "1"
         elif job["rule"] in ("summary", "gather_shards"):
             assert job["resources"]["slurm_partition"] == profile["default-resources"]["slurm_partition"]

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from workflow_copy import REPO, copy_workflow, snakemake_env
 
-METHODS = ("base", "FT-L", "FT-V", "IKE")
-FT_METHODS = ("FT-L", "FT-V")
+METHODS = ("base", "FT-L", "FT-V", "IKE", "MEND")
+FIRST_MODEL_ONLY = ("FT-L", "FT-V", "MEND")
 MODELS = ("tiny-blip2", "tiny-blip2-b")
 DATASETS = ("demo-evqa", "demo-eic")
 
@@ -71,8 +71,9 @@ def workdir(tmp_path_factory) -> Path:
     config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
     first = config["models"]["tiny-blip2"]
     config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
-    # FT on the second model would only repeat the first model's jobs; base and IKE run on both
-    config["exclude"] = [{"method": method, "model": "tiny-blip2-b"} for method in FT_METHODS]
+    config["methods"] = list(METHODS)
+    # FT and MEND on the second model would only repeat the first model's jobs; base and IKE run on both
+    config["exclude"] = [{"method": method, "model": "tiny-blip2-b"} for method in FIRST_MODEL_ONLY]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     for method in ("base", "IKE"):  # model b gets model a's hparams
         source = root / f"config/hparams/{method}/tiny-blip2.yaml"
@@ -85,8 +86,8 @@ def test_full_run_writes_metrics_and_summary(workdir):
     rows = list(csv.DictReader((workdir / "results/tables/summary.csv").open()))
     combos = {(r["method"], r["model"], r["dataset"]) for r in rows}
     assert combos == {(method, m, d) for method in METHODS for m in MODELS for d in DATASETS
-                      if not (method in FT_METHODS and m == "tiny-blip2-b")}
-    assert [r["method"] for r in rows[:4]] == list(METHODS)  # config order within a model x dataset
+                      if not (method in FIRST_MODEL_ONLY and m == "tiny-blip2-b")}
+    assert [r["method"] for r in rows[:len(METHODS)]] == list(METHODS)  # config order within a model x dataset
     for row in rows:
         assert int(row["n"]) == 6
     for row in (r for r in rows if r["method"] == "base"):
@@ -124,7 +125,7 @@ def test_tables_plots_and_html_report(workdir):
     assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
     assert tex.count("Base & ") == 1
     long = list(csv.DictReader((workdir / "results/tables/summary_long.csv").open()))
-    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FT_METHODS)) * 5
+    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FIRST_MODEL_ONLY)) * 5
     for dataset in ("demo-evqa", "demo-eic"):
         assert (workdir / f"results/plots/{dataset}.png").read_bytes()[:4] == b"\x89PNG"
     run_snakemake(workdir, "--report", "report.html")
@@ -137,7 +138,7 @@ def test_one_embedding_job_per_dataset_shared_by_both_models(workdir):
     proc = run_snakemake(workdir, "--dry-run", "--forceall", "--quiet", "rules")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, flags=re.MULTILINE))
     assert counts["embed"] == str(len(DATASETS))
-    combos = len(METHODS) * len(MODELS) - len(FT_METHODS)  # per dataset
+    combos = len(METHODS) * len(MODELS) - len(FIRST_MODEL_ONLY)  # per dataset
     assert counts["evaluate"] == str(combos)  # demo-evqa
     assert counts["evaluate_shard"] == str(2 * combos)  # demo-eic, 2 shards
     made = sorted(str(p.relative_to(workdir)) for p in (workdir / "resources/embeddings").rglob("*.safetensors"))
@@ -147,6 +148,37 @@ def test_one_embedding_job_per_dataset_shared_by_both_models(workdir):
         assert len(sentences) == 3 * 6  # three per training record
         for model in MODELS:
             assert json.loads((workdir / f"results/eval/IKE/{model}/{dataset}/metrics.json").read_text())["n"] == 6
+
+
+def test_pretrain_writes_checkpoint_report_and_feeds_evaluate(workdir):
+    prefix = workdir / "resources/checkpoints/MEND/tiny-blip2/demo-evqa"
+    report = json.loads((prefix / "train.json").read_text())
+    metrics = json.loads((workdir / "results/eval/MEND/tiny-blip2/demo-evqa/metrics.json").read_text())
+    assert report["hparams_digest"] == metrics["hparams_digest"]
+    assert report["steps"] == metrics["hparams"]["max_iters"]
+    assert (report["n_train"], report["n_val"]) == (4, 2)  # 6 training records, the last 20% held out
+    assert [h["step"] for h in report["history"]] == [0, 10, 20, 30]
+    assert (prefix / "editor.safetensors").stat().st_size > 0
+    assert not (prefix / "resume").exists()  # the resume state is removed once training finished
+    assert (workdir / "logs/pretrain/MEND/tiny-blip2/demo-evqa.log").exists()
+    # MEND edits: the edited model is not the unedited one
+    records = [json.loads(line) for line in (workdir / "results/eval/MEND/tiny-blip2/demo-evqa/records.jsonl").open()]
+    assert any(r["post"]["locality_acc"] < 1.0 for r in records)
+
+
+def test_changed_method_hparams_retrain_only_that_method(workdir):
+    hparams = workdir / "config/hparams/MEND/tiny-blip2.yaml"
+    hparams.write_text(hparams.read_text() + "# touched\n")
+    before = snapshot(workdir)
+    run_snakemake(workdir)
+    assert changed(before, snapshot(workdir)) == {
+        f"{top}/MEND/tiny-blip2/{d}/{f}"
+        for d in ("demo-evqa", "demo-eic")
+        for top, files in (("resources/checkpoints", ("editor.safetensors", "train.json")),
+                           ("results/eval", ("metrics.json", "records.jsonl")))
+        for f in files
+    } | {f"results/eval/MEND/tiny-blip2/demo-eic/shards/{i}-of-2/{f}" for i in (1, 2)
+         for f in ("metrics.json", "records.jsonl")} | TABLES
 
 
 def test_second_run_does_nothing(workdir):

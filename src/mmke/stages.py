@@ -7,6 +7,7 @@ outputs atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import time
@@ -18,7 +19,7 @@ import torch
 import transformers
 
 import mmke
-from mmke.data.records import EditRecord, ImageRoots, load_records
+from mmke.data.records import EditRecord, ImageRoots, RecordImages, load_records
 from mmke.evaluate import Baseline, Protocol, Schedule, evaluate, run_baseline
 from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
@@ -45,10 +46,15 @@ def image_roots(dataset: Mapping[str, Any]) -> ImageRoots:
 
 def load_eval_split(dataset: Mapping[str, Any]) -> tuple[list[EditRecord], ImageRoots]:
     """Records and image roots of a dataset's eval split, from its config entry."""
+    return load_split(dataset, "eval")
+
+
+def load_split(dataset: Mapping[str, Any], split: str) -> tuple[list[EditRecord], ImageRoots]:
+    """Records and image roots of a dataset's ``train`` or ``eval`` split, from its config entry."""
     roots = image_roots(dataset)
-    records = load_records(dataset["kind"], dataset["eval"], roots, size=dataset.get("size"))
+    records = load_records(dataset["kind"], dataset[split], roots, size=dataset.get("size"))
     if not records:
-        raise ValueError(f"{dataset['eval']}: no record left after the skip rules")
+        raise ValueError(f"{dataset[split]}: no record left after the skip rules")
     return records, roots
 
 
@@ -66,6 +72,34 @@ def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out
     baseline = run_baseline(adapter, records, roots, Protocol(**protocol))
     baseline.save(rows_out, tensors_out)
     return baseline
+
+
+def pretrain_stage(*, method: str, model: Mapping, dataset: Mapping, protocol: Mapping, hparams_path: str | Path,
+                   checkpoint_out: str | Path, report_out: str | Path, state_dir: str | Path,
+                   device: str = "auto") -> dict:
+    """Meta-train one method's network on a dataset's train split, resumable from ``state_dir``.
+
+    The resume file is named by the hparams digest, so a rerun after an interruption continues
+    and a rerun with changed hparams starts afresh. It is deleted once the checkpoint and report
+    are written, so a finished job leaves only its declared outputs.
+    """
+    from mmke.train import split_train_val, train, write_train_report
+
+    hparams = read_hparams(hparams_path)
+    if hparams.method != method:
+        raise ValueError(f"{hparams_path}: field 'method' is {hparams.method!r}, expected {method!r}")
+    editor = make_editor(hparams)
+    state_path = Path(state_dir) / f"resume-{digest(hparams)}.pt"
+    records, roots = load_split(dataset, "train")
+    adapter = load_configured_model(model, device)
+    result = train(editor, adapter, records, RecordImages(roots), checkpoint_out, state_path,
+                   mloc_template=protocol.get("mloc_template", "trainer"))
+    n_train, n_val = (len(part) for part in split_train_val(records, hparams.val_fraction))
+    write_train_report(report_out, result, hparams, n_train, n_val)
+    state_path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other digests' resume files keep a non-empty folder
+        state_path.parent.rmdir()
+    return dataclasses.asdict(result)
 
 
 def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping, protocol: Mapping,

@@ -8,6 +8,10 @@ MODELS = config["models"]
 METHODS = config["methods"]
 DOWNLOADS = config.get("downloads", {})
 ENV = "../../envs/mmke.yaml"
+# Methods whose network is meta-trained by the pretrain stage before they can edit.
+PRETRAINED_METHODS = ("MEND", "SERAC", "KE")
+# Hparams keys naming SERAC's auxiliary model directories (inputs of its pretrain job).
+AUX_MODEL_KEYS = ("classifier", "counterfactual")
 
 
 def _alternatives(names):
@@ -31,6 +35,7 @@ wildcard_constraints:
     shard=r"\d+",
     shards=r"\d+",
     sentence_model=r"[A-Za-z0-9._-]+",
+    kind="counterfactual|classifier",
 
 
 def _excluded(method, model, dataset):
@@ -145,6 +150,8 @@ def method_resources(wildcards):
             "embeddings": f"{prefix}/embeddings.safetensors",
             "sentences": f"{prefix}/sentences.json",
         }
+    if wildcards.method in PRETRAINED_METHODS:
+        return {"checkpoint": checkpoint_file(wildcards)}
     return {}
 
 
@@ -188,6 +195,22 @@ def sentence_models():
 def train_inputs(wildcards):
     """The training split (IKE embeds its facts; only the text is read)."""
     return {"train": DATASETS[wildcards.dataset]["train"]}
+
+
+def checkpoint_file(wildcards):
+    """The trained network of a method x model, meta-trained on the dataset's own train split."""
+    return f"resources/checkpoints/{wildcards.method}/{wildcards.model}/{wildcards.dataset}/editor.safetensors"
+
+
+def pretrain_inputs(wildcards):
+    """Train split + images, the model, the hparams file and the auxiliary models it names."""
+    spec = DATASETS[wildcards.dataset]
+    inputs = {key: path for key, path in dataset_inputs(wildcards).items() if key != "eval"}
+    inputs |= {"train": spec["train"], **model_inputs(wildcards), "hparams": hparams_file(wildcards)}
+    with open(hparams_file(wildcards), encoding="utf-8") as handle:
+        hparams = yaml.safe_load(handle) or {}
+    inputs |= {key: hparams[key] for key in AUX_MODEL_KEYS if key in hparams}
+    return inputs
 
 
 def evaluate_inputs(wildcards):

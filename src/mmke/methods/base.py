@@ -21,7 +21,10 @@ from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
 
 #: Modules that register the built-in methods; importing one adds its editor to METHODS.
-BUILTIN_METHOD_MODULES = ("mmke.methods.noedit", "mmke.methods.ft", "mmke.methods.ike")
+BUILTIN_METHOD_MODULES = (
+    "mmke.methods.noedit", "mmke.methods.ft", "mmke.methods.ike",
+    "mmke.methods.mend", "mmke.methods.serac", "mmke.methods.ke",
+)
 
 METHODS: dict[str, type["Editor"]] = {}
 

@@ -1,0 +1,77 @@
+"""KE, KnowledgeEditor (De Cao et al., 2021): a hypernetwork conditioned on the edit's text.
+
+A bidirectional LSTM reads the edit (prompt + new target) through the base model's own, frozen
+token embeddings; from its summary each edited weight ``W`` [out, in] gets rank-1 gates
+``A = softmax(a_out) a_in^T`` and ``B = softmax(b_out) b_in^T`` and a scale ``s``, and the edit is
+``W - max_scale * sigmoid(s) * (grad W * A + B)``, where ``grad W`` is the gradient of the edit
+prompt's target NLL. As in MEND, the network only sees the gradient as a constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from mmke.methods.base import register_method
+from mmke.methods.meta import MetaHParams, WeightDeltaEditor, edit_loss_gradients
+from mmke.models.base import VLMAdapter
+from mmke.train import Item
+
+
+@dataclasses.dataclass(frozen=True)
+class KEHParams(MetaHParams):
+    scope: str = "llm.mlp.last3"
+    lstm_hidden: int = 128  # per direction
+    max_scale: float = 1.0  # the largest factor of the gated gradient
+
+
+class KENetwork(nn.Module):
+    def __init__(self, embed_width: int, shapes: dict[str, torch.Size], hp: KEHParams):
+        super().__init__()
+        self.names = list(shapes)
+        self.shapes = list(shapes.values())
+        self.lstm = nn.LSTM(embed_width, hp.lstm_hidden, batch_first=True, bidirectional=True)
+        self.max_scale = hp.max_scale
+        # one linear head per weight: a_out, a_in, b_out, b_in, s
+        self.heads = nn.ModuleList(nn.Linear(2 * hp.lstm_hidden, 2 * (out + inp) + 1) for out, inp in self.shapes)
+        for head in self.heads:  # start near "plain gradient step, no bias term"
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def condition(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the BiLSTM states over the real tokens of each edit text, averaged over edits."""
+        states, _ = self.lstm(embeds)
+        mask = mask.unsqueeze(-1).to(states.dtype)
+        return ((states * mask).sum(1) / mask.sum(1)).mean(0)
+
+    def delta(self, index: int, condition: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        out, inp = self.shapes[index]
+        a_out, a_in, b_out, b_in, scale = self.heads[index](condition).split([out, inp, out, inp, 1])
+        gate = a_out.softmax(-1)[:, None] * a_in[None, :]
+        bias = b_out.softmax(-1)[:, None] * b_in[None, :]
+        return self.max_scale * scale.sigmoid() * (grad * gate + bias)
+
+
+@register_method
+class KE(WeightDeltaEditor):
+    name = "KE"
+    hparams_class = KEHParams
+
+    def make_network(self, model: VLMAdapter) -> KENetwork:
+        shapes = {name: p.shape for name, p in self.edited_parameters(model).items()}
+        for name, shape in shapes.items():
+            if len(shape) != 2:
+                raise ValueError(f"{name}: KE edits weight matrices, got shape {tuple(shape)}")
+        return KENetwork(model.model.get_input_embeddings().embedding_dim, shapes, self.hparams)
+
+    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
+        network = self.network
+        grads = edit_loss_gradients(model, edit.batch, network.names)
+        texts = [prompt + target for prompt, target in zip(edit.prompts, edit.targets)]
+        tokens = model.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            embeds = model.model.get_input_embeddings()(tokens["input_ids"]).float()
+        condition = network.condition(embeds, tokens["attention_mask"])
+        return {name: network.delta(i, condition, grads[name][0]) for i, name in enumerate(network.names)}

@@ -1,0 +1,192 @@
+"""What the meta-learned editors (MEND, KE, SERAC) share: training hparams and checkpoint loading,
+plus the weight-delta mechanics of MEND and KE.
+
+A meta editor owns a ``network`` built against the loaded model (its shapes depend on the
+edited layers). At evaluation ``prepare`` reads the pretrain stage's checkpoint and the network
+is built lazily on the first ``apply``, because the evaluate stage prepares the editor before it
+loads the model. MEND and KE both turn the gradient of the edit loss into a weight change
+``delta`` per edited matrix; training evaluates the model at ``W - delta`` functionally (so the
+loss reaches the network), editing writes ``W - delta`` in place after a snapshot.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from mmke.data.records import EditRecord
+from mmke.hparams import HParams
+from mmke.methods.base import Edit, Editor
+from mmke.models.base import Batch, VLMAdapter
+from mmke.train import Item, TrainBatch, edit_item, load_checkpoint, target_nll
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaHParams(HParams):
+    """Meta-training schedule and loss weights (spec §4), common to MEND, SERAC and KE."""
+
+    lr: float = 1e-5
+    cedit: float = 0.1
+    iedit: float = 0.1
+    cloc: float = 1.0
+    grad_clip: float = 100.0
+    accumulate_bs: int = 2
+    batch_size: int = 1
+    max_iters: int = 30000
+    val_interval: int = 5000
+    early_stop_patience: int = 20000
+    val_fraction: float = 0.1  # tail of the training split held out for validation
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for name in ("accumulate_bs", "batch_size", "max_iters", "val_interval", "early_stop_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"hparams field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"hparams field 'val_fraction' must be in (0, 1), got {self.val_fraction}")
+
+
+class MetaEditor(Editor, abc.ABC):
+    """An editor with a trained network: built against a model, loaded from a checkpoint."""
+
+    hparams_class = MetaHParams
+
+    def __init__(self, hparams: MetaHParams):
+        super().__init__(hparams)
+        self.network: torch.nn.Module | None = None
+        self._checkpoint: tuple[Path, dict[str, torch.Tensor]] | None = None
+
+    def prepare(self, resources: Mapping[str, Path]) -> None:
+        """Read the pretrain stage's ``checkpoint`` (refused if trained with other hparams)."""
+        if "checkpoint" not in resources:
+            raise ValueError(f"{self.name} needs a trained checkpoint (resource 'checkpoint'); "
+                             f"got resources {sorted(resources)}")
+        path = Path(resources["checkpoint"])
+        self._checkpoint = (path, load_checkpoint(path, self.hparams))
+        self.network = None
+
+    def build(self, model: VLMAdapter) -> torch.nn.Module:
+        """A fresh (untrained) network for ``model``, on its device; also what training starts from."""
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.hparams.seed)
+            self.network = self.make_network(model).to(model.device)
+        return self.network
+
+    def ready(self, model: VLMAdapter) -> torch.nn.Module:
+        """The trained network for ``model``: built on first use and filled from the checkpoint."""
+        if self.network is None:
+            if self._checkpoint is None:
+                raise RuntimeError(f"{self.name}: call prepare() with a checkpoint (or train) before editing")
+            path, tensors = self._checkpoint
+            network = self.build(model)
+            try:
+                network.load_state_dict(tensors)
+            except RuntimeError as err:
+                raise ValueError(f"{path}: checkpoint does not fit this model's edited layers: {err}") from err
+            network.eval()
+        return self.network
+
+    @abc.abstractmethod
+    def make_network(self, model: VLMAdapter) -> torch.nn.Module:
+        """The method's trainable modules for ``model`` (shapes follow its edited parameters)."""
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.network.parameters() if p.requires_grad], "lr": self.hparams.lr}]
+
+    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> torch.Tensor | None:
+        return None
+
+    @abc.abstractmethod
+    def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
+        """Context in which ``model.logits`` is the edited model's, differentiable in the network."""
+
+
+class WeightDeltaEditor(MetaEditor, abc.ABC):
+    """MEND and KE: the network maps the edit loss's gradient to a change of the edited weights."""
+
+    def edited_parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
+        return model.editable(self.hparams.scope)
+
+    @abc.abstractmethod
+    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
+        """Weight change per edited parameter name; the edited weight is ``W - delta``."""
+
+    def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
+        deltas = self.deltas(model, batch.edit)
+        params = self.edited_parameters(model)
+        return swapped_parameters(model.model, {name: params[name].detach() - d for name, d in deltas.items()})
+
+    def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
+        """Snapshot the edited weights, then write ``W - delta`` in place (one step, no training)."""
+        self.ready(model)
+        edit = edit_item(model, records, [self.images(r)["image"] for r in records])
+        with torch.no_grad():
+            deltas = self.deltas(model, edit)
+        snapshot = model.snapshot(deltas)
+        params = self.edited_parameters(model)
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                params[name].sub_(delta.to(params[name].dtype))
+        return Edit(model, snapshot)
+
+
+@contextlib.contextmanager
+def swapped_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Let ``module`` compute with plain tensors in place of the named parameters, then put them back.
+
+    The tensors may carry a graph (``W - delta(network)``), so losses of the edited model
+    backpropagate into the network. They shadow the parameters as instance attributes, which
+    Python finds before ``Module.__getattr__`` looks in ``_parameters``; the Parameter objects
+    and their registration order stay untouched.
+    """
+    owners = []
+    try:
+        for name, value in values.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            owner.__dict__[leaf] = value
+            owners.append((owner, leaf))
+        yield
+    finally:
+        for owner, leaf in owners:
+            del owner.__dict__[leaf]
+
+
+def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
+                        capture_linear_io: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Gradients of the edit item's target NLL for the named weights, as constants.
+
+    With ``capture_linear_io`` each entry is the pair MEND decomposes the gradient into: the
+    layer inputs ``x`` [N, in] and the gradients of its outputs ``delta`` [N, out] at the real
+    (unpadded) positions, so that ``grad W = delta^T x``. Otherwise it is ``(grad W,)``.
+    """
+    params = dict(model.model.named_parameters())
+    with torch.enable_grad(), contextlib.ExitStack() as stack:
+        for name in names:
+            stack.callback(params[name].requires_grad_, params[name].requires_grad)
+            params[name].requires_grad_(True)
+        if not capture_linear_io:
+            loss = target_nll(model.logits(batch), batch.labels)
+            grads = torch.autograd.grad(loss, [params[name] for name in names])
+            return {name: (grad,) for name, grad in zip(names, grads)}
+        inputs, outputs = {}, {}
+        for name in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.model.get_submodule(owner_name)
+            if not isinstance(owner, torch.nn.Linear) or leaf != "weight":
+                raise ValueError(f"{name}: MEND edits Linear weights only, got {type(owner).__name__}.{leaf}")
+
+            def hook(module, args, output, name=name):
+                inputs[name], outputs[name] = args[0].detach(), output
+
+            stack.enter_context(owner.register_forward_hook(hook))
+        loss = target_nll(model.logits(batch), batch.labels)
+        grads = torch.autograd.grad(loss, [outputs[name] for name in names])
+    mask = batch.attention_mask.reshape(-1).bool()
+    return {name: (inputs[name].reshape(-1, inputs[name].shape[-1])[mask],
+                   grad.reshape(-1, grad.shape[-1])[mask]) for name, grad in zip(names, grads)}

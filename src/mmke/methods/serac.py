@@ -1,0 +1,195 @@
+"""SERAC (Mitchell et al., 2022): a scope classifier and a counterfactual model beside the frozen model.
+
+Edits are kept in a memory, never written into weights. For each query the scope classifier (a
+text encoder, distilbert-base-cased in MMEdit) scores it against every stored edit prompt:
+``scale * cos(embed(query prompt), embed(edit prompt)) + bias``. If the best score is positive
+the query is in scope and its text positions get the logits of the counterfactual model (OPT-125m
+for BLIP-2) reading ``edit prompt + target </s> query``; otherwise the base model answers, so
+out-of-scope outputs are exactly the unedited ones. Image positions always keep the base model's
+logits: the counterfactual model is text-only and must share the base model's vocabulary.
+
+Training uses the soft version of the routing (a mixture of the two distributions weighted by
+``sigmoid(score)``) inside the shared meta-loss, plus the classifier's own binary cross-entropy:
+rephrased prompts are in scope of their edit, the locality questions are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from mmke.data.records import EditRecord, multimodal_locality_prompt
+from mmke.methods.base import Edit, register_method
+from mmke.methods.meta import MetaEditor, MetaHParams
+from mmke.models.base import Batch, VLMAdapter
+from mmke.train import Item, TrainBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class SERACHParams(MetaHParams):
+    classifier: str = "distilbert-base-cased"  # directory of the scope classifier's text encoder
+    counterfactual: str = "facebook/opt-125m"  # directory of the counterfactual causal LM
+    edit_lr: float = 1e-2  # learning rate of the classifier's similarity scale and bias
+    max_length: int = 128  # classifier input tokens
+
+
+class SERACNetwork(nn.Module):
+    def __init__(self, classifier: nn.Module, classifier_tokenizer, counterfactual: nn.Module, max_length: int):
+        super().__init__()
+        self.classifier = classifier
+        self.counterfactual = counterfactual
+        self.classifier_tokenizer = classifier_tokenizer
+        self.max_length = max_length
+        # cosine similarities of a fresh encoder are all close to 1; a wide scale lets training
+        # separate them, the bias puts the initial threshold just below identical texts
+        self.scale = nn.Parameter(torch.tensor(20.0))
+        self.bias = nn.Parameter(torch.tensor(-19.0))
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised mean of the encoder's last hidden states over the real tokens."""
+        device = self.scale.device
+        tokens = self.classifier_tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                           add_special_tokens=True, return_tensors="pt")
+        mask = tokens["attention_mask"].to(device)
+        states = self.classifier(input_ids=tokens["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        mean = (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return F.normalize(mean, dim=-1)
+
+    def scope_logits(self, queries: Sequence[str], edits: Sequence[str]) -> torch.Tensor:
+        """[Q, E] scores; positive = the query is in the scope of that edit."""
+        return self.scale * (self.embed(queries) @ self.embed(edits).T) + self.bias
+
+
+class Router:
+    """While live, ``model.logits`` routes each registered batch between base and counterfactual."""
+
+    def __init__(self, network: SERACNetwork, model: VLMAdapter, edits: Sequence[tuple[str, str]], soft: bool):
+        self.network, self.model, self.edits, self.soft = network, model, list(edits), soft
+        self.base_logits = model.logits
+        self.texts: dict[int, tuple[Batch, list[str], list[str]]] = {}
+        vocab = network.counterfactual.get_output_embeddings().out_features
+        base_vocab = model.model.get_output_embeddings().out_features
+        if vocab != base_vocab:
+            raise ValueError(f"SERAC's counterfactual model has {vocab} output tokens, the edited model "
+                             f"{base_vocab}: they must share one vocabulary")
+
+    def register(self, item: Item) -> None:
+        # keeping the batch alive keeps its id unique while the router lives
+        self.texts[id(item.batch)] = (item.batch, item.prompts, item.targets)
+
+    def teacher_forced(self, original, prompts, targets, images) -> Batch:
+        batch = original(prompts, targets, images)
+        self.register(Item(batch, list(prompts), list(targets)))
+        return batch
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        if id(batch) not in self.texts:
+            raise KeyError("SERAC can only score batches made by the model's teacher_forced while the edit is live")
+        _, prompts, targets = self.texts[id(batch)]
+        base = self.base_logits(batch)
+        scores = self.network.scope_logits(prompts, [prompt for prompt, _ in self.edits])
+        best_score, best = scores.max(dim=1)
+        rows = []
+        for row, (prompt, target) in enumerate(zip(prompts, targets)):
+            if not self.soft and best_score[row] <= 0:
+                rows.append(base[row])
+                continue
+            cf = self.counterfactual_logits(self.edits[best[row]], prompt + target)
+            real = int(batch.attention_mask[row].sum())
+            start = real - cf.shape[0]
+            text = base[row, start:real]
+            if self.soft:
+                weight = best_score[row]
+                text = torch.logaddexp(F.logsigmoid(weight) + cf.log_softmax(-1),
+                                       F.logsigmoid(-weight) + text.log_softmax(-1))
+            else:
+                text = cf
+            rows.append(torch.cat([base[row, :start], text, base[row, real:]]))
+        return torch.stack(rows)
+
+    def counterfactual_logits(self, edit: tuple[str, str], query: str) -> torch.Tensor:
+        """Logits of the counterfactual model at the query's tokens, conditioned on the edit."""
+        tokenizer = self.model.tokenizer
+        context = tokenizer(edit[0] + edit[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context + query_ids], device=self.model.device)
+        out = self.network.counterfactual(input_ids=ids, use_cache=False).logits[0]
+        return out[len(context):].float()
+
+
+@contextlib.contextmanager
+def routing(model: VLMAdapter, router: Router) -> Iterator[Router]:
+    """Install the router on this adapter instance (not its class); remove it on exit."""
+    original = model.teacher_forced
+    model.logits = router.logits
+    model.teacher_forced = lambda prompts, targets, images: router.teacher_forced(original, prompts, targets, images)
+    try:
+        yield router
+    finally:
+        del model.logits
+        del model.teacher_forced
+
+
+class SERACEdit(Edit):
+    def __init__(self, stack: contextlib.ExitStack):
+        super().__init__()
+        self._stack = stack
+
+    def revert(self) -> None:
+        self._stack.close()
+
+
+@register_method
+class SERAC(MetaEditor):
+    name = "SERAC"
+    hparams_class = SERACHParams
+
+    def make_network(self, model: VLMAdapter) -> SERACNetwork:
+        hp = self.hparams
+        try:
+            classifier = AutoModel.from_pretrained(hp.classifier, local_files_only=True)
+            classifier_tokenizer = AutoTokenizer.from_pretrained(hp.classifier, local_files_only=True)
+            counterfactual = AutoModelForCausalLM.from_pretrained(hp.counterfactual, local_files_only=True)
+        except OSError as err:
+            raise ValueError(f"SERAC hparams: cannot load classifier {hp.classifier!r} or counterfactual "
+                             f"{hp.counterfactual!r}: {err}") from err
+        return SERACNetwork(classifier, classifier_tokenizer, counterfactual, hp.max_length)
+
+    def param_groups(self) -> list[dict]:
+        network = self.network
+        routing_params = [network.scale, network.bias]
+        models = [p for n, p in network.named_parameters() if n not in ("scale", "bias")]
+        return [{"params": models, "lr": self.hparams.lr}, {"params": routing_params, "lr": self.hparams.edit_lr}]
+
+    def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
+        if len(batch.records) != 1:
+            raise ValueError("SERAC trains on one edit per batch (batch_size: 1)")
+        router = Router(self.network, model, [(batch.edit.prompts[0], batch.edit.targets[0])], soft=True)
+        for item in (batch.edit, batch.rephrase, batch.image_rephrase, batch.loc, batch.m_loc):
+            router.register(item)
+        return routing(model, router)
+
+    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> torch.Tensor:
+        """Binary cross-entropy of the scope classifier: rephrases in scope, locality questions not."""
+        record = batch.records[0]
+        queries = [record.rephrase, record.loc, multimodal_locality_prompt(record)]
+        logits = self.network.scope_logits(queries, [record.prompt])[:, 0]
+        labels = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def in_scope(self, queries: Sequence[str], edits: Sequence[str]) -> list[bool]:
+        """Whether each query would be routed to the counterfactual model (for tests and analysis)."""
+        with torch.no_grad():
+            return (self.network.scope_logits(queries, edits).max(dim=1).values > 0).tolist()
+
+    def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
+        network = self.ready(model)
+        stack = contextlib.ExitStack()
+        stack.enter_context(routing(model, Router(network, model, [(r.prompt, r.target) for r in records], soft=False)))
+        return SERACEdit(stack)

@@ -1,0 +1,355 @@
+"""Meta-training of MEND, SERAC and KE on the tiny BLIP-2 and a tiny demo dataset.
+
+Each editor is trained once per module (tens of steps); the tests then check what training must
+achieve (lower validation edit loss, a classifier that separates in- from out-of-scope inputs),
+that a checkpoint reproduces the same edited logits in a fresh process, and that a killed run
+resumes to exactly the network of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmke import train
+from mmke.data.demo import write_demo_dataset
+from mmke.data.records import ImageRoots, RecordImages, load_records
+from mmke.hparams import build_hparams, read_hparams
+from mmke.methods.base import get_method, make_editor
+from mmke.models.base import load_model
+from mmke.models.tiny import build_tiny_blip2
+from mmke.models.tiny_aux import build_tiny_aux
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta")
+    build_tiny_blip2(root / "model")
+    build_tiny_aux("classifier", root / "classifier")
+    build_tiny_aux("counterfactual", root / "counterfactual")
+    write_demo_dataset(root / "data", "evqa", n_train=12, n_eval=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(world):
+    return load_model("blip2", world / "model")
+
+
+@pytest.fixture(scope="module")
+def roots(world):
+    return ImageRoots(world / "data/images")
+
+
+@pytest.fixture(scope="module")
+def train_records(world, roots):
+    return load_records("evqa", world / "data/train.json", roots)
+
+
+@pytest.fixture(scope="module")
+def eval_records(world, roots):
+    return load_records("evqa", world / "data/eval.json", roots)
+
+
+def hparams_file(world: Path, method: str, **overrides) -> Path:
+    """The demo hparams of ``method`` with the auxiliary models of this test world."""
+    values = {**read_hparams(REPO / f"config/hparams/{method}/tiny-blip2.yaml").__dict__, **overrides}
+    if method == "SERAC":
+        values |= {"classifier": str(world / "classifier"), "counterfactual": str(world / "counterfactual")}
+    path = world / f"{method}-{abs(hash(json.dumps(overrides, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(world, model, train_records, roots):
+    """Each method trained once for 20 steps: its editor, hparams file, checkpoint and result."""
+    out = {}
+    for method in ("MEND", "SERAC", "KE"):
+        path = hparams_file(world, method, max_iters=20, val_interval=10)
+        editor = make_editor(read_hparams(path))
+        checkpoint = world / f"{method}.safetensors"
+        result = train.train(editor, model, train_records, RecordImages(roots), checkpoint,
+                             world / f"{method}.state.pt", log=lambda _: None)
+        out[method] = {"editor": editor, "hparams": path, "checkpoint": checkpoint, "result": result}
+    return out
+
+
+@pytest.mark.parametrize("method", ["MEND", "SERAC", "KE"])
+def test_validation_edit_loss_drops(trained, method):
+    history = trained[method]["result"].history
+    assert [h["step"] for h in history] == [0, 10, 20]
+    assert history[-1]["val"]["edit"] < history[0]["val"]["edit"]
+    assert history[-1]["val"]["total"] < history[0]["val"]["total"]
+    assert trained[method]["result"].stopped == "max_iters"
+
+
+def test_base_model_is_untouched_by_training(trained, world, model):
+    fresh = load_model("blip2", world / "model")
+    for (name, a), (_, b) in zip(model.model.named_parameters(), fresh.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_serac_classifier_routes_held_out_inputs_as_trained(trained, eval_records):
+    serac = trained["SERAC"]["editor"]
+    for record in eval_records:
+        # in scope: the edit prompt itself and its rephrase; out of scope: both locality questions
+        routed = serac.in_scope([record.prompt, record.rephrase, record.loc, f"Question: {record.m_loc_q} Short answer:"],
+                                [record.prompt])
+        assert routed == [True, True, False, False], record
+
+
+def test_untrained_serac_classifier_does_not_separate(world, model, eval_records):
+    """The routing above is learned: a fresh classifier treats a rephrase like a locality question."""
+    serac = make_editor(read_hparams(hparams_file(world, "SERAC")))
+    serac.build(model)
+    record = eval_records[0]
+    routed = serac.in_scope([record.rephrase, record.loc], [record.prompt])
+    assert routed[0] == routed[1]
+
+
+def edited_logits(editor, world: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a rephrase and a locality item on a freshly loaded model, with ``editor``'s edit of
+    the first eval record live, and after its revert."""
+    model = load_model("blip2", world / "model")
+    roots = ImageRoots(world / "data/images")
+    record = load_records("evqa", world / "data/eval.json", roots)[0]
+    editor.bind_images(roots)
+    images = editor.images(record)
+
+    def logits() -> torch.Tensor:
+        batch = model.teacher_forced([record.rephrase, record.loc], [record.target, record.loc_ans],
+                                     [images["image"], images["m_loc"]])
+        with torch.no_grad():
+            return model.logits(batch)
+
+    edit = editor.apply(model, [record])
+    edited = logits()
+    edit.revert()
+    return edited, logits()
+
+
+EDITED_LOGITS_FROM_CHECKPOINT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from mmke.hparams import read_hparams
+    from mmke.methods.base import make_editor
+    from test_train import edited_logits
+    world, hparams, checkpoint, out = sys.argv[1:]
+    editor = make_editor(read_hparams(hparams))
+    editor.prepare({"checkpoint": checkpoint})
+    torch.save(edited_logits(editor, Path(world))[0], out)
+""")
+
+
+@pytest.mark.parametrize("method", ["MEND", "SERAC", "KE"])
+def test_checkpoint_reproduces_edited_logits_in_a_fresh_process(trained, world, tmp_path, method):
+    out = tmp_path / "logits.pt"
+    entry = trained[method]
+    env = subprocess_env()
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", EDITED_LOGITS_FROM_CHECKPOINT, str(world), str(entry["hparams"]),
+                    str(entry["checkpoint"]), str(out)], check=True, env=env, timeout=300)
+    theirs = torch.load(out, weights_only=True)
+    # the network trained in this process gives the same edited logits, and the edit shows in them
+    entry["editor"].network.eval()
+    ours, unedited = edited_logits(entry["editor"], world)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(unedited, theirs, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["MEND", "SERAC", "KE"])
+def test_edit_changes_outputs_and_revert_restores_them(trained, world, eval_records, method):
+    model = load_model("blip2", world / "model")
+    editor = make_editor(read_hparams(trained[method]["hparams"]))
+    editor.prepare({"checkpoint": trained[method]["checkpoint"]})
+    editor.bind_images(ImageRoots(world / "data/images"))
+    record = eval_records[0]
+    image = editor.images(record)["image"]
+    batch = model.teacher_forced([record.prompt], [record.target], [image])
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    with torch.no_grad():
+        pre = model.logits(batch)
+    edit = editor.apply(model, [record])
+    with torch.no_grad():
+        post = model.logits(model.teacher_forced([record.prompt], [record.target], [image]))
+    assert not torch.allclose(pre, post)
+    edit.revert()
+    with torch.no_grad():
+        assert torch.equal(model.logits(model.teacher_forced([record.prompt], [record.target], [image])), pre)
+    for name, value in model.model.named_parameters():
+        assert torch.equal(value, before[name]), name
+
+
+def test_checkpoint_of_other_hparams_is_refused(trained, world):
+    other = hparams_file(world, "MEND", max_iters=21, val_interval=10)
+    editor = make_editor(read_hparams(other))
+    with pytest.raises(ValueError, match=r"MEND\.safetensors: checkpoint was trained with hparams digest"):
+        editor.prepare({"checkpoint": trained["MEND"]["checkpoint"]})
+
+
+def test_editing_without_checkpoint_is_an_error(world, model, eval_records):
+    editor = make_editor(read_hparams(hparams_file(world, "MEND")))
+    with pytest.raises(ValueError, match="needs a trained checkpoint"):
+        editor.prepare({})
+    editor.bind_images(ImageRoots(world / "data/images"))
+    with pytest.raises(RuntimeError, match="call prepare"):
+        editor.apply(model, eval_records[:1])
+
+
+def test_unknown_scope_names_the_valid_ones(world, model):
+    editor = make_editor(read_hparams(hparams_file(world, "MEND", scope="llm.mlp.last3")))
+    with pytest.raises(KeyError, match="unknown scope 'llm.mlp.last3'.*llm.mlp.last2"):
+        editor.build(model)
+
+
+def test_bad_schedule_is_rejected():
+    with pytest.raises(ValueError, match="'val_interval' must be >= 1"):
+        build_hparams(get_method("MEND").hparams_class, {"method": "MEND", "val_interval": 0})
+
+
+def test_split_holds_out_the_tail(train_records):
+    train_part, val_part = train.split_train_val(train_records, 0.2)
+    assert val_part == train_records[-3:] and train_part == train_records[:-3]
+    with pytest.raises(ValueError, match="at least 2 training records"):
+        train.split_train_val(train_records[:1], 0.2)
+
+
+RUN_TRAINING = textwrap.dedent("""
+    import sys
+    from mmke import train
+    from mmke.data.records import ImageRoots, RecordImages, load_records
+    from mmke.hparams import read_hparams
+    from mmke.methods.base import make_editor
+    from mmke.models.base import load_model
+    world, hparams, checkpoint, state = sys.argv[1:]
+    model = load_model("blip2", f"{world}/model")
+    roots = ImageRoots(f"{world}/data/images")
+    records = load_records("evqa", f"{world}/data/train.json", roots)
+    train.train(make_editor(read_hparams(hparams)), model, records, RecordImages(roots), checkpoint, state)
+""")
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(world, model, train_records, roots, tmp_path):
+    hparams = hparams_file(world, "MEND", max_iters=40, val_interval=5)
+    state, checkpoint = tmp_path / "state.pt", tmp_path / "killed.safetensors"
+    env = subprocess_env()
+    proc = subprocess.Popen([sys.executable, "-c", RUN_TRAINING, str(world), str(hparams), str(checkpoint), str(state)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # killed mid-way, not finished
+    assert not checkpoint.exists()
+    killed_at = torch.load(state, weights_only=True)["progress"]["step"]
+    assert 5 <= killed_at < 40
+
+    messages = []
+    resumed = train.train(make_editor(read_hparams(hparams)), model, train_records, RecordImages(roots),
+                          checkpoint, state, log=messages.append)
+    assert messages[0] == f"resumed from {state} at step {killed_at}"
+    straight = train.train(make_editor(read_hparams(hparams)), model, train_records, RecordImages(roots),
+                           tmp_path / "straight.safetensors", tmp_path / "straight.pt", log=lambda _: None)
+    assert resumed.step == straight.step == 40
+    assert [h["val"] for h in resumed.history] == [h["val"] for h in straight.history]
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(checkpoint), load_file(tmp_path / "straight.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_resume_state_of_other_hparams_is_refused(world, model, train_records, roots, tmp_path):
+    state = tmp_path / "state.pt"
+    first = hparams_file(world, "MEND", max_iters=2, val_interval=1)
+    train.train(make_editor(read_hparams(first)), model, train_records, RecordImages(roots),
+                tmp_path / "a.safetensors", state, log=lambda _: None)
+    second = hparams_file(world, "MEND", max_iters=3, val_interval=1)
+    with pytest.raises(ValueError, match="resume state belongs to hparams digest"):
+        train.train(make_editor(read_hparams(second)), model, train_records, RecordImages(roots),
+                    tmp_path / "b.safetensors", state, log=lambda _: None)
+
+
+def test_early_stopping_keeps_the_best_network(world, model, train_records, roots, tmp_path):
+    """With a learning rate that diverges, validation stops improving and training stops early."""
+    hparams = hparams_file(world, "KE", max_iters=30, val_interval=2, early_stop_patience=4, lr=5.0)
+    result = train.train(make_editor(read_hparams(hparams)), model, train_records, RecordImages(roots),
+                         tmp_path / "ke.safetensors", tmp_path / "ke.pt", log=lambda _: None)
+    best = min(h["val"]["total"] for h in result.history)
+    assert result.best_val == best
+    assert result.stopped == "early_stop" and result.step == result.best_step + 4 < 30
+
+
+def test_serac_leaves_out_of_scope_outputs_exactly_unedited(trained, world, model, eval_records):
+    serac = trained["SERAC"]["editor"]
+    serac.network.eval()
+    serac.bind_images(ImageRoots(world / "data/images"))
+    record = eval_records[0]
+    m_loc_image = serac.images(record)["m_loc"]
+
+    def locality_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model.logits(model.teacher_forced([f"Question: {record.m_loc_q} Short answer:"], [record.m_loc_a],
+                                                     [m_loc_image]))
+
+    pre = locality_logits()
+    edit = serac.apply(model, [record])
+    try:
+        assert torch.equal(locality_logits(), pre)
+    finally:
+        edit.revert()
+    assert "logits" not in vars(model) and "teacher_forced" not in vars(model)  # the router is gone
+
+
+def test_serac_refuses_a_counterfactual_model_with_another_vocabulary(world, model, tmp_path, eval_records):
+    build_tiny_aux("counterfactual", tmp_path / "cf512", vocab_size=512)
+    editor = make_editor(read_hparams(hparams_file(world, "SERAC")))
+    editor = make_editor(dataclasses.replace(editor.hparams, counterfactual=str(tmp_path / "cf512")))
+    editor.build(model)
+    editor.bind_images(ImageRoots(world / "data/images"))
+    with pytest.raises(ValueError, match="counterfactual model has 512 output tokens, the edited model 1024"):
+        editor.apply(model, eval_records[:1])
+
+
+@pytest.mark.parametrize("model_name", ["blip2-opt-2.7b", "minigpt4-vicuna-7b"])
+def test_paper_hparams_carry_the_spec_values(model_name):
+    mend = read_hparams(REPO / f"config/hparams/MEND/{model_name}.yaml")
+    assert (mend.lr, mend.edit_lr, mend.lr_lr, mend.cedit, mend.iedit, mend.cloc) == (1e-6, 1e-4, 1e-4, 0.1, 0.1, 1.0)
+    assert (mend.rank, mend.n_hidden, mend.init, mend.norm, mend.combine, mend.mlp_class, mend.shared) == (
+        1920, 1, "id", True, True, "IDMLP", True)
+    assert (mend.grad_clip, mend.accumulate_bs, mend.max_iters, mend.val_interval, mend.early_stop_patience,
+            mend.seed) == (100.0, 2, 30000, 5000, 20000, 42)
+    assert mend.scope == "llm.mlp.last3"
+    serac = read_hparams(REPO / f"config/hparams/SERAC/{model_name}.yaml")
+    assert (serac.lr, serac.edit_lr, serac.cedit, serac.iedit, serac.cloc) == (1e-5, 1e-2, 0.1, 0.1, 1.0)
+    assert (serac.max_iters, serac.val_interval, serac.early_stop_patience, serac.seed) == (50000, 2000, 10000, 0)
+    assert read_hparams(REPO / f"config/hparams/KE/{model_name}.yaml").scope == "llm.mlp.last3"
