@@ -280,7 +280,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(world, model, train
     straight = train.train(make_editor(read_hparams(hparams)), model, train_records, RecordImages(roots),
                            tmp_path / "straight.safetensors", tmp_path / "straight.pt", log=lambda _: None)
     assert resumed.step == straight.step == 40
-    assert [h["val"] for h in resumed.history] == [h["val"] for h in straight.history]
+    assert [(h["val"], h["val_acc"]) for h in resumed.history] == [(h["val"], h["val_acc"]) for h in straight.history]
     from safetensors.torch import load_file
 
     ours, theirs = load_file(checkpoint), load_file(tmp_path / "straight.safetensors")
