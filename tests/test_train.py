@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,12 +23,12 @@ import pytest
 import torch
 import yaml
 
-from mmke import train
+from mmke import metrics, train
 from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, RecordImages, load_records
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
-from mmke.models.base import load_model
+from mmke.models.base import Batch, load_model
 from mmke.models.tiny import build_tiny_blip2
 from mmke.models.tiny_aux import build_tiny_aux
 
@@ -279,7 +280,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(world, model, train
     straight = train.train(make_editor(read_hparams(hparams)), model, train_records, RecordImages(roots),
                            tmp_path / "straight.safetensors", tmp_path / "straight.pt", log=lambda _: None)
     assert resumed.step == straight.step == 40
-    assert [h["val"] for h in resumed.history] == [h["val"] for h in straight.history]
+    assert [(h["val"], h["val_acc"]) for h in resumed.history] == [(h["val"], h["val_acc"]) for h in straight.history]
     from safetensors.torch import load_file
 
     ours, theirs = load_file(checkpoint), load_file(tmp_path / "straight.safetensors")
@@ -353,3 +354,122 @@ def test_paper_hparams_carry_the_spec_values(model_name):
     assert (serac.lr, serac.edit_lr, serac.cedit, serac.iedit, serac.cloc) == (1e-5, 1e-2, 0.1, 0.1, 1.0)
     assert (serac.max_iters, serac.val_interval, serac.early_stop_patience, serac.seed) == (50000, 2000, 10000, 0)
     assert read_hparams(REPO / f"config/hparams/KE/{model_name}.yaml").scope == "llm.mlp.last3"
+    # EasyEdit's file says True, but its multimodal trainer never passes the flag to the loss
+    assert serac.unlikelihood is False
+
+
+def test_unlikelihood_of_a_hand_built_case():
+    """-log(1 - p) of each target token, averaged: p = 0.5 and p = 0.9 give (0.693 + 2.303) / 2."""
+    probs = torch.tensor([[[0.5, 0.25, 0.125, 0.125], [0.05, 0.9, 0.025, 0.025], [0.25] * 4]])
+    labels = torch.tensor([[-100, 0, 1]])  # logits[:, t] predicts labels[:, t + 1]
+    value = train.target_unlikelihood(probs.log(), labels)
+    assert value.item() == pytest.approx((-math.log(0.5) - math.log(0.1)) / 2, rel=1e-5)
+    certain = torch.tensor([[[0.0, -1e4], [0.0, 0.0]]])  # p(label 0) = 1: finite thanks to eps
+    assert math.isfinite(train.target_unlikelihood(certain, torch.tensor([[-100, 0]])).item())
+
+
+def test_serac_unlikelihood_scores_the_old_answer_on_both_generality_items(world, model, train_records, roots):
+    """cedit * UL(rephrase + edit image -> pred) + iedit * UL(prompt + rephrased image -> pred)."""
+    serac = make_editor(read_hparams(hparams_file(world, "SERAC", cedit=0.3, iedit=0.7)))
+    serac.build(model)
+    serac.network.eval()
+    record, images = train_records[0], RecordImages(roots)(train_records[0])
+    batch = train.make_batch(model, [record], RecordImages(roots))
+    with torch.no_grad(), serac.training_edit(model, batch):
+        term = serac.auxiliary_loss(model, batch)["unlikelihood"]
+
+        def alone(prompt: str, image) -> float:
+            item = model.teacher_forced([prompt], [" " + record.pred], [image])
+            return train.target_unlikelihood(model.logits(item), item.labels).item()
+
+        expected = 0.3 * alone(record.rephrase, images["image"]) + 0.7 * alone(record.prompt, images["image_rephrase"])
+    assert term.item() == pytest.approx(expected, rel=1e-4)
+    assert term.item() > 0
+
+
+def test_serac_unlikelihood_flag_changes_training(trained, world, model, train_records, roots, tmp_path):
+    with_term = trained["SERAC"]
+    hp = read_hparams(with_term["hparams"])
+    assert hp.unlikelihood  # the demo file turns it on
+    path = hparams_file(world, "SERAC", max_iters=20, val_interval=10, unlikelihood=False)
+    without = train.train(make_editor(read_hparams(path)), model, train_records, RecordImages(roots),
+                          tmp_path / "serac.safetensors", tmp_path / "serac.pt", log=lambda _: None)
+    first = with_term["result"].history[0]["val"]
+    assert "unlikelihood" not in without.history[0]["val"] and first["unlikelihood"] > 0
+    assert first["total"] == pytest.approx(hp.cedit * first["edit"] + hp.iedit * first["image_edit"]
+                                           + hp.cloc * (first["loc"] + first["m_loc"]) + first["scope"]
+                                           + first["unlikelihood"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(with_term["checkpoint"]), load_file(tmp_path / "serac.safetensors")
+    assert any(not torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def hand_item(labels: list[list[int]], mask: list[list[int]]) -> train.Item:
+    labels_t, mask_t = torch.tensor(labels), torch.tensor(mask)
+    return train.Item(Batch(input_ids=torch.zeros_like(labels_t), attention_mask=mask_t, labels=labels_t,
+                            pixel_values=None), [], [])
+
+
+def test_training_accuracies_of_a_constructed_case():
+    """Two records, vocabulary 12; every expected value is worked out by hand."""
+    vocab = 12
+
+    def peaks(rows: list[list[int]]) -> torch.Tensor:  # logits whose argmax is the given id per position
+        return torch.nn.functional.one_hot(torch.tensor(rows), vocab).float() * 5
+
+    target = hand_item([[-100, 2, 3], [-100, 2, 3]], [[1, 1, 1], [1, 1, 1]])
+    loc = hand_item([[-100, 1, 1], [-100, 1, -100]], [[1, 1, 1], [1, 1, 0]])
+    m_loc = hand_item([[-100, 1, 1], [-100, 1, 1]], [[1, 1, 1], [1, 1, 1]])
+    batch = train.TrainBatch(records=[None, None], edit=target, rephrase=target, image_rephrase=target,
+                             loc=loc, m_loc=m_loc, images=[{}, {}])
+    ranked = torch.arange(vocab, dtype=torch.float).repeat(2, 3, 1)  # top-10 = ids 11..2 at every position
+    swapped = ranked.clone()
+    swapped[1, 0, [11, 10]] = swapped[1, 0, [10, 11]]  # record 1, position 0: ranks 1 and 2 trade places
+    out = train.EditedOutputs(
+        pre={"loc": peaks([[4, 5, 6], [4, 5, 6]]), "m_loc": ranked},
+        post={"edit": peaks([[2, 3, 0], [2, 4, 0]]),  # record 0 right, record 1 half right
+              "rephrase": peaks([[2, 3, 0], [2, 3, 0]]),  # both right
+              "image_rephrase": peaks([[0, 3, 0], [0, 0, 0]]),  # half right, all wrong
+              "loc": peaks([[4, 5, 0], [4, 0, 9]]),  # 2 of 3 agree; 1 of 2 real positions agree
+              "m_loc": swapped},
+        aux={})
+    exact = train.training_accuracies(batch, out, exact_match=True)
+    assert exact == [
+        {"inner": 1.0, "edit": 1.0, "image_rephrase": 0.0, "loc": pytest.approx(2 / 3), "image_loc": 1.0},
+        {"inner": 0.0, "edit": 1.0, "image_rephrase": 0.0, "loc": 0.5, "image_loc": pytest.approx(28 / 30)},
+    ]
+    tokens = train.training_accuracies(batch, out, exact_match=False)
+    assert [row["inner"] for row in tokens] == [1.0, 0.5] and [row["image_rephrase"] for row in tokens] == [0.5, 0.0]
+
+
+def test_recorded_validation_accuracies_are_the_metric_functions_values(trained, model, train_records, roots):
+    """The accuracies recorded for the kept network, recomputed record by record from the metrics."""
+    entry = trained["MEND"]
+    result, editor, hp = entry["result"], entry["editor"], read_hparams(entry["hparams"])
+    recorded = next(h["val_acc"] for h in result.history if h["step"] == result.best_step)
+    _, val_records = train.split_train_val(train_records, hp.val_fraction)
+    editor.network.eval()
+    rows = []
+    for record in val_records:
+        batch = train.make_batch(model, [record], RecordImages(roots))
+        with torch.no_grad():
+            pre = {"loc": model.logits(batch.loc.batch), "image_loc": model.logits(batch.m_loc.batch)}
+            with editor.training_edit(model, batch):
+                scores = {name: metrics.per_item_accuracy(model.logits(item.batch), item.batch.labels, True).item()
+                          for name, item in (("inner", batch.edit), ("edit", batch.rephrase),
+                                             ("image_rephrase", batch.image_rephrase))}
+                for name, item, k in (("loc", batch.loc, 1), ("image_loc", batch.m_loc, 10)):
+                    (post_top,), (pre_top,) = (metrics.top_k_predictions(x, item.batch.attention_mask, k)
+                                               for x in (model.logits(item.batch), pre[name]))
+                    scores[name] = metrics.locality_agreement(pre_top, post_top)
+        rows.append(scores)
+    assert set(recorded) == {"inner", "edit", "image_rephrase", "loc", "image_loc"}
+    assert recorded == pytest.approx(metrics.mean_metrics(rows, list(recorded)), abs=1e-6)
+
+
+def test_training_raises_the_validation_rewrite_accuracy(trained):
+    """MEND learns to edit: on held-out records the edit prompt gives the new target after training."""
+    history = trained["MEND"]["result"].history
+    assert history[0]["val_acc"]["inner"] == 0.0  # the random tiny model knows none of the new targets
+    assert history[-1]["val_acc"]["inner"] > history[0]["val_acc"]["inner"]

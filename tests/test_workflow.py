@@ -158,6 +158,7 @@ def test_pretrain_writes_checkpoint_report_and_feeds_evaluate(workdir):
     assert report["steps"] == metrics["hparams"]["max_iters"]
     assert (report["n_train"], report["n_val"]) == (4, 2)  # 6 training records, the last 20% held out
     assert [h["step"] for h in report["history"]] == [0, 10, 20, 30]
+    assert all(set(h["val_acc"]) == {"inner", "edit", "image_rephrase", "loc", "image_loc"} for h in report["history"])
     assert (prefix / "editor.safetensors").stat().st_size > 0
     assert not (prefix / "resume").exists()  # the resume state is removed once training finished
     assert (workdir / "logs/pretrain/MEND/tiny-blip2/demo-evqa.log").exists()

@@ -93,7 +93,8 @@ def pretrain_stage(*, method: str, model: Mapping, dataset: Mapping, protocol: M
     records, roots = load_split(dataset, "train")
     adapter = load_configured_model(model, device)
     result = train(editor, adapter, records, RecordImages(roots), checkpoint_out, state_path,
-                   mloc_template=protocol.get("mloc_template", "trainer"))
+                   mloc_template=protocol.get("mloc_template", "trainer"),
+                   exact_match=protocol.get("exact_match", True))
     n_train, n_val = (len(part) for part in split_train_val(records, hparams.val_fraction))
     write_train_report(report_out, result, hparams, n_train, n_val)
     state_path.unlink(missing_ok=True)

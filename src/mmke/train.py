@@ -8,7 +8,9 @@ and multimodal locality items (they must keep the pre-edit distribution)::
 
 Only the editor's own network is optimised (Adam, gradient clipping, ``accumulate_bs`` batches per
 optimiser step); the base model stays frozen. Every ``val_interval`` steps the same loss on the
-held-out records decides early stopping and which network is kept. The resume state (network,
+held-out records decides early stopping and which network is kept; the validation also records
+the spec's training-time accuracies of the edited model (inner, edit, image_rephrase, loc,
+image_loc), scored by the same metric functions as the evaluate stage. The resume state (network,
 optimizer, data RNG, step, best so far) is written atomically at each validation, so an
 interrupted run continues where its last validation left it.
 """
@@ -26,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmke import metrics
 from mmke.data.records import EditRecord, multimodal_locality_prompt
+from mmke.evaluate import IMAGE_LOC_K, TEXT_LOC_K
 from mmke.hparams import digest
 from mmke.io import atomic_path, write_json
 from mmke.metrics import IGNORE_INDEX, shift
@@ -55,6 +59,7 @@ class TrainBatch:
     image_rephrase: Item  # prompt + rephrased image -> target
     loc: Item  # NQ question -> its answer, text only
     m_loc: Item  # OK-VQA question + its image -> its answer
+    images: list[dict[str, object]]  # each record's loaded images, for items an editor adds
 
 
 def edit_item(model: VLMAdapter, records: Sequence[EditRecord], images: Sequence[object]) -> Item:
@@ -82,6 +87,7 @@ def make_batch(model: VLMAdapter, records: Sequence[EditRecord], images: ImageLo
         loc=item([r.loc for r in records], [r.loc_ans for r in records], None),
         m_loc=item([multimodal_locality_prompt(r, mloc_template) for r in records],
                    [r.m_loc_a for r in records], "m_loc"),
+        images=imgs,
     )
 
 
@@ -89,6 +95,19 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (labels != -100), shifted once."""
     pred, gold = shift(logits, labels)
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def target_unlikelihood(logits: torch.Tensor, labels: torch.Tensor,
+                        eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
+    """Mean of ``-log(1 - p(label) + eps)`` over the target tokens: small when they are unlikely.
+
+    EasyEdit's (and SERAC's) unlikelihood term, pooled over every target token of the batch like
+    :func:`target_nll`; ``eps`` keeps the log finite when a token is certain.
+    """
+    pred, gold = shift(logits, labels)
+    mask = gold != IGNORE_INDEX
+    prob = pred.float().softmax(-1).gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -torch.log(1 - prob[mask] + eps).mean()
 
 
 def masked_kl(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,8 +122,9 @@ class MetaLearner(Protocol):
     """What :func:`train` needs from an editor (implemented by ``methods.meta.MetaEditor``).
 
     ``training_edit(model, batch)`` is a context manager inside which ``model.logits`` gives the
-    edited model's logits with gradients reaching the editor's network; ``auxiliary_loss`` adds
-    method-specific terms (SERAC's scope classifier); ``param_groups`` sets learning rates.
+    edited model's logits with gradients reaching the editor's network; ``auxiliary_loss``, called
+    inside that context, returns method-specific terms by name, each as it is added to the total
+    (SERAC's scope classifier and unlikelihood); ``param_groups`` sets learning rates.
     """
 
     hparams: Any
@@ -112,29 +132,74 @@ class MetaLearner(Protocol):
 
     def build(self, model: VLMAdapter) -> torch.nn.Module: ...
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> AbstractContextManager: ...
-    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> torch.Tensor | None: ...
+    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> dict[str, torch.Tensor]: ...
     def param_groups(self) -> list[dict]: ...
 
 
-def meta_loss(editor: MetaLearner, model: VLMAdapter, batch: TrainBatch) -> dict[str, torch.Tensor]:
-    """The spec's weighted loss of one step, with its parts (all scalars; ``total`` is optimised)."""
-    hp = editor.hparams
+LOSS_ITEMS = ("rephrase", "image_rephrase", "loc", "m_loc")  # the items the loss scores after the edit
+# training-time accuracy names (spec §4) -> the item each scores (and the top-k of locality)
+TARGET_ACCURACIES = {"inner": "edit", "edit": "rephrase", "image_rephrase": "image_rephrase"}
+LOCALITY_ACCURACIES = {"loc": ("loc", TEXT_LOC_K), "image_loc": ("m_loc", IMAGE_LOC_K)}
+ACCURACY_NAMES = (*TARGET_ACCURACIES, *LOCALITY_ACCURACIES)
+
+
+@dataclasses.dataclass
+class EditedOutputs:
+    """What one meta-training step computes: pre-edit locality logits, edited logits per item kind,
+    and the editor's auxiliary terms."""
+
+    pre: dict[str, torch.Tensor]  # "loc", "m_loc"
+    post: dict[str, torch.Tensor]  # item kind of TrainBatch -> logits with the edit live
+    aux: dict[str, torch.Tensor]
+
+
+def edited_outputs(editor: MetaLearner, model: VLMAdapter, batch: TrainBatch,
+                   kinds: Sequence[str] = LOSS_ITEMS) -> EditedOutputs:
+    """Logits of the item ``kinds`` with the editor's training edit live (differentiable in its network)."""
     with torch.no_grad():
-        pre_loc = model.logits(batch.loc.batch)
-        pre_m_loc = model.logits(batch.m_loc.batch)
+        pre = {kind: model.logits(getattr(batch, kind).batch) for kind in ("loc", "m_loc")}
     with editor.training_edit(model, batch):
-        edit = target_nll(model.logits(batch.rephrase.batch), batch.rephrase.batch.labels)
-        image_edit = target_nll(model.logits(batch.image_rephrase.batch), batch.image_rephrase.batch.labels)
-        loc = masked_kl(pre_loc, model.logits(batch.loc.batch), batch.loc.batch.attention_mask)
-        m_loc = masked_kl(pre_m_loc, model.logits(batch.m_loc.batch), batch.m_loc.batch.attention_mask)
-    parts = {"edit": edit, "image_edit": image_edit, "loc": loc, "m_loc": m_loc}
-    total = hp.cedit * edit + hp.iedit * image_edit + hp.cloc * (loc + m_loc)
-    aux = editor.auxiliary_loss(model, batch)
-    if aux is not None:
-        parts["aux"] = aux
-        total = total + aux
+        post = {kind: model.logits(getattr(batch, kind).batch) for kind in kinds}
+        aux = editor.auxiliary_loss(model, batch)
+    return EditedOutputs(pre, post, aux)
+
+
+def loss_parts(hp: Any, batch: TrainBatch, out: EditedOutputs) -> dict[str, torch.Tensor]:
+    """The spec's weighted loss with its parts (all scalars; ``total`` is what is optimised)."""
+    parts = {
+        "edit": target_nll(out.post["rephrase"], batch.rephrase.batch.labels),
+        "image_edit": target_nll(out.post["image_rephrase"], batch.image_rephrase.batch.labels),
+        "loc": masked_kl(out.pre["loc"], out.post["loc"], batch.loc.batch.attention_mask),
+        "m_loc": masked_kl(out.pre["m_loc"], out.post["m_loc"], batch.m_loc.batch.attention_mask),
+    }
+    total = hp.cedit * parts["edit"] + hp.iedit * parts["image_edit"] + hp.cloc * (parts["loc"] + parts["m_loc"])
+    for name, term in out.aux.items():
+        parts[name] = term
+        total = total + term
     parts["total"] = total
     return parts
+
+
+def meta_loss(editor: MetaLearner, model: VLMAdapter, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    """The loss parts of one training step on ``batch``."""
+    return loss_parts(editor.hparams, batch, edited_outputs(editor, model, batch))
+
+
+@torch.no_grad()
+def training_accuracies(batch: TrainBatch, out: EditedOutputs, exact_match: bool) -> list[dict[str, float]]:
+    """Per record, the spec's training-time accuracies from the edited logits in ``out``.
+
+    inner/edit/image_rephrase score the new target (token accuracy or exact match, as the
+    evaluation protocol says); loc compares post- with pre-edit top-1 ids at every position of the
+    NQ item, image_loc the top-10 lists of the OK-VQA item, exactly as the evaluate stage does.
+    """
+    scores = {name: metrics.per_item_accuracy(out.post[kind], getattr(batch, kind).batch.labels, exact_match).tolist()
+              for name, kind in TARGET_ACCURACIES.items()}
+    for name, (kind, k) in LOCALITY_ACCURACIES.items():
+        mask = getattr(batch, kind).batch.attention_mask
+        pairs = zip(metrics.top_k_predictions(out.pre[kind], mask, k), metrics.top_k_predictions(out.post[kind], mask, k))
+        scores[name] = [metrics.locality_agreement(pre, post) for pre, post in pairs]
+    return [{name: scores[name][i] for name in ACCURACY_NAMES} for i in range(len(batch.records))]
 
 
 def split_train_val(records: Sequence[EditRecord], val_fraction: float) -> tuple[list, list]:
@@ -158,22 +223,29 @@ class TrainResult:
     stopped: str  # "max_iters" or "early_stop"
 
 
-def validate(editor: MetaLearner, model: VLMAdapter, batches: Sequence[TrainBatch]) -> dict[str, float]:
-    """Mean loss parts over the validation batches (the editor's network in eval mode)."""
+def validate(editor: MetaLearner, model: VLMAdapter, batches: Sequence[TrainBatch],
+             exact_match: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean loss parts over the validation batches and mean training-time accuracies over their
+    records (the editor's network in eval mode)."""
     editor.network.eval()
     sums: dict[str, float] = {}
+    rows: list[dict[str, float]] = []
     for batch in batches:
-        parts = meta_loss(editor, model, batch)
-        for key, value in parts.items():
+        out = edited_outputs(editor, model, batch, kinds=(TARGET_ACCURACIES["inner"], *LOSS_ITEMS))
+        for key, value in loss_parts(editor.hparams, batch, out).items():
             sums[key] = sums.get(key, 0.0) + value.item()
+        rows += training_accuracies(batch, out, exact_match)
     editor.network.train()
-    return {key: value / len(batches) for key, value in sums.items()}
+    return {key: value / len(batches) for key, value in sums.items()}, metrics.mean_metrics(rows, ACCURACY_NAMES)
 
 
 def train(editor: MetaLearner, model: VLMAdapter, records: Sequence[EditRecord], images: ImageLoader,
           checkpoint: str | Path, state: str | Path, *, mloc_template: str = "trainer",
-          log: Callable[[str], None] = print) -> TrainResult:
+          exact_match: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Meta-train ``editor`` on ``records``; write the best network to ``checkpoint``.
+
+    ``mloc_template`` and ``exact_match`` come from the evaluation protocol, so the validation
+    accuracies mean what the evaluate stage's do.
 
     ``state`` is the resume file: if it exists with the same hparams digest, training continues
     from it; a different digest is an error (delete the file to start over). The base model's
@@ -195,9 +267,10 @@ def train(editor: MetaLearner, model: VLMAdapter, records: Sequence[EditRecord],
         best_state = _load_state(state, digest(hp), network, optimizer, generator, progress)
         log(f"resumed from {state} at step {progress['step']}")
     else:
-        progress["history"].append({"step": 0, "val": validate(editor, model, val_batches)})
-        progress["best_val"] = progress["history"][-1]["val"]["total"]
-        log(f"step 0 val {progress['history'][-1]['val']}")
+        val, accuracy = validate(editor, model, val_batches, exact_match)
+        progress["history"].append({"step": 0, "val": val, "val_acc": accuracy})
+        progress["best_val"] = val["total"]
+        log(f"step 0 val {val} accuracy {accuracy}")
     stopped = "max_iters"
     tick, window = time.perf_counter(), []
     network.train()
@@ -214,10 +287,11 @@ def train(editor: MetaLearner, model: VLMAdapter, records: Sequence[EditRecord],
         progress["step"] += 1
         if progress["step"] % hp.val_interval == 0 or progress["step"] == hp.max_iters:
             elapsed = time.perf_counter() - tick  # training only, validation excluded
-            val = validate(editor, model, val_batches)
-            progress["history"].append({"step": progress["step"], "val": val, "train_total": sum(window) / len(window),
+            val, accuracy = validate(editor, model, val_batches, exact_match)
+            progress["history"].append({"step": progress["step"], "val": val, "val_acc": accuracy,
+                                        "train_total": sum(window) / len(window),
                                         "steps_per_s": len(window) / hp.accumulate_bs / elapsed})
-            log(f"step {progress['step']} val {val}")
+            log(f"step {progress['step']} val {val} accuracy {accuracy}")
             if val["total"] < progress["best_val"]:
                 progress["best_val"], progress["best_step"] = val["total"], progress["step"]
                 best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}

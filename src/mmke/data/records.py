@@ -142,10 +142,10 @@ def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_im
         for field in IMAGE_FIELDS:
             _check_image(path, index, field, roots, row[field], check_images, checked)
         records.append(EditRecord(
-            id=index, prompt=row["src"], pred=row["pred"], target=_lead_space(row["alt"]),
+            id=index, prompt=row["src"], pred=row["pred"], target=lead_space(row["alt"]),
             rephrase=row["rephrase"], image=row["image"], image_rephrase=row["image_rephrase"],
-            loc=row["loc"], loc_ans=_lead_space(row["loc_ans"]), m_loc=row["m_loc"],
-            m_loc_q=row["m_loc_q"], m_loc_a=_lead_space(row["m_loc_a"]),
+            loc=row["loc"], loc_ans=lead_space(row["loc_ans"]), m_loc=row["m_loc"],
+            m_loc_q=row["m_loc_q"], m_loc_a=lead_space(row["m_loc_a"]),
         ))
     return records
 
@@ -185,7 +185,7 @@ def _check_image(path: str | os.PathLike, index: int, field: str, roots: ImageRo
     checked.add(image)
 
 
-def _lead_space(text: str) -> str:
+def lead_space(text: str) -> str:
     """Targets are scored as prompt + " " + answer tokens (spec §2); keep an existing space."""
     return text if text.startswith(" ") else " " + text
 

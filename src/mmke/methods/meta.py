@@ -98,8 +98,9 @@ class MetaEditor(Editor, abc.ABC):
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.network.parameters() if p.requires_grad], "lr": self.hparams.lr}]
 
-    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> torch.Tensor | None:
-        return None
+    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Method-specific loss terms by name, as added to the total (called with the edit live)."""
+        return {}
 
     @abc.abstractmethod
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:

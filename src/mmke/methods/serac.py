@@ -11,6 +11,14 @@ logits: the counterfactual model is text-only and must share the base model's vo
 Training uses the soft version of the routing (a mixture of the two distributions weighted by
 ``sigmoid(score)``) inside the shared meta-loss, plus the classifier's own binary cross-entropy:
 rephrased prompts are in scope of their edit, the locality questions are not.
+
+``unlikelihood`` adds the unlikelihood term of SERAC's (and EasyEdit's) edit loss: outer samples
+whose answer the edit contradicts get ``-log(1 - p + eps)`` on their answer tokens, added with
+weight 1 to the outer NLL. In EasyEdit only the sentiment and personality tasks have such
+samples; its multimodal trainer never passes the flag to the loss, so MMEdit's ``unlikelihood:
+True`` changes nothing there. Here the contradicted samples are the two generality items (the
+rephrase with the edit image, the prompt with the rephrased image) answered with the record's
+old answer ``pred``, weighted like their NLLs (``cedit``, ``iedit``).
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from mmke.data.records import EditRecord, multimodal_locality_prompt
+from mmke.data.records import EditRecord, lead_space, multimodal_locality_prompt
 from mmke.methods.base import Edit, register_method
 from mmke.methods.meta import MetaEditor, MetaHParams
 from mmke.models.base import Batch, VLMAdapter
-from mmke.train import Item, TrainBatch
+from mmke.train import Item, TrainBatch, target_unlikelihood
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +45,7 @@ class SERACHParams(MetaHParams):
     counterfactual: str = "facebook/opt-125m"  # directory of the counterfactual causal LM
     edit_lr: float = 1e-2  # learning rate of the classifier's similarity scale and bias
     max_length: int = 128  # classifier input tokens
+    unlikelihood: bool = False  # push the old answer down on the generality items (module docstring)
 
 
 class SERACNetwork(nn.Module):
@@ -175,13 +184,34 @@ class SERAC(MetaEditor):
             router.register(item)
         return routing(model, router)
 
-    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> torch.Tensor:
+    def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The scope classifier's BCE, and with ``unlikelihood`` the old answer's unlikelihood."""
+        terms = {"scope": self.scope_loss(batch.records[0])}
+        if self.hparams.unlikelihood:
+            terms["unlikelihood"] = self.unlikelihood_loss(model, batch)
+        return terms
+
+    def scope_loss(self, record: EditRecord) -> torch.Tensor:
         """Binary cross-entropy of the scope classifier: rephrases in scope, locality questions not."""
-        record = batch.records[0]
         queries = [record.rephrase, record.loc, multimodal_locality_prompt(record)]
         logits = self.network.scope_logits(queries, [record.prompt])[:, 0]
         labels = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
         return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def unlikelihood_loss(self, model: VLMAdapter, batch: TrainBatch) -> torch.Tensor:
+        """``cedit * UL(rephrase -> pred) + iedit * UL(rephrased image -> pred)`` under the live edit.
+
+        The items are built through ``model.teacher_forced`` inside the training edit, so the
+        router scores them like any other batch.
+        """
+        record, images = batch.records[0], batch.images[0]
+        old = lead_space(record.pred)
+        items = model.teacher_forced([record.rephrase, record.prompt], [old, old],
+                                     [images["image"], images["image_rephrase"]])
+        logits = model.logits(items)
+        hp = self.hparams
+        return (hp.cedit * target_unlikelihood(logits[:1], items.labels[:1])
+                + hp.iedit * target_unlikelihood(logits[1:], items.labels[1:]))
 
     def in_scope(self, queries: Sequence[str], edits: Sequence[str]) -> list[bool]:
         """Whether each query would be routed to the counterfactual model (for tests and analysis)."""
