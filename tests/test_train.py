@@ -353,6 +353,7 @@ def test_paper_hparams_carry_the_spec_values(model_name):
     serac = read_hparams(REPO / f"config/hparams/SERAC/{model_name}.yaml")
     assert (serac.lr, serac.edit_lr, serac.cedit, serac.iedit, serac.cloc) == (1e-5, 1e-2, 0.1, 0.1, 1.0)
     assert (serac.max_iters, serac.val_interval, serac.early_stop_patience, serac.seed) == (50000, 2000, 10000, 0)
+    assert (serac.grad_clip, serac.accumulate_bs) == (100.0, 1)  # EasyEdit's SERAC blip2.yaml
     assert read_hparams(REPO / f"config/hparams/KE/{model_name}.yaml").scope == "llm.mlp.last3"
     # EasyEdit's file says True, but its multimodal trainer never passes the flag to the loss
     assert serac.unlikelihood is False
