@@ -56,7 +56,10 @@ def workdir(tmp_path_factory) -> Path:
     for dataset in config["datasets"].values():
         dataset["demo"].update(n_train=6, n_eval=6)
     first = config["models"]["tiny-blip2"]
-    config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
+    first["pretrain"].update(steps=3, max_seconds=None)  # the stage's mechanics, not its accuracy
+    # A second model straight from its random init: both ways of getting a model run in one DAG.
+    second = {key: value for key, value in first.items() if key != "pretrain"}
+    config["models"]["tiny-blip2-b"] = {**second, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (root / "config/hparams/base/tiny-blip2-b.yaml").write_text("method: base\nmodel: tiny-blip2-b\n")
     run_snakemake(root)
@@ -82,6 +85,10 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert "| base" in (workdir / "results/tables/summary.md").read_text()
     assert (workdir / "logs/evaluate/base/tiny-blip2/demo-evqa.log").exists()
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
+    report = json.loads((workdir / "resources/world/tiny-blip2.pretrain.json").read_text())
+    assert report["steps"] == 3 and report["n_train_items"] == 4 * 6 * 2
+    assert (workdir / "resources/world/tiny-blip2/model.safetensors").is_file()
+    assert not (workdir / "resources/world/tiny-blip2-b").exists()
 
 
 def test_second_run_does_nothing(workdir):

@@ -60,6 +60,30 @@ def model_inputs(wildcards):
     return {"model": MODELS[wildcards.model]["path"]}
 
 
+def pretrain_inputs(wildcards):
+    """The random init and every split + image folder of the datasets a base model learns from.
+
+    Eval splits are inputs too: they are the held-out scenes the stage reports accuracy on.
+    """
+    spec = MODELS[wildcards.model]["pretrain"]
+    inputs = {"init": spec.get("init", f"resources/tiny/{wildcards.model}")}
+    for name in spec["datasets"]:
+        dataset = DATASETS[name]
+        inputs |= {f"{name}_{key}": dataset[key] for key in ("train", "eval", "image_root")}
+        if dataset.get("rephrase_image_root"):
+            inputs[f"{name}_rephrase_images"] = dataset["rephrase_image_root"]
+    return inputs
+
+
+def pretrain_settings(model):
+    """The optimisation settings of a model's ``pretrain:`` entry (what mmke.world_training reads)."""
+    return {
+        key: value
+        for key, value in MODELS[model]["pretrain"].items()
+        if key not in ("datasets", "init")
+    }
+
+
 def baseline_inputs(wildcards):
     return {**dataset_inputs(wildcards), **model_inputs(wildcards)}
 

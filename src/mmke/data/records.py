@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .images import load_rgb, safe_join
 
@@ -64,6 +65,12 @@ class ImageRoots:
         object.__setattr__(self, "image", Path(self.image))
         if self.rephrase is not None:
             object.__setattr__(self, "rephrase", Path(self.rephrase))
+
+    @classmethod
+    def of_dataset(cls, dataset: Mapping[str, Any]) -> ImageRoots:
+        """The roots of a config ``datasets:`` entry (``image_root``, optional ``rephrase_image_root``)."""
+        rephrase = dataset.get("rephrase_image_root")
+        return cls(Path(dataset["image_root"]), Path(rephrase) if rephrase else None)
 
     def resolve(self, field: str, rel: str) -> Path:
         """Absolute path of image field ``field``'s value ``rel``, refusing escapes from its root."""
@@ -128,10 +135,10 @@ def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_im
         for field in IMAGE_FIELDS:
             _check_image(path, index, field, roots, row[field], check_images, checked)
         records.append(EditRecord(
-            id=index, prompt=row["src"], pred=row["pred"], target=_lead_space(row["alt"]),
+            id=index, prompt=row["src"], pred=row["pred"], target=lead_space(row["alt"]),
             rephrase=row["rephrase"], image=row["image"], image_rephrase=row["image_rephrase"],
-            loc=row["loc"], loc_ans=_lead_space(row["loc_ans"]), m_loc=row["m_loc"],
-            m_loc_q=row["m_loc_q"], m_loc_a=_lead_space(row["m_loc_a"]),
+            loc=row["loc"], loc_ans=lead_space(row["loc_ans"]), m_loc=row["m_loc"],
+            m_loc_q=row["m_loc_q"], m_loc_a=lead_space(row["m_loc_a"]),
         ))
     return records
 
@@ -171,7 +178,7 @@ def _check_image(path: str | os.PathLike, index: int, field: str, roots: ImageRo
     checked.add(image)
 
 
-def _lead_space(text: str) -> str:
+def lead_space(text: str) -> str:
     """Targets are scored as prompt + " " + answer tokens (spec §2); keep an existing space."""
     return text if text.startswith(" ") else " " + text
 

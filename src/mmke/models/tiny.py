@@ -9,11 +9,8 @@ Everything is a pure function of the arguments: same seed, same weights, same to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -27,6 +24,9 @@ from transformers import (
     OPTConfig,
     PreTrainedTokenizerFast,
 )
+
+from mmke.data.demo import WORLD_TEXT
+from mmke.io import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 # OPT's special tokens, in OPT's id order (<s>=0, <pad>=1, </s>=2, <unk>=3); OPT uses "</s>" as BOS.
@@ -94,7 +94,7 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([*CORPUS, *(corpus or ())], trainer)
+    backend.train_from_iterator([*CORPUS, *WORLD_TEXT, *(corpus or ())], trainer)
     bos_id = backend.token_to_id(BOS_TOKEN)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
@@ -108,7 +108,8 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
 
 
 def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
-                     num_query_tokens: int = 4, vocab_size: int = 1024) -> Path:
+                     num_query_tokens: int = 4, vocab_size: int = 1024, vision_width: int = 32,
+                     text_width: int = 64, init_std: float = 0.02) -> Path:
     """A tiny random BLIP-2 OPT directory at ``out_dir`` (model, tokenizer, processor).
 
     Same layout as Salesforce/blip2-opt-2.7b: ``config.image_token_id`` is the ``<image>`` id and
@@ -119,18 +120,23 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
         raise ValueError(f"image_size must be a positive multiple of the patch size {PATCH_SIZE}, got {image_size}")
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
-        vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, ffn_dim=128,
+        vocab_size=vocab_size, hidden_size=text_width, word_embed_proj_dim=text_width, num_hidden_layers=2,
+        ffn_dim=2 * text_width,
         num_attention_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, init_std=init_std,
     )
     config = Blip2Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": PATCH_SIZE},
-        qformer_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "encoder_hidden_size": 32},
+        vision_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": PATCH_SIZE,
+                       # Blip2VisionConfig defaults to 1e-10 (real checkpoints overwrite it), which
+                       # leaves a random encoder blind: every image gives the same features.
+                       "initializer_range": init_std},
+        qformer_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "encoder_hidden_size": vision_width,
+                        "initializer_range": init_std},
         text_config=text_config.to_dict(),
         num_query_tokens=num_query_tokens,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), initializer_range=init_std,
     )
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
@@ -138,12 +144,12 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
         # transformers zero-initialises the query tokens (real checkpoints overwrite them), which
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
         with torch.no_grad():
-            model.query_tokens.normal_(mean=0.0, std=config.qformer_config.initializer_range)
+            model.query_tokens.normal_(mean=0.0, std=init_std)
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
     )
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)
@@ -157,30 +163,6 @@ def build_tiny(family: str, out_dir: str | os.PathLike, **kwargs) -> Path:
     if family not in TINY_BUILDERS:
         raise ValueError(f"no tiny model for family {family!r}; available: {', '.join(sorted(TINY_BUILDERS))}")
     return TINY_BUILDERS[family](out_dir, **kwargs)
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; it becomes ``out_dir`` only on success.
-
-    An interrupted build then leaves no half directory that Snakemake or a loader would take for
-    a complete model. An existing ``out_dir`` is replaced.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)  # renaming onto an empty directory replaces it
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
