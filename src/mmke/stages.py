@@ -24,7 +24,9 @@ from mmke.hparams import digest, read_hparams
 from mmke.io import write_json, write_jsonl
 from mmke.methods.base import make_editor
 from mmke.models.base import VLMAdapter, load_model
-from mmke.world_training import PretrainConfig, accuracy, pretrain, save_pretrained, split_items
+from mmke.world_training import (
+    PretrainConfig, accuracy, eval_split_items, pretrain, save_pretrained, world_items, world_stream,
+)
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -100,22 +102,27 @@ def summary_stage(metric_paths: Sequence[str | Path], csv_out: str | Path, md_ou
 
 def pretrain_stage(*, model: Mapping, init_dir: str | Path, datasets: Sequence[Mapping], protocol: Mapping,
                    settings: Mapping, out_dir: str | Path, report_out: str | Path, device: str = "auto") -> dict:
-    """Train ``init_dir`` on the datasets' train splits; save it at ``out_dir`` with a report.
+    """Train ``init_dir`` on the world's train scenes; save it at ``out_dir`` with a report.
 
-    The report holds held-out accuracy (eval splits, scenes never trained on) before and after
-    training, the steps actually run and the wall time, so the demo's claim that its base model
-    knows the world is a recorded number.
+    The report holds exact-match accuracy on held-out scenes and on the ``datasets``' eval
+    records, before and after training, the steps actually run and the wall time, so the demo's
+    claim that its base model knows the world is a recorded number.
     """
     config = PretrainConfig(**settings)
     adapter = load_configured_model({**model, "path": init_dir}, device)
-    mloc_template = Protocol(**protocol).mloc_template
-    train, heldout = split_items(datasets, "train", mloc_template), split_items(datasets, "eval", mloc_template)
-    before = accuracy(adapter, heldout, config.eval_batch_size)
-    run = pretrain(adapter, train, config)
-    report = {"heldout_accuracy": accuracy(adapter, heldout, config.eval_batch_size), "heldout_accuracy_before": before,
-              "train_accuracy": accuracy(adapter, train, config.eval_batch_size), "n_train_items": len(train),
-              "n_heldout_items": len(heldout), "settings": dataclasses.asdict(config), **run,
-              "device": str(adapter.device)}
+    template = Protocol(**protocol).mloc_template
+    stream = world_stream("train", config.seed, config.image_size, template)
+    measured = {"heldout": world_items("eval", config.heldout_images, config.seed, config.image_size, template),
+                "eval_split": eval_split_items(datasets, template)}
+
+    def measure() -> dict[str, dict[str, float]]:
+        return {f"{name}_accuracy": accuracy(adapter, items, config.eval_batch_size) for name, items in measured.items()}
+
+    before = measure()
+    run = pretrain(adapter, stream, config)
+    report = {**measure(), "before": before, "n_train_items": run["steps"] * config.batch_size,
+              **{f"n_{name}_items": len(items) for name, items in measured.items()},
+              "settings": dataclasses.asdict(config), **run, "device": str(adapter.device)}
     save_pretrained(adapter, init_dir, out_dir)
     write_json(report_out, report)
     return report

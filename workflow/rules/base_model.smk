@@ -1,4 +1,4 @@
-# Base models that know the synthetic world: a tiny random init trained on the demo train splits.
+# Base models that know the synthetic world: a tiny random init trained on the world's train scenes.
 
 
 rule pretrain_base:
@@ -13,7 +13,9 @@ rule pretrain_base:
         ),
     params:
         model=lambda wc: MODELS[wc.model],
-        datasets=lambda wc: [DATASETS[name] for name in MODELS[wc.model]["pretrain"]["datasets"]],
+        datasets=lambda wc: [
+            DATASETS[name] for name in MODELS[wc.model]["pretrain"].get("datasets", [])
+        ],
         settings=lambda wc: pretrain_settings(wc.model),
         protocol=config["protocol"],
         device=config.get("device", "auto"),
@@ -21,7 +23,7 @@ rule pretrain_base:
         "logs/pretrain_base/{model}.log",
     benchmark:
         "results/benchmarks/pretrain_base/{model}.tsv"
-    threads: stage_resources("pretrain_base", "threads", 2)
+    threads: stage_resources("pretrain_base", "threads", 1)
     resources:
         gpu=stage_resources("pretrain_base", "gpu", 0),
         mem_mb=stage_resources("pretrain_base", "mem_mb", 4000),

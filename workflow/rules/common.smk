@@ -61,15 +61,15 @@ def model_inputs(wildcards):
 
 
 def pretrain_inputs(wildcards):
-    """The random init and every split + image folder of the datasets a base model learns from.
+    """The random init, and the eval split + images of each dataset whose facts the stage checks.
 
-    Eval splits are inputs too: they are the held-out scenes the stage reports accuracy on.
+    Training pictures are rendered by the stage itself from the world's train scenes.
     """
     spec = MODELS[wildcards.model]["pretrain"]
     inputs = {"init": spec.get("init", f"resources/tiny/{wildcards.model}")}
-    for name in spec["datasets"]:
+    for name in spec.get("datasets", []):
         dataset = DATASETS[name]
-        inputs |= {f"{name}_{key}": dataset[key] for key in ("train", "eval", "image_root")}
+        inputs |= {f"{name}_eval": dataset["eval"], f"{name}_images": dataset["image_root"]}
         if dataset.get("rephrase_image_root"):
             inputs[f"{name}_rephrase_images"] = dataset["rephrase_image_root"]
     return inputs

@@ -116,6 +116,14 @@ def caption(scene: Scene) -> str:
     return f"a {scene.size} {scene.colour} {scene.shape} {where} of a {scene.background} background"
 
 
+def scene_facts(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every (kind, prompt, true answer) the world states about a scene: each attribute asked in
+    each wording (kind = the attribute), and the caption under each caption prompt."""
+    facts = [(attribute, prompt, getattr(scene, attribute))
+             for attribute, (question, rephrasings) in VQA_QUESTIONS.items() for prompt in (question, *rephrasings)]
+    return facts + [("caption", prompt, caption(scene)) for prompt in (CAPTION_PROMPT, *CAPTION_REPHRASES)]
+
+
 def write_demo_dataset(out_dir: str | os.PathLike, kind: str, n_train: int = 24, n_eval: int = 24,
                        seed: int = 0, image_size: int = 64) -> dict[str, Path]:
     """Write ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
@@ -145,10 +153,10 @@ def write_demo_dataset(out_dir: str | os.PathLike, kind: str, n_train: int = 24,
 def _record(rng: random.Random, scene: Scene, root: Path, stem: str, kind: str, size: int) -> dict[str, str]:
     image, image_rephrase, m_loc = f"{stem}.png", f"{stem}_rephrase.png", f"{stem}_mloc.png"
     # Same scene twice, rendered with fresh jitter: the image-generality pair.
-    _save(root / image, _draw_scene(rng, scene, size))
-    _save(root / image_rephrase, _draw_scene(rng, scene, size))
+    _save(root / image, draw_scene(rng, scene, size))
+    _save(root / image_rephrase, draw_scene(rng, scene, size))
     count = rng.randint(1, len(NUMBERS))
-    _save(root / m_loc, _draw_many(rng, count, size))
+    _save(root / m_loc, draw_many(rng, count, size))
     loc, loc_ans = rng.choice(FACTS)
     row = {"image": image, "image_rephrase": image_rephrase, "loc": loc, "loc_ans": loc_ans,
            "m_loc": m_loc, "m_loc_q": rng.choice(COUNT_QUESTIONS), "m_loc_a": NUMBERS[count - 1]}
@@ -170,7 +178,7 @@ def _counterfactual(rng: random.Random, attribute: str, truth: str) -> str:
     return rng.choice([value for value in ATTRIBUTES[attribute] if value != truth])
 
 
-def _draw_scene(rng: random.Random, scene: Scene, size: int) -> Image.Image:
+def draw_scene(rng: random.Random, scene: Scene, size: int) -> Image.Image:
     """One rendering: the attributes fix the picture's content, the jitter its pixels."""
     low, high = SIZES[scene.size]
     side = round(size * rng.uniform(low, high))
@@ -188,7 +196,7 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple
     return tuple(min(255, max(0, c + shade)) for c in rgb)
 
 
-def _draw_many(rng: random.Random, count: int, size: int) -> Image.Image:
+def draw_many(rng: random.Random, count: int, size: int) -> Image.Image:
     """``count`` shapes, one per quadrant so they never overlap and stay countable."""
     half = size // 2
     shapes = []

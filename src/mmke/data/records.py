@@ -83,10 +83,15 @@ class ImageRoots:
 
 def multimodal_locality_prompt(record: EditRecord, template: str = "trainer") -> str:
     """The OK-VQA question as a model sees it; EasyEdit's trainer and IKE paths differ (spec §6)."""
+    return locality_question(record.m_loc_q, template)
+
+
+def locality_question(question: str, template: str = "trainer") -> str:
+    """A raw multimodal-locality question wrapped in the protocol's template."""
     if template not in MLOC_TEMPLATES:
         raise ValueError(f"unknown multimodal locality template {template!r}; "
                          f"valid: {', '.join(MLOC_TEMPLATES)}")
-    return MLOC_TEMPLATES[template].format(q=record.m_loc_q)
+    return MLOC_TEMPLATES[template].format(q=question)
 
 
 def load_evqa(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,

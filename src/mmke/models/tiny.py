@@ -109,15 +109,15 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
 
 def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
                      num_query_tokens: int = 4, vocab_size: int = 1024, vision_width: int = 32,
-                     text_width: int = 64, init_std: float = 0.02) -> Path:
+                     text_width: int = 64, init_std: float = 0.02, patch_size: int = PATCH_SIZE) -> Path:
     """A tiny random BLIP-2 OPT directory at ``out_dir`` (model, tokenizer, processor).
 
     Same layout as Salesforce/blip2-opt-2.7b: ``config.image_token_id`` is the ``<image>`` id and
     the processor records ``num_query_tokens``. The OPT part has 2 layers so that scopes such as
     ``llm.mlp.last2`` are meaningful; the max position count matches OPT so long IKE prompts fit.
     """
-    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {PATCH_SIZE}, got {image_size}")
+    if image_size < patch_size or image_size % patch_size:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}")
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
         vocab_size=vocab_size, hidden_size=text_width, word_embed_proj_dim=text_width, num_hidden_layers=2,
@@ -127,7 +127,7 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     )
     config = Blip2Config(
         vision_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": PATCH_SIZE,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size,
                        # Blip2VisionConfig defaults to 1e-10 (real checkpoints overwrite it), which
                        # leaves a random encoder blind: every image gives the same features.
                        "initializer_range": init_std},
