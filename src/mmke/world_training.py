@@ -1,14 +1,13 @@
 """Pretrain a tiny VLM on the synthetic world, so the demo edits a model that knows its facts.
 
-Training pictures are fresh renderings of the world's *train* scenes, and every picture is asked
-every question the world answers about it (each attribute in each wording, the caption under each
-caption prompt) plus the counting questions about a many-object picture. Asking everything about
-every picture matters: trained on one question per picture, a tiny model memorises "this shape,
-colour and size is on the left" instead of looking. The loss is the cross-entropy of exactly the
+Training items come from an endless stream of fresh pictures of the world's *train* scenes, each
+asked one random fact (an attribute in one of its wordings, the caption under one caption prompt,
+or how many objects a many-object picture shows). The loss is the cross-entropy of exactly the
 target tokens the metrics score (the adapter's teacher-forced template), so "trained" means
-"scores well under the benchmark's exact match". Accuracy is then measured on held-out scenes,
-which no training picture shows (:func:`mmke.data.demo.scene_split`), and on the facts of the
-demo datasets' eval records, read through the real loaders.
+"scores well under the benchmark's exact match". Accuracy is measured on held-out scenes, which
+no training picture shows (:func:`mmke.data.demo.scene_split`), and on the facts of the demo
+datasets' eval records, read through the real loaders. What a 2-minute CPU budget buys is in the
+README ("The demo world"): colour, background and size are learnt, position is not.
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ import torch
 from PIL import Image
 
 from mmke import metrics
-from mmke.data.images import load_rgb
 from mmke.data.demo import COUNT_QUESTIONS, NUMBERS, Scene, draw_many, draw_scene, scene_facts, scene_split
+from mmke.data.images import load_rgb
 from mmke.data.records import ImageRoots, lead_space, load_records, locality_question, multimodal_locality_prompt
 from mmke.io import atomic_dir
 from mmke.models.base import VLMAdapter
@@ -53,7 +52,7 @@ class PretrainConfig:
 class FactItem:
     """One question the world answers: prompt + true answer (leading space) on one image."""
 
-    kind: str  # "vqa" / "caption" (the record's fact) or "count" (its multimodal-locality picture)
+    kind: str  # the attribute asked, "caption" or "count" ("vqa" for an E-VQA record's question)
     prompt: str
     answer: str
     image: Image.Image
