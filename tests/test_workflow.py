@@ -86,7 +86,7 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert (workdir / "logs/evaluate/base/tiny-blip2/demo-evqa.log").exists()
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
     report = json.loads((workdir / "resources/world/tiny-blip2.pretrain.json").read_text())
-    assert report["steps"] == 3 and report["n_train_items"] == 4 * 6 * 2
+    assert report["steps"] == 3 and report["n_train_items"] == 3 * report["settings"]["batch_size"]
     assert (workdir / "resources/world/tiny-blip2/model.safetensors").is_file()
     assert not (workdir / "resources/world/tiny-blip2-b").exists()
 
