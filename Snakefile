@@ -16,6 +16,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/base_model.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/baseline.smk"

@@ -5,7 +5,12 @@ import json
 import pytest
 
 from mmke.data import ImageRoots, load_records, load_rgb
-from mmke.data.demo import write_demo_dataset
+from dataclasses import fields
+
+from mmke.data.demo import (
+    ATTRIBUTES, BACKGROUNDS, COLOURS, COUNT_QUESTIONS, NUMBERS, VQA_QUESTIONS, all_scenes, caption, scene_split,
+    write_demo_dataset,
+)
 
 
 def tree(root):
@@ -34,16 +39,67 @@ def test_demo_loads_without_skips_at_requested_size(tmp_path, kind):
     assert len(load_records("evqa", paths["eval"], ImageRoots(paths["images"]))) == 7
 
 
+CAPTIONS = {caption(scene): scene for scene in all_scenes()}
+
+
+def differing(a, b):
+    return [f.name for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
 def test_demo_formats_differ_by_kind(tmp_path):
     vqa = json.loads(write_demo_dataset(tmp_path / "v", "evqa", 6, 0)["train"].read_text())
     cap = json.loads(write_demo_dataset(tmp_path / "c", "eic", 6, 0)["train"].read_text())
     assert all(r["src"].endswith("?") for r in vqa)
     assert not any(r["src"].endswith("?") for r in cap)
-    for r in cap:  # a counterfactual caption changes exactly one attribute (colour or shape)
-        pred, alt = r["pred"].split()[1:], r["alt"].split()[1:]  # [1:]: the article may change
-        assert len(pred) == len(alt) and sum(p != a for p, a in zip(pred, alt)) == 1
+    for r in cap:  # a counterfactual caption describes the same scene with one attribute changed
+        assert len(differing(CAPTIONS[r["pred"]], CAPTIONS[r["alt"]])) == 1
     for rows in (vqa, cap):
         assert all(r["m_loc"] not in (r["image"], r["image_rephrase"]) for r in rows)
+
+
+def test_world_has_a_few_hundred_scenes_and_a_fixed_heldout_part():
+    scenes = all_scenes()
+    assert len(scenes) == len(set(scenes)) == 3 * 6 * 2 * 3 * 3
+    train, heldout = scene_split("train"), scene_split("eval")
+    assert set(train) | set(heldout) == set(scenes) and not set(train) & set(heldout)
+    assert len(heldout) == round(0.2 * len(scenes))
+    assert scene_split("eval") == heldout  # the same for every caller, dataset and seed
+    with pytest.raises(ValueError, match="train, eval"):
+        scene_split("test")
+
+
+def test_eval_scenes_never_occur_in_a_train_split(tmp_path):
+    paths = write_demo_dataset(tmp_path, "eic", n_train=60, n_eval=30, seed=4)
+    train = {CAPTIONS[r["pred"]] for r in json.loads(paths["train"].read_text())}
+    heldout = {CAPTIONS[r["pred"]] for r in json.loads(paths["eval"].read_text())}
+    assert train <= set(scene_split("train")) and heldout <= set(scene_split("eval"))
+    assert len(train) > 40  # many distinct scenes, not one repeated
+
+
+def test_vqa_records_ask_one_attribute_with_truth_and_counterfactual(tmp_path):
+    rows = json.loads(write_demo_dataset(tmp_path, "evqa", n_train=80, n_eval=0, seed=2)["train"].read_text())
+    asked = set()
+    for r in rows:
+        (attribute,) = [a for a, (question, rephrasings) in VQA_QUESTIONS.items()
+                        if r["src"] == question and r["rephrase"] in rephrasings]
+        asked.add(attribute)
+        assert r["pred"] in ATTRIBUTES[attribute] and r["alt"] in ATTRIBUTES[attribute]
+        assert r["pred"] != r["alt"]
+        assert r["m_loc_a"] in NUMBERS and r["m_loc_q"] in COUNT_QUESTIONS
+    assert asked == set(ATTRIBUTES)
+
+
+def test_rendering_follows_the_scene(tmp_path):
+    """Pixels carry the facts: the object's colour and the background are where they should be."""
+    paths = write_demo_dataset(tmp_path, "eic", n_train=20, n_eval=0, seed=5, image_size=64)
+    for r in json.loads(paths["train"].read_text()):
+        scene = CAPTIONS[r["pred"]]
+        for rel in (r["image"], r["image_rephrase"]):
+            pixels = load_rgb(paths["images"] / rel).load()
+            corner = pixels[0, 63] if scene.position == "right" else pixels[63, 63]
+            assert max(abs(a - b) for a, b in zip(corner, BACKGROUNDS[scene.background])) <= 12
+            colours = {pixels[x, y] for x in range(64) for y in range(64)}
+            assert any(max(abs(a - b) for a, b in zip(c, COLOURS[scene.colour])) <= 15 for c in colours)
 
 
 @pytest.mark.parametrize("kind", ["evqa", "eic"])

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
 
-from mmke.models import tiny
+from mmke.data.demo import ATTRIBUTES, NUMBERS
+from mmke.models import load_model, tiny
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +109,18 @@ def test_rejects_bad_image_size_and_family(tmp_path):
         tiny.build_tiny_blip2(tmp_path / "m", image_size=30)
     with pytest.raises(ValueError, match="available: blip2"):
         tiny.build_tiny("nope", tmp_path / "m")
+
+
+def test_every_world_answer_is_one_token():
+    """The pretraining learns a small answer vocabulary: each answer word of the world is one token."""
+    tokenizer = tiny.train_tokenizer()
+    words = [word for values in ATTRIBUTES.values() for word in values] + list(NUMBERS)
+    assert {word: len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) for word in words} == dict.fromkeys(words, 1)
+
+
+def test_random_vision_encoder_sees_the_image(tmp_path):
+    """Blip2VisionConfig's default init (1e-10) would give every image the same features."""
+    adapter = load_model("blip2", tiny.build_tiny_blip2(tmp_path / "m"))
+    red, blue = Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))
+    features = adapter.model.get_image_features(adapter.pixel_values([red, blue]), return_dict=True).pooler_output
+    assert (features[0] - features[1]).abs().max() > 1e-3

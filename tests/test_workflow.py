@@ -70,7 +70,10 @@ def workdir(tmp_path_factory) -> Path:
     config = demo_config(root)
     config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
     first = config["models"]["tiny-blip2"]
-    config["models"]["tiny-blip2-b"] = {**first, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
+    first["pretrain"].update(steps=3, max_seconds=None)  # the stage's mechanics, not its accuracy
+    # A second model straight from its random init: both ways of getting a model run in one DAG.
+    second = {key: value for key, value in first.items() if key != "pretrain"}
+    config["models"]["tiny-blip2-b"] = {**second, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
     config["methods"] = list(METHODS)
     # FT and MEND on the second model would only repeat the first model's jobs; base and IKE run on both
     config["exclude"] = [{"method": method, "model": "tiny-blip2-b"} for method in FIRST_MODEL_ONLY]
@@ -108,6 +111,10 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert all(f"| {method} " in markdown for method in METHODS)
     assert (workdir / "logs/evaluate/base/tiny-blip2/demo-evqa.log").exists()
     assert (workdir / "results/benchmarks/evaluate/base/tiny-blip2/demo-evqa.tsv").exists()
+    report = json.loads((workdir / "resources/world/tiny-blip2.pretrain.json").read_text())
+    assert report["steps"] == 3 and report["n_train_items"] == 3 * report["settings"]["batch_size"]
+    assert (workdir / "resources/world/tiny-blip2/model.safetensors").is_file()
+    assert not (workdir / "resources/world/tiny-blip2-b").exists()
 
 
 def test_sharded_dataset_is_gathered_in_record_order(workdir):

@@ -134,6 +134,30 @@ def lavis_inputs(wildcards):
     return {key: pieces[key] for key in ("vision", "qformer", "llm", "projection") if key in pieces}
 
 
+def pretrain_base_inputs(wildcards):
+    """The random init, and the eval split + images of each dataset whose facts the stage checks.
+
+    Training pictures are rendered by the stage itself from the world's train scenes.
+    """
+    spec = MODELS[wildcards.model]["pretrain"]
+    inputs = {"init": spec.get("init", f"resources/tiny/{wildcards.model}")}
+    for name in spec.get("datasets", []):
+        dataset = DATASETS[name]
+        inputs |= {f"{name}_eval": dataset["eval"], f"{name}_images": dataset["image_root"]}
+        if dataset.get("rephrase_image_root"):
+            inputs[f"{name}_rephrase_images"] = dataset["rephrase_image_root"]
+    return inputs
+
+
+def pretrain_base_settings(model):
+    """The optimisation settings of a model's ``pretrain:`` entry (what mmke.world_training reads)."""
+    return {
+        key: value
+        for key, value in MODELS[model]["pretrain"].items()
+        if key not in ("datasets", "init")
+    }
+
+
 def baseline_inputs(wildcards):
     return {**dataset_inputs(wildcards), **model_inputs(wildcards)}
 

@@ -1,13 +1,22 @@
-"""Synthetic E-VQA / E-IC datasets, so the whole workflow runs offline on a laptop.
+"""A deterministic synthetic world, written as E-VQA / E-IC datasets, so everything runs offline.
 
-Images are coloured shapes drawn with PIL; questions, captions and counterfactual targets follow
-from the drawn scene, so ``pred`` is the true answer and ``alt`` a different one. Output is a
-pure function of the arguments (seeded ``random.Random``, PNGs without timestamps): Snakemake
-can rebuild it and get byte-identical files.
+A *scene* is one object with five attributes (shape, colour, size, horizontal position,
+background): 3 x 6 x 2 x 3 x 3 = 324 distinct scenes. Every scene can be rendered many ways
+(jittered position, size and shades), which gives the image-generality pairs. A fixed fraction of
+the scenes is held out: the train split only shows train scenes and the eval split only held-out
+scenes, for every dataset kind and seed, so a model pretrained on any train split
+(:mod:`mmke.world_training`) is measured on scenes it has never seen.
+
+Edit records ask to change one fact of one scene to a counterfactual: ``pred`` is the world's
+truth (what a model that learnt the world answers), ``alt`` another value of the same attribute.
+Text locality asks invented facts (no pretrained model can know them); multimodal locality asks
+how many objects an unrelated picture shows. Output is a pure function of the arguments (seeded
+``random.Random``, PNGs without timestamps): Snakemake can rebuild it byte for byte.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass, replace
@@ -21,20 +30,30 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (240, 140, 30)}
 BACKGROUNDS = {"grey": (128, 128, 128), "white": (240, 240, 240), "black": (25, 25, 25)}
 SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (0.22, 0.3), "large": (0.42, 0.52)}  # side as a fraction of the image
+POSITIONS = ("left", "middle", "right")
 NUMBERS = ("one", "two", "three", "four")
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES),
+              "position": POSITIONS, "background": tuple(BACKGROUNDS)}
 
-# (question, rephrasings, scene attribute asked about, its vocabulary)
-VQA_QUESTIONS = (
-    ("What colour is the shape?",
-     ("Which colour does the shape in the picture have?", "What is the colour of the object shown?"),
-     "colour", tuple(COLOURS)),
-    ("What shape is shown in the image?",
-     ("Which geometric figure appears in this picture?", "What kind of shape can be seen here?"),
-     "shape", SHAPES),
-    ("What colour is the background?",
-     ("Which colour is the area behind the shape?", "What is the colour of the backdrop?"),
-     "background", tuple(BACKGROUNDS)),
-)
+# Scenes of the eval splits, never drawn in a train split. Fixed, not per dataset seed, so that
+# every demo dataset (E-VQA and E-IC alike) holds out the same scenes.
+HELDOUT_FRACTION = 0.2
+WORLD_SEED = "mmke-world-v1"
+
+# attribute -> (question, rephrasings)
+VQA_QUESTIONS = {
+    "colour": ("What colour is the shape?",
+               ("Which colour does the shape in the picture have?", "What is the colour of the object shown?")),
+    "shape": ("What shape is shown in the image?",
+              ("Which geometric figure appears in this picture?", "What kind of shape can be seen here?")),
+    "size": ("How big is the shape?",
+             ("What size is the object in the picture?", "Is the shape in this image small or large?")),
+    "position": ("Where is the shape in the picture?",
+                 ("On which side of the image is the object?", "In what part of the picture is the shape?")),
+    "background": ("What colour is the background?",
+                   ("Which colour is the area behind the shape?", "What is the colour of the backdrop?")),
+}
 CAPTION_PROMPT = "a photo of"
 CAPTION_REPHRASES = ("an image of", "a picture showing", "a snapshot of")
 COUNT_QUESTIONS = ("How many shapes are in the picture?", "How many objects can you count in this image?")
@@ -53,15 +72,56 @@ FACTS = (
     ("Who founded the city of Elmstead?", "Corwin Hale"),
     ("What is the main export of Pallas Reach?", "copper"),
 )
+# Every word the world's questions, captions and answers use: the tiny models' tokenizer
+# trains on it, so each answer is a single token and the model has a small answer vocabulary.
+WORLD_TEXT = (
+    *(text for question, rephrasings in VQA_QUESTIONS.values() for text in (question, *rephrasings)),
+    CAPTION_PROMPT, *CAPTION_REPHRASES, *COUNT_QUESTIONS, *(f"{q} {a}" for q, a in FACTS),
+    " ".join(("answers:", *(word for values in ATTRIBUTES.values() for word in values), *NUMBERS)),
+    "a small red circle on the left of a grey background. a large blue square in the middle of a white background.",
+)
 
 Shape = tuple[str, tuple[int, int, int], tuple[int, int, int, int]]  # name, fill, box
 
 
 @dataclass(frozen=True)
-class _Scene:
+class Scene:
+    """One object in a picture; the facts a model of this world should know."""
+
     shape: str
     colour: str
+    size: str
+    position: str
     background: str
+
+
+def all_scenes() -> list[Scene]:
+    """The whole world, in a fixed order."""
+    return [Scene(**dict(zip(ATTRIBUTES, values))) for values in itertools.product(*ATTRIBUTES.values())]
+
+
+def scene_split(split: str) -> list[Scene]:
+    """The scenes a split may show: ``train`` and ``eval`` are disjoint and cover the world."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"unknown split {split!r}; valid: train, eval")
+    scenes = all_scenes()
+    random.Random(WORLD_SEED).shuffle(scenes)
+    n_heldout = round(len(scenes) * HELDOUT_FRACTION)
+    return scenes[:n_heldout] if split == "eval" else scenes[n_heldout:]
+
+
+def caption(scene: Scene) -> str:
+    """The E-IC caption: states every attribute, so each scene has exactly one caption."""
+    where = "in the middle" if scene.position == "middle" else f"on the {scene.position}"
+    return f"a {scene.size} {scene.colour} {scene.shape} {where} of a {scene.background} background"
+
+
+def scene_facts(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every (kind, prompt, true answer) the world states about a scene: each attribute asked in
+    each wording (kind = the attribute), and the caption under each caption prompt."""
+    facts = [(attribute, prompt, getattr(scene, attribute))
+             for attribute, (question, rephrasings) in VQA_QUESTIONS.items() for prompt in (question, *rephrasings)]
+    return facts + [("caption", prompt, caption(scene)) for prompt in (CAPTION_PROMPT, *CAPTION_REPHRASES)]
 
 
 def write_demo_dataset(out_dir: str | os.PathLike, kind: str, n_train: int = 24, n_eval: int = 24,
@@ -83,49 +143,60 @@ def write_demo_dataset(out_dir: str | os.PathLike, kind: str, n_train: int = 24,
     for split, n in (("train", n_train), ("eval", n_eval)):
         # One generator per split: changing n_eval leaves the training set untouched.
         rng = random.Random(f"{kind}:{split}:{seed}")
-        rows = [_record(rng, paths["images"], f"{split}/{i:05d}", kind, image_size) for i in range(n)]
+        scenes = scene_split(split)
+        rows = [_record(rng, rng.choice(scenes), paths["images"], f"{split}/{i:05d}", kind, image_size)
+                for i in range(n)]
         write_json(paths[split], rows)
     return paths
 
 
-def _record(rng: random.Random, root: Path, stem: str, kind: str, size: int) -> dict[str, str]:
-    scene = _Scene(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), rng.choice(tuple(BACKGROUNDS)))
+def _record(rng: random.Random, scene: Scene, root: Path, stem: str, kind: str, size: int) -> dict[str, str]:
     image, image_rephrase, m_loc = f"{stem}.png", f"{stem}_rephrase.png", f"{stem}_mloc.png"
-    # Same scene twice with fresh position, size and background shade: the image-generality pair.
-    _save(root / image, _draw_scene(rng, scene, size))
-    _save(root / image_rephrase, _draw_scene(rng, scene, size))
+    # Same scene twice, rendered with fresh jitter: the image-generality pair.
+    _save(root / image, draw_scene(rng, scene, size))
+    _save(root / image_rephrase, draw_scene(rng, scene, size))
     count = rng.randint(1, len(NUMBERS))
-    _save(root / m_loc, _draw_many(rng, count, size))
+    _save(root / m_loc, draw_many(rng, count, size))
     loc, loc_ans = rng.choice(FACTS)
     row = {"image": image, "image_rephrase": image_rephrase, "loc": loc, "loc_ans": loc_ans,
            "m_loc": m_loc, "m_loc_q": rng.choice(COUNT_QUESTIONS), "m_loc_a": NUMBERS[count - 1]}
     if kind == "evqa":
-        question, rephrasings, attribute, vocabulary = rng.choice(VQA_QUESTIONS)
+        attribute = rng.choice(tuple(VQA_QUESTIONS))
+        question, rephrasings = VQA_QUESTIONS[attribute]
         truth = getattr(scene, attribute)
-        alt = rng.choice([v for v in vocabulary if v != truth])
-        row |= {"src": question, "rephrase": rng.choice(rephrasings), "pred": truth, "alt": alt}
+        row |= {"src": question, "rephrase": rng.choice(rephrasings), "pred": truth,
+                "alt": _counterfactual(rng, attribute, truth)}
     else:
-        attribute, vocabulary = rng.choice((("colour", tuple(COLOURS)), ("shape", SHAPES)))
-        changed = {attribute: rng.choice([v for v in vocabulary if v != getattr(scene, attribute)])}
+        attribute = rng.choice(tuple(ATTRIBUTES))
+        changed = {attribute: _counterfactual(rng, attribute, getattr(scene, attribute))}
         row |= {"src": CAPTION_PROMPT, "rephrase": rng.choice(CAPTION_REPHRASES),
-                "pred": _caption(scene), "alt": _caption(replace(scene, **changed))}
+                "pred": caption(scene), "alt": caption(replace(scene, **changed))}
     return row
 
 
-def _caption(scene: _Scene) -> str:
-    article = "an" if scene.colour[0] in "aeiou" else "a"
-    return f"{article} {scene.colour} {scene.shape} on a {scene.background} background"
+def _counterfactual(rng: random.Random, attribute: str, truth: str) -> str:
+    return rng.choice([value for value in ATTRIBUTES[attribute] if value != truth])
 
 
-def _draw_scene(rng: random.Random, scene: _Scene, size: int) -> Image.Image:
-    side = round(size * rng.uniform(0.35, 0.6))
-    x, y = rng.randint(0, size - side), rng.randint(0, size - side)
-    shade = rng.randint(-12, 12)
-    background = tuple(min(255, max(0, c + shade)) for c in BACKGROUNDS[scene.background])
-    return _render(background, [(scene.shape, COLOURS[scene.colour], (x, y, x + side, y + side))], size)
+def draw_scene(rng: random.Random, scene: Scene, size: int) -> Image.Image:
+    """One rendering: the attributes fix the picture's content, the jitter its pixels."""
+    low, high = SIZES[scene.size]
+    side = round(size * rng.uniform(low, high))
+    slack = size - side
+    # Left and right hug their edge, middle stays centred; each with a little horizontal jitter.
+    centre = {"left": 0.08, "middle": 0.5, "right": 0.92}[scene.position]
+    x = min(slack, max(0, round(slack * centre + rng.uniform(-0.06, 0.06) * size)))
+    y = rng.randint(0, slack)
+    background = _jitter(rng, BACKGROUNDS[scene.background], 12)
+    return _render(background, [(scene.shape, _jitter(rng, COLOURS[scene.colour], 15), (x, y, x + side, y + side))], size)
 
 
-def _draw_many(rng: random.Random, count: int, size: int) -> Image.Image:
+def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    shade = rng.randint(-amount, amount)
+    return tuple(min(255, max(0, c + shade)) for c in rgb)
+
+
+def draw_many(rng: random.Random, count: int, size: int) -> Image.Image:
     """``count`` shapes, one per quadrant so they never overlap and stay countable."""
     half = size // 2
     shapes = []

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .images import load_rgb, safe_join
 
@@ -65,6 +66,12 @@ class ImageRoots:
         if self.rephrase is not None:
             object.__setattr__(self, "rephrase", Path(self.rephrase))
 
+    @classmethod
+    def of_dataset(cls, dataset: Mapping[str, Any]) -> ImageRoots:
+        """The roots of a config ``datasets:`` entry (``image_root``, optional ``rephrase_image_root``)."""
+        rephrase = dataset.get("rephrase_image_root")
+        return cls(Path(dataset["image_root"]), Path(rephrase) if rephrase else None)
+
     def resolve(self, field: str, rel: str) -> Path:
         """Absolute path of image field ``field``'s value ``rel``, refusing escapes from its root."""
         if field in ("image", "m_loc"):
@@ -90,10 +97,15 @@ class RecordImages:
 
 def multimodal_locality_prompt(record: EditRecord, template: str = "trainer") -> str:
     """The OK-VQA question as a model sees it; EasyEdit's trainer and IKE paths differ (spec §6)."""
+    return locality_question(record.m_loc_q, template)
+
+
+def locality_question(question: str, template: str = "trainer") -> str:
+    """A raw multimodal-locality question wrapped in the protocol's template."""
     if template not in MLOC_TEMPLATES:
         raise ValueError(f"unknown multimodal locality template {template!r}; "
                          f"valid: {', '.join(MLOC_TEMPLATES)}")
-    return MLOC_TEMPLATES[template].format(q=record.m_loc_q)
+    return MLOC_TEMPLATES[template].format(q=question)
 
 
 def load_evqa(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,

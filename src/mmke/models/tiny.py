@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mmke.data.demo import WORLD_TEXT
 from mmke.io import atomic_dir
 
 IMAGE_TOKEN = "<image>"
@@ -100,7 +101,7 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([*CORPUS, *(corpus or ())], trainer)
+    backend.train_from_iterator([*CORPUS, *WORLD_TEXT, *(corpus or ())], trainer)
     bos_id = backend.token_to_id(BOS_TOKEN)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
@@ -114,21 +115,26 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
 
 
 def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
-                     num_query_tokens: int = 4, vocab_size: int = 1024) -> Path:
+                     num_query_tokens: int = 4, vocab_size: int = 1024, vision_width: int = 32,
+                     text_width: int = 64, init_std: float = 0.02, patch_size: int = PATCH_SIZE) -> Path:
     """A tiny random BLIP-2 OPT directory at ``out_dir`` (model, tokenizer, processor).
 
     Same layout as Salesforce/blip2-opt-2.7b: ``config.image_token_id`` is the ``<image>`` id and
     the processor records ``num_query_tokens``. The OPT part has 2 layers so that scopes such as
     ``llm.mlp.last2`` are meaningful; the max position count matches OPT so long IKE prompts fit.
+    ``vision_width``/``text_width``/``patch_size``/``init_std`` size a model that must learn
+    (the demo world): there, 0.1 init and 4-pixel patches learnt faster than the 0.02 / 8 defaults.
     """
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
-        vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, ffn_dim=128,
+        vocab_size=vocab_size, hidden_size=text_width, word_embed_proj_dim=text_width, num_hidden_layers=2,
+        ffn_dim=2 * text_width,
         num_attention_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, init_std=init_std,
     )
     return _build_blip2_tree(out_dir, text_config, tokenizer, seed=seed, image_size=image_size,
-                             num_query_tokens=num_query_tokens)
+                             num_query_tokens=num_query_tokens, vision_width=vision_width, init_std=init_std,
+                             patch_size=patch_size)
 
 
 def build_tiny_minigpt4(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
@@ -153,30 +159,35 @@ def _tiny_llama_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> L
     )
 
 
-def _check_image_size(image_size: int) -> None:
-    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {PATCH_SIZE}, got {image_size}")
+def _check_image_size(image_size: int, patch_size: int = PATCH_SIZE) -> None:
+    if image_size < patch_size or image_size % patch_size:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}")
 
 
 def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTrainedTokenizerFast, *,
-                      seed: int, image_size: int, num_query_tokens: int) -> Path:
+                      seed: int, image_size: int, num_query_tokens: int, vision_width: int = 32,
+                      init_std: float = 0.02, patch_size: int = PATCH_SIZE) -> Path:
     """Tiny EVA-style vision + Q-Former around ``text_config``'s LM, saved with its processor."""
-    _check_image_size(image_size)
+    _check_image_size(image_size, patch_size)
     config = Blip2Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": PATCH_SIZE},
-        qformer_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "encoder_hidden_size": 32},
+        vision_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size,
+                       # Blip2VisionConfig defaults to 1e-10 (real checkpoints overwrite it), which
+                       # leaves a random encoder blind: every image gives the same features.
+                       "initializer_range": init_std},
+        qformer_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "encoder_hidden_size": vision_width,
+                        "initializer_range": init_std},
         text_config=text_config.to_dict(),
         num_query_tokens=num_query_tokens,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), initializer_range=init_std,
     )
     with _seeded(seed):
         model = Blip2ForConditionalGeneration(config)
         # transformers zero-initialises the query tokens (real checkpoints overwrite them), which
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
         with torch.no_grad():
-            model.query_tokens.normal_(mean=0.0, std=config.qformer_config.initializer_range)
+            model.query_tokens.normal_(mean=0.0, std=init_std)
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
