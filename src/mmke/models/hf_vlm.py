@@ -9,8 +9,8 @@ special tokens it adds, which is how these models were trained) is what the mode
 count only the target tokens (spec section 2): everything up to the length of the processed
 prompt-only text, and padding, is -100.
 
-Processors that also declare a video processor (Qwen2-VL, Qwen2.5-VL) are loaded without it: the
-adapter feeds images only, and transformers builds every video processor on torchvision, so
+Qwen2-VL's and Qwen2.5-VL's processors are loaded without their video processor: the adapter
+feeds images only, and transformers builds every video processor on torchvision, so
 ``AutoProcessor`` cannot load such a directory where torchvision is missing (it is here: there is
 no CPU build of it that leaves torch alone). See :func:`load_processor`.
 """
@@ -141,6 +141,11 @@ def _init_args(cls: type) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
+def _drops_video_losslessly(processor_class: type[ProcessorMixin]) -> bool:
+    args = _init_args(processor_class)
+    return "video_processor" in args and tuple(arg for arg in args if arg != "video_processor") == IMAGE_ONLY_ARGS
+
+
 @functools.cache
 def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """A subclass of ``processor_class`` without its ``video_processor``.
@@ -153,7 +158,7 @@ def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[Pr
     ``from_pretrained`` would silently drop any further saved option (LLaVA-OneVision's, say).
     The subclass keeps the parent's name, so ``save_pretrained`` records the real processor class.
     """
-    if tuple(arg for arg in _init_args(processor_class) if arg != "video_processor") != IMAGE_ONLY_ARGS:
+    if not _drops_video_losslessly(processor_class):
         raise ValueError(f"{processor_class.__name__} takes {', '.join(_init_args(processor_class))}; "
                          f"only a processor taking {', '.join(IMAGE_ONLY_ARGS)} and video_processor can "
                          "be loaded without its video processor")
@@ -170,12 +175,13 @@ def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[Pr
 def load_processor(path: str | os.PathLike, config: PreTrainedConfig) -> ProcessorMixin:
     """The processor of the model directory ``path`` (model config ``config``), PIL backend, offline.
 
-    The processor class is the one transformers maps the model's config to. If it declares a video
-    processor it is loaded through :func:`image_only_processor_class`, always (not only where
-    torchvision is missing), so a directory loads the same everywhere; otherwise by ``AutoProcessor``.
+    The processor class is the one transformers maps the model's config to. If it can drop its video
+    processor losslessly (Qwen2-VL, Qwen2.5-VL) it is loaded through :func:`image_only_processor_class`,
+    always, not only where torchvision is missing, so a directory loads the same everywhere;
+    otherwise by ``AutoProcessor`` (LLaVA-OneVision's processor then needs torchvision).
     """
     processor_class = PROCESSOR_MAPPING[type(config)] if type(config) in PROCESSOR_MAPPING else None
-    if processor_class is not None and "video_processor" in _init_args(processor_class):
+    if processor_class is not None and _drops_video_losslessly(processor_class):
         loader = image_only_processor_class(processor_class)
     else:
         loader = AutoProcessor
