@@ -8,6 +8,7 @@ logits must be bit-for-bit those before the edit. The generic weight edit at the
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,12 +20,19 @@ from mmke.data.images import load_rgb
 from mmke.data.records import ImageRoots, load_records
 from mmke.hparams import read_hparams
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, get_method, make_editor
-from mmke.models import load_model
+from mmke.models import MODELS, load_model
+from mmke.models.base import FAMILY_MODULES
 from mmke.models.tiny import TINY_BUILDERS, build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo config's tiny model of each family (config/config.yaml), whose hparams files we read.
-FAMILY_MODELS = {"blip2": "tiny-blip2", "minigpt4": "tiny-minigpt4", "hf_vlm": "tiny-llava"}
+# (family, tiny builder in TINY_BUILDERS) -> the demo model (config/config.yaml) whose hparams files
+# it uses. The tiny Qwen2-VL is not in the demo: it shares tiny-llava's files (same family, scopes).
+TINY_MODELS = {
+    ("blip2", "blip2"): "tiny-blip2",
+    ("minigpt4", "minigpt4"): "tiny-minigpt4",
+    ("hf_vlm", "hf_vlm"): "tiny-llava",
+    ("hf_vlm", "qwen2vl"): "tiny-llava",
+}
 # Methods that load what an earlier stage produced: name -> fn(tmp_dir, adapter, dataset, hparams) ->
 # the resources passed to Editor.prepare (IKE embeddings, MEND/SERAC checkpoints). A method
 # without an entry gets no resources.
@@ -88,9 +96,17 @@ def aux_models(tmp_path_factory) -> dict[str, str]:
     return {kind: str(build_tiny_aux(kind, root / kind)) for kind in ("classifier", "counterfactual")}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_MODELS))
-def adapter(request, tmp_path_factory):
-    return load_model(request.param, build_tiny(request.param, tmp_path_factory.mktemp(request.param) / "m"))
+@pytest.fixture(scope="module", params=sorted(TINY_MODELS), ids=lambda combo: combo[1])
+def tiny(request, tmp_path_factory):
+    """(adapter, demo model name) of one tiny model."""
+    family, builder = request.param
+    adapter = load_model(family, build_tiny(builder, tmp_path_factory.mktemp(builder) / "m"))
+    return adapter, TINY_MODELS[request.param]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny):
+    return tiny[0]
 
 
 def edit_prompt_logits(adapter, edit, record, dataset) -> torch.Tensor:
@@ -100,22 +116,26 @@ def edit_prompt_logits(adapter, edit, record, dataset) -> torch.Tensor:
         return adapter.logits(adapter.teacher_forced([prompt], [record.target], [image]))
 
 
-def hparams_path(method: str, family: str) -> Path:
-    """The method's hparams for this family's tiny model, else its tiny-blip2 ones (scopes are shared)."""
-    own = REPO / "config/hparams" / method / f"{FAMILY_MODELS[family]}.yaml"
+def hparams_path(method: str, demo_model: str) -> Path:
+    """The method's hparams for the demo model, else its tiny-blip2 ones (scopes are shared)."""
+    own = REPO / "config/hparams" / method / f"{demo_model}.yaml"
     return own if own.exists() else REPO / "config/hparams" / method / "tiny-blip2.yaml"
 
 
 def test_every_family_has_a_tiny_builder_and_model():
-    assert set(FAMILY_MODELS) <= set(TINY_BUILDERS)
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    assert {family for family, _ in TINY_MODELS} == set(MODELS)
+    assert {builder for _, builder in TINY_MODELS} == set(TINY_BUILDERS)
     assert BUILTIN_METHOD_MODULES and "base" in registered_methods()
 
 
 @pytest.mark.parametrize("method", registered_methods())
-def test_edit_changes_and_revert_restores(method, adapter, dataset, aux_models, tmp_path):
-    path = hparams_path(method, adapter.family)
+def test_edit_changes_and_revert_restores(method, tiny, dataset, aux_models, tmp_path):
+    adapter, demo_model = tiny
+    path = hparams_path(method, demo_model)
     assert path.exists(), f"method {method} has no demo hparams file {path}"
-    overrides = {"model": FAMILY_MODELS[adapter.family]}
+    overrides = {"model": demo_model}
     if METHOD_RESOURCES.get(method) is meta_resources:
         overrides |= META_BUDGET | ({key: aux_models[key] for key in aux_models} if method == "SERAC" else {})
     hparams = read_hparams(path, overrides=overrides)

@@ -8,17 +8,25 @@ with the generation prompt, followed by the target, and the processor's own outp
 special tokens it adds, which is how these models were trained) is what the model sees. Labels
 count only the target tokens (spec section 2): everything up to the length of the processed
 prompt-only text, and padding, is -100.
+
+Qwen2-VL's and Qwen2.5-VL's processors are loaded without their video processor: the adapter
+feeds images only, and transformers builds every video processor on torchvision, so
+``AutoProcessor`` cannot load such a directory where torchvision is missing (it is here: there is
+no CPU build of it that leaves torch alone). See :func:`load_processor`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig, ProcessorMixin
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from mmke.models.base import (
     IGNORE_INDEX,
@@ -59,7 +67,7 @@ class HFVLMAdapter(VLMAdapter):
             raise ValueError(f"{path}: hf_vlm models take their resolution from the processor; "
                              f"remove image_size ({image_size}) from the model's config entry")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
-        processor = AutoProcessor.from_pretrained(path, backend="pil", local_files_only=True)
+        processor = load_processor(path, model.config)
         device = torch.device(device)
         model.to(device).eval()
         return cls(model, processor, device)
@@ -120,3 +128,61 @@ class HFVLMAdapter(VLMAdapter):
             scopes["vision"] = [name for name in params_under(model, vision)
                                 if projector is None or not name.startswith(projector)]
         return scopes
+
+
+# The constructor arguments of a processor that can be loaded without its video processor and
+# lose nothing (Qwen2VLProcessor, Qwen2_5_VLProcessor): those of the image-only subclass below.
+IMAGE_ONLY_ARGS = ("image_processor", "tokenizer", "chat_template")
+
+
+def _init_args(cls: type) -> tuple[str, ...]:
+    """Named constructor arguments of ``cls``: what ``from_pretrained`` passes from the saved config."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return tuple(p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+def _drops_video_losslessly(processor_class: type[ProcessorMixin]) -> bool:
+    args = _init_args(processor_class)
+    return "video_processor" in args and tuple(arg for arg in args if arg != "video_processor") == IMAGE_ONLY_ARGS
+
+
+@functools.cache
+def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """A subclass of ``processor_class`` without its ``video_processor``.
+
+    ``ProcessorMixin`` takes its sub-processors from the constructor's signature, so a subclass
+    whose constructor lacks ``video_processor`` loads and saves only the image processor and the
+    tokenizer; the parent constructor still forwards ``video_processor=None`` positionally, and
+    ``ProcessorMixin`` pairs positional sub-processors with the (now two) names, so it falls off.
+    Only a processor taking exactly :data:`IMAGE_ONLY_ARGS` besides ``video_processor`` qualifies:
+    ``from_pretrained`` would silently drop any further saved option (LLaVA-OneVision's, say).
+    The subclass keeps the parent's name, so ``save_pretrained`` records the real processor class.
+    """
+    if not _drops_video_losslessly(processor_class):
+        raise ValueError(f"{processor_class.__name__} takes {', '.join(_init_args(processor_class))}; "
+                         f"only a processor taking {', '.join(IMAGE_ONLY_ARGS)} and video_processor can "
+                         "be loaded without its video processor")
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"{processor_class.__name__} for images only (no video processor, so no torchvision).",
+    })
+
+
+def load_processor(path: str | os.PathLike, config: PreTrainedConfig) -> ProcessorMixin:
+    """The processor of the model directory ``path`` (model config ``config``), PIL backend, offline.
+
+    The processor class is the one transformers maps the model's config to. If it can drop its video
+    processor losslessly (Qwen2-VL, Qwen2.5-VL) it is loaded through :func:`image_only_processor_class`,
+    always, not only where torchvision is missing, so a directory loads the same everywhere;
+    otherwise by ``AutoProcessor`` (LLaVA-OneVision's processor then needs torchvision).
+    """
+    processor_class = PROCESSOR_MAPPING[type(config)] if type(config) in PROCESSOR_MAPPING else None
+    if processor_class is not None and _drops_video_losslessly(processor_class):
+        loader = image_only_processor_class(processor_class)
+    else:
+        loader = AutoProcessor
+    return loader.from_pretrained(path, backend="pil", local_files_only=True)

@@ -30,10 +30,15 @@ from transformers import (
     LlavaProcessor,
     OPTConfig,
     PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
 )
 
 from mmke.data.demo import WORLD_TEXT
 from mmke.io import atomic_dir
+from mmke.models.hf_vlm import image_only_processor_class
 
 IMAGE_TOKEN = "<image>"
 # OPT's special tokens, in OPT's id order (<s>=0, <pad>=1, </s>=2, <unk>=3); OPT uses "</s>" as BOS.
@@ -242,6 +247,79 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     return Path(out_dir)
 
 
+# Qwen2-VL's special tokens: chat turns, the image span, and the image/video placeholders that the
+# processor expands (one <|image_pad|> per merged 2x2 patch group).
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+QWEN_MERGE_SIZE = 2
+# Qwen2-VL's chat template for text and images (the published one also handles videos, vision
+# ids and tools): a default system turn, then each turn as <|im_start|>role\n...<|im_end|>\n.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
+                       vocab_size: int = 1024) -> Path:
+    """A tiny random Qwen2-VL (ViT with 2x2 patch merger + 2-layer Qwen2 LM with M-RoPE).
+
+    Saved like Qwen/Qwen2-VL-7B-Instruct, except that the processor has no video processor
+    (transformers builds those on torchvision; see :mod:`mmke.models.hf_vlm`). The offline
+    tokenizer gains Qwen's special tokens and, like Qwen2's, adds no BOS. The image processor
+    resizes every image to about ``image_size**2`` pixels keeping the aspect ratio (Qwen's dynamic
+    resolution), in multiples of patch x merge size, so a square image gives
+    ``(image_size / 16) ** 2`` image tokens and other shapes a few more or less.
+    """
+    _check_image_size(image_size)
+    factor = PATCH_SIZE * QWEN_MERGE_SIZE
+    if image_size % factor:
+        raise ValueError(f"image_size must be a multiple of patch x merge size {factor}, got {image_size}")
+    tokenizer = train_tokenizer(vocab_size)
+    tokenizer.add_tokens([AddedToken(token, normalized=False, special=True) for token in QWEN_SPECIAL_TOKENS],
+                         special_tokens=True)
+    tokenizer.add_bos_token = False
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size {vocab_size}")
+    token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    head_dim = 64 // 2
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                     "max_position_embeddings": 2048, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     # M-RoPE: temporal/height/width share the rotary frequencies (sum = head_dim / 2).
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": PATCH_SIZE, "spatial_merge_size": QWEN_MERGE_SIZE, "temporal_patch_size": 2},
+        image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+        vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
+    )
+    with _seeded(seed):
+        model = Qwen2VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": image_size**2, "longest_edge": image_size**2},
+        patch_size=PATCH_SIZE, merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2,
+    )
+    processor = image_only_processor_class(Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed the weights without touching the caller's RNG."""
@@ -254,6 +332,7 @@ TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "blip2": build_tiny_blip2,
     "minigpt4": build_tiny_minigpt4,
     "hf_vlm": build_tiny_llava,
+    "qwen2vl": build_tiny_qwen2vl,  # a second hf_vlm model; the workflow's tiny: builds by family
 }
 
 
