@@ -36,9 +36,14 @@ class KENetwork(nn.Module):
         self.max_scale = hp.max_scale
         # one linear head per weight: a_out, a_in, b_out, b_in, s
         self.heads = nn.ModuleList(nn.Linear(2 * hp.lstm_hidden, 2 * (out + inp) + 1) for out, inp in self.shapes)
-        for head in self.heads:  # start near "plain gradient step, no bias term"
+        # Start at a plain gradient step without bias term (as MEND starts at the identity): zero
+        # weights give a uniform a_out and, with a_in's bias at 1, gate = 1/out at every entry;
+        # all-zero heads would start at no edit at all, which training may never leave.
+        for head, (out, inp) in zip(self.heads, self.shapes):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+            with torch.no_grad():
+                head.bias[out : out + inp] = 1.0
 
     def condition(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean of the BiLSTM states over the real tokens of each edit text, averaged over edits."""

@@ -284,7 +284,8 @@ def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, image_size:
     factor = PATCH_SIZE * QWEN_MERGE_SIZE
     if image_size % factor:
         raise ValueError(f"image_size must be a multiple of patch x merge size {factor}, got {image_size}")
-    tokenizer = train_tokenizer(vocab_size)
+    # Leave room for Qwen's special tokens: the built-in corpus may fill the whole BPE budget.
+    tokenizer = train_tokenizer(vocab_size - len(QWEN_SPECIAL_TOKENS))
     tokenizer.add_tokens([AddedToken(token, normalized=False, special=True) for token in QWEN_SPECIAL_TOKENS],
                          special_tokens=True)
     tokenizer.add_bos_token = False
