@@ -17,7 +17,7 @@ import yaml
 from mmke.data.demo import ATTRIBUTES, write_demo_dataset
 from mmke.io import read_json
 from mmke.models.tiny import build_tiny
-from mmke.stages import baseline_stage, evaluate_stage, load_configured_model, pretrain_stage
+from mmke.stages import baseline_stage, evaluate_stage, load_configured_model, pretrain_base_stage
 from mmke.world_training import accuracy, eval_split_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +48,9 @@ def world(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the stage runs (threads: 1); two threads on a busy CPU crawl
     try:
-        report = pretrain_stage(model=model, init_dir=init, datasets=list(datasets.values()), protocol=PROTOCOL,
-                                settings=settings, out_dir=root / "trained", report_out=root / "trained.json",
-                                device="cpu")
+        report = pretrain_base_stage(model=model, init_dir=init, datasets=list(datasets.values()), protocol=PROTOCOL,
+                                     settings=settings, out_dir=root / "trained", report_out=root / "trained.json",
+                                     device="cpu")
     finally:
         torch.set_num_threads(threads)
     return {"root": root, "datasets": datasets, "init": init, "model": model, "report": report}
