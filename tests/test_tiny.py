@@ -124,3 +124,13 @@ def test_random_vision_encoder_sees_the_image(tmp_path):
     red, blue = Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))
     features = adapter.model.get_image_features(adapter.pixel_values([red, blue]), return_dict=True).pooler_output
     assert (features[0] - features[1]).abs().max() > 1e-3
+
+
+def test_position_std_sets_only_the_vision_position_embeddings(tmp_path):
+    """The demo's base model needs position embeddings as strong as its patch features."""
+    default = state_dict(tiny.build_tiny_blip2(tmp_path / "d", init_std=0.1))
+    strong = state_dict(tiny.build_tiny_blip2(tmp_path / "s", init_std=0.1, position_std=0.8))
+    key = "vision_model.embeddings.position_embedding"
+    assert default[key].std().item() == pytest.approx(0.1, rel=0.15)
+    assert strong[key].std().item() == pytest.approx(0.8, rel=0.15)
+    assert strong["query_tokens"].std().item() == pytest.approx(0.1, rel=0.3)

@@ -49,8 +49,8 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)  # as the stage runs (threads: 1); two threads on a busy CPU crawl
     try:
         report = pretrain_base_stage(model=model, init_dir=init, datasets=list(datasets.values()), protocol=PROTOCOL,
-                                settings=settings, out_dir=root / "trained", report_out=root / "trained.json",
-                                device="cpu")
+                                     settings=settings, out_dir=root / "trained", report_out=root / "trained.json",
+                                     device="cpu")
     finally:
         torch.set_num_threads(threads)
     return {"root": root, "datasets": datasets, "init": init, "model": model, "report": report}

@@ -121,7 +121,8 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
 
 def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
                      num_query_tokens: int = 4, vocab_size: int = 1024, vision_width: int = 32,
-                     text_width: int = 64, init_std: float = 0.02, patch_size: int = PATCH_SIZE) -> Path:
+                     text_width: int = 64, init_std: float = 0.02, patch_size: int = PATCH_SIZE,
+                     position_std: float | None = None) -> Path:
     """A tiny random BLIP-2 OPT directory at ``out_dir`` (model, tokenizer, processor).
 
     Same layout as Salesforce/blip2-opt-2.7b: ``config.image_token_id`` is the ``<image>`` id and
@@ -129,6 +130,10 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     ``llm.mlp.last2`` are meaningful; the max position count matches OPT so long IKE prompts fit.
     ``vision_width``/``text_width``/``patch_size``/``init_std`` size a model that must learn
     (the demo world): there, 0.1 init and 4-pixel patches learnt faster than the 0.02 / 8 defaults.
+    ``position_std`` (default ``init_std``) draws the vision position embeddings: at ``init_std``
+    they are several times weaker than the patch features they are added to (std ~ ``init_std``
+    x sqrt(3 x patch_size^2)), and the model never learnt *where* an object is; at that size
+    it learns left/right within a few hundred steps.
     """
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
@@ -139,7 +144,7 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     )
     return _build_blip2_tree(out_dir, text_config, tokenizer, seed=seed, image_size=image_size,
                              num_query_tokens=num_query_tokens, vision_width=vision_width, init_std=init_std,
-                             patch_size=patch_size)
+                             patch_size=patch_size, position_std=position_std)
 
 
 def build_tiny_minigpt4(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
@@ -171,7 +176,8 @@ def _check_image_size(image_size: int, patch_size: int = PATCH_SIZE) -> None:
 
 def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTrainedTokenizerFast, *,
                       seed: int, image_size: int, num_query_tokens: int, vision_width: int = 32,
-                      init_std: float = 0.02, patch_size: int = PATCH_SIZE) -> Path:
+                      init_std: float = 0.02, patch_size: int = PATCH_SIZE,
+                      position_std: float | None = None) -> Path:
     """Tiny EVA-style vision + Q-Former around ``text_config``'s LM, saved with its processor."""
     _check_image_size(image_size, patch_size)
     config = Blip2Config(
@@ -193,6 +199,8 @@ def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTra
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
         with torch.no_grad():
             model.query_tokens.normal_(mean=0.0, std=init_std)
+            if position_std is not None:
+                model.vision_model.embeddings.position_embedding.normal_(mean=0.0, std=position_std)
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
