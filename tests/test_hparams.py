@@ -57,3 +57,11 @@ def test_digest_changes_with_values_only():
     a = build_hparams(ToyHParams, {"method": "toy", "lr": 0.1})
     assert digest(a) == digest(build_hparams(ToyHParams, {"method": "toy", "lr": 0.1}))
     assert digest(a) != digest(build_hparams(ToyHParams, {"method": "toy", "lr": 0.2}))
+
+
+def test_a_file_naming_another_method_is_refused(tmp_path):
+    path = tmp_path / "FT-L.yaml"
+    path.write_text("method: base\nmodel: m\n")
+    assert read_hparams(path, expect_method="base").method == "base"
+    with pytest.raises(ValueError, match=r"FT-L\.yaml: field 'method' is 'base', expected 'FT-L'"):
+        read_hparams(path, expect_method="FT-L")

@@ -33,8 +33,13 @@ def digest(hparams: HParams) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_hparams(path: str | Path, overrides: Mapping[str, Any] | None = None) -> HParams:
-    """Load a YAML hparams file into the method's dataclass (``overrides`` win over the file)."""
+def read_hparams(path: str | Path, overrides: Mapping[str, Any] | None = None,
+                 expect_method: str | None = None) -> HParams:
+    """Load a YAML hparams file into the method's dataclass (``overrides`` win over the file).
+
+    ``expect_method``: the method a workflow job runs; a file naming another one is an error, so
+    a copied hparams file cannot silently evaluate the wrong method under this method's name.
+    """
     from mmke.methods.base import get_method  # the method registry owns the hparams classes
 
     path = Path(path)
@@ -51,6 +56,8 @@ def read_hparams(path: str | Path, overrides: Mapping[str, Any] | None = None) -
         cls = get_method(str(values["method"])).hparams_class
     except ValueError as err:
         raise ValueError(f"{path}: field 'method': {err}") from err
+    if expect_method is not None and values["method"] != expect_method:
+        raise ValueError(f"{path}: field 'method' is {values['method']!r}, expected {expect_method!r}")
     return build_hparams(cls, values, source=str(path))
 
 

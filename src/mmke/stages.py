@@ -84,9 +84,7 @@ def pretrain_stage(*, method: str, model: Mapping, dataset: Mapping, protocol: M
     """
     from mmke.train import split_train_val, train, write_train_report
 
-    hparams = read_hparams(hparams_path)
-    if hparams.method != method:
-        raise ValueError(f"{hparams_path}: field 'method' is {hparams.method!r}, expected {method!r}")
+    hparams = read_hparams(hparams_path, expect_method=method)
     editor = make_editor(hparams)
     state_path = Path(state_dir) / f"resume-{digest(hparams)}.pt"
     records, roots = load_split(dataset, "train")
@@ -115,9 +113,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     """
     start = time.perf_counter()
     schedule = Schedule(**(evaluation or {}))
-    hparams = read_hparams(hparams_path)
-    if hparams.method != names["method"]:
-        raise ValueError(f"{hparams_path}: field 'method' is {hparams.method!r}, expected {names['method']!r}")
+    hparams = read_hparams(hparams_path, expect_method=names["method"])
     editor = make_editor(hparams)
     editor.prepare(resources or {})
     records, roots = load_eval_split(dataset)

@@ -193,7 +193,7 @@ def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTra
         num_query_tokens=num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), initializer_range=init_std,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = Blip2ForConditionalGeneration(config)
         # transformers zero-initialises the query tokens (real checkpoints overwrite them), which
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
@@ -241,7 +241,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = LlavaForConditionalGeneration(config)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
@@ -315,7 +315,7 @@ def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, image_size:
         image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
         vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = Qwen2VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": image_size**2, "longest_edge": image_size**2},
@@ -330,8 +330,8 @@ def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, image_size:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed the weights without touching the caller's RNG."""
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the weights without touching the caller's RNG (every tiny builder's init)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

@@ -17,7 +17,7 @@ import torch
 from transformers import DistilBertConfig, DistilBertModel, OPTConfig, OPTForCausalLM
 
 from mmke.io import atomic_dir
-from mmke.models.tiny import train_tokenizer
+from mmke.models.tiny import seeded, train_tokenizer
 
 
 def build_tiny_counterfactual(out_dir: str | os.PathLike, *, seed: int = 0, vocab_size: int = 1024) -> Path:
@@ -40,8 +40,7 @@ def build_tiny_classifier(out_dir: str | os.PathLike, *, seed: int = 0, vocab_si
 
 def _save_seeded(out_dir: str | os.PathLike, make_model: Callable[[], torch.nn.Module], tokenizer, seed: int) -> Path:
     """Initialise ``make_model()`` from ``seed`` (the caller's RNG untouched) and save it atomically."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = make_model()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
