@@ -1,15 +1,14 @@
 """The synthetic demo datasets load cleanly, are deterministic and make sense as edits."""
 
 import json
+from dataclasses import fields
 
 import pytest
 
 from mmke.data import ImageRoots, load_records, load_rgb
-from dataclasses import fields
-
 from mmke.data.demo import (
-    ATTRIBUTES, BACKGROUNDS, COLOURS, COUNT_QUESTIONS, NUMBERS, VQA_QUESTIONS, all_scenes, caption, scene_split,
-    write_demo_dataset,
+    ATTRIBUTES, BACKGROUNDS, COLOURS, COUNT_QUESTIONS, NUMBERS, SIZES, VQA_QUESTIONS, all_scenes, caption,
+    scene_split, write_demo_dataset,
 )
 
 
@@ -100,6 +99,13 @@ def test_rendering_follows_the_scene(tmp_path):
             assert max(abs(a - b) for a, b in zip(corner, BACKGROUNDS[scene.background])) <= 12
             colours = {pixels[x, y] for x in range(64) for y in range(64)}
             assert any(max(abs(a - b) for a, b in zip(c, COLOURS[scene.colour])) <= 15 for c in colours)
+            # the object's box: as wide as its size says, hugging its side (or centred)
+            columns = [x for x in range(64) if any(pixels[x, y] != corner for y in range(64))]
+            left, right = min(columns) / 64, (max(columns) + 1) / 64
+            low, high = SIZES[scene.size]
+            assert low - 0.04 <= right - left <= high + 0.04, (rel, scene)
+            assert {"left": left <= 0.12, "right": right >= 0.86,
+                    "middle": abs((left + right) / 2 - 0.5) <= 0.08}[scene.position], (rel, scene, left, right)
 
 
 @pytest.mark.parametrize("kind", ["evqa", "eic"])

@@ -126,11 +126,24 @@ def test_random_vision_encoder_sees_the_image(tmp_path):
     assert (features[0] - features[1]).abs().max() > 1e-3
 
 
-def test_position_std_sets_only_the_vision_position_embeddings(tmp_path):
-    """The demo's base model needs position embeddings as strong as its patch features."""
-    default = state_dict(tiny.build_tiny_blip2(tmp_path / "d", init_std=0.1))
-    strong = state_dict(tiny.build_tiny_blip2(tmp_path / "s", init_std=0.1, position_std=0.8))
+def test_position_sincos_sets_only_the_vision_position_embeddings(tmp_path):
+    """The demo's base model gets a fixed 2-D sin-cos grid instead of random vision positions."""
+    default = state_dict(tiny.build_tiny_blip2(tmp_path / "d", init_std=0.1, patch_size=4))
+    grid = state_dict(tiny.build_tiny_blip2(tmp_path / "s", init_std=0.1, patch_size=4, position_sincos=3.0))
     key = "vision_model.embeddings.position_embedding"
     assert default[key].std().item() == pytest.approx(0.1, rel=0.15)
-    assert strong[key].std().item() == pytest.approx(0.8, rel=0.15)
-    assert strong["query_tokens"].std().item() == pytest.approx(0.1, rel=0.3)
+    table = grid[key][0]
+    assert table.shape == (1 + 8 * 8, 32)
+    assert torch.equal(table[0], torch.zeros(32))  # CLS: no place in the grid
+    assert torch.allclose(table[1:], 3.0 * tiny.sincos_2d(8, 32))
+    assert {name for name in default if not torch.equal(default[name], grid[name])} == {key}
+
+
+def test_sincos_table_encodes_row_and_column_separately():
+    table = tiny.sincos_2d(4, 16).view(4, 4, 16)  # row, column, channel
+    rows, columns = table[..., :8], table[..., 8:]
+    assert torch.equal(rows[1, 0], rows[1, 3]) and not torch.equal(rows[0, 0], rows[1, 0])
+    assert torch.equal(columns[0, 2], columns[3, 2]) and not torch.equal(columns[0, 0], columns[0, 1])
+    assert torch.equal(table[0, 0], torch.tensor([0.0, 1.0]).repeat_interleave(4).repeat(2))  # sin 0, cos 0
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny.sincos_2d(4, 18)

@@ -7,6 +7,7 @@ accuracy asserted here is the one `make demo` gets (on a shared CPU it may take 
 from __future__ import annotations
 
 import filecmp
+import itertools
 import json
 from pathlib import Path
 
@@ -18,17 +19,15 @@ from mmke.data.demo import ATTRIBUTES, write_demo_dataset
 from mmke.io import read_json
 from mmke.models.tiny import build_tiny
 from mmke.stages import baseline_stage, evaluate_stage, load_configured_model, pretrain_base_stage
-from mmke.world_training import accuracy, eval_split_items
+from mmke.world_training import FACT_KINDS, PretrainConfig, accuracy, eval_split_items, pretrain, world_stream
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((REPO / "config/config.yaml").read_text())
 MODEL = DEMO["models"]["tiny-blip2"]
-# Exact match on questions about scenes never seen in training. The tiny model learns colour,
-# background and size (>= 0.9) and counting, shape partly, and does not yet see position: the
-# issue's target of >= 0.9 on everything is not reached (see README, "The demo world").
-LEARNT = ("colour", "background", "size")
-LEARNT_THRESHOLD = 0.9
-OVERALL_THRESHOLD = 0.55
+# Exact match on questions about scenes never seen in training: over all questions, and for every
+# attribute, the caption (all of its words right) and counting.
+HELDOUT_THRESHOLD = 0.9
+KIND_THRESHOLD = 0.85
 PROTOCOL = DEMO["protocol"]
 
 
@@ -62,10 +61,11 @@ def test_pretrained_model_answers_heldout_scenes(world):
     assert report == read_json(world["root"] / "trained.json")
     heldout = report["heldout_accuracy"]
     assert set(heldout) == {*ATTRIBUTES, "caption", "count", "all"}
-    assert {attribute: heldout[attribute] >= LEARNT_THRESHOLD for attribute in LEARNT} == dict.fromkeys(LEARNT, True)
-    assert heldout["count"] >= 0.6 and heldout["all"] >= OVERALL_THRESHOLD
+    assert heldout["all"] >= HELDOUT_THRESHOLD
+    assert {kind: value >= KIND_THRESHOLD for kind, value in heldout.items()} == dict.fromkeys(heldout, True)
     # the demo datasets' eval records (the facts the demo edits), read through the real loaders
-    assert report["eval_split_accuracy"]["vqa"] >= OVERALL_THRESHOLD
+    assert report["eval_split_accuracy"]["vqa"] >= HELDOUT_THRESHOLD
+    assert report["eval_split_accuracy"]["caption"] >= HELDOUT_THRESHOLD
     assert report["n_eval_split_items"] == 4 * sum(DEMO["datasets"][n]["demo"]["n_eval"] for n in world["datasets"])
     assert report["steps"] >= 1 and report["train_s"] > 0
 
@@ -90,20 +90,59 @@ def test_saved_directory_is_the_trained_model_with_the_inits_tokenizer(world):
     assert sorted(p.name for p in world["root"].iterdir() if p.name.startswith(".")) == []  # no temp dirs left
 
 
+def evaluate_on_world(world, method: str, hparams: dict) -> dict:
+    """One method's metrics.json summary on the demo's E-VQA eval records, as the evaluate stage writes it."""
+    root, dataset = world["root"], world["datasets"]["demo-evqa"]
+    pre_rows, pre_tensors = root / "pre.jsonl", root / "pre.safetensors"
+    if not pre_rows.exists():
+        baseline_stage(world["model"], dataset, PROTOCOL, pre_rows, pre_tensors, "cpu")
+    hparams_path = root / f"{method}.yaml"
+    hparams_path.write_text(yaml.safe_dump({"method": method, "model": "tiny-blip2", **hparams}))
+    report = evaluate_stage(
+        names={"method": method, "model": "tiny-blip2", "dataset": "demo-evqa"}, model=world["model"],
+        dataset=dataset, protocol=PROTOCOL, hparams_path=hparams_path, baseline_rows=pre_rows,
+        baseline_tensors=pre_tensors, metrics_out=root / f"{method}.metrics.json",
+        records_out=root / f"{method}.records.jsonl", device="cpu",
+    )
+    return report["summary"]
+
+
 def test_base_rows_keep_perfect_locality_and_do_not_know_the_counterfactual(world):
     """The unedited model agrees with itself (locality 1.0) and answers the truth, not ``alt``."""
-    root, dataset = world["root"], world["datasets"]["demo-evqa"]
-    (root / "hparams").mkdir()
-    hparams = root / "hparams/base.yaml"
-    hparams.write_text("method: base\nmodel: tiny-blip2\n")
-    baseline_stage(world["model"], dataset, PROTOCOL, root / "pre.jsonl", root / "pre.safetensors", "cpu")
-    report = evaluate_stage(
-        names={"method": "base", "model": "tiny-blip2", "dataset": "demo-evqa"}, model=world["model"],
-        dataset=dataset, protocol=PROTOCOL, hparams_path=hparams, baseline_rows=root / "pre.jsonl",
-        baseline_tensors=root / "pre.safetensors", metrics_out=root / "metrics.json",
-        records_out=root / "records.jsonl", device="cpu",
-    )
-    summary = report["summary"]
+    summary = evaluate_on_world(world, "base", {})
     assert summary["locality_acc"] == summary["multimodal_locality_acc"] == 1.0
-    # it answers what it learnt; only facts it does not know (position) can coincide with ``alt``
-    assert summary["rewrite_acc"] <= 0.3 and summary["image_rephrase_acc"] <= 0.3
+    assert summary["rewrite_acc"] <= 0.1 and summary["image_rephrase_acc"] <= 0.1
+
+
+def test_ft_l_edit_takes_and_text_locality_stays_high(world):
+    """The demo's FT-L makes the counterfactual answer on the edited scene and its other rendering,
+    while the unrelated text facts mostly keep their answers."""
+    hparams = yaml.safe_load((REPO / "config/hparams/FT-L/tiny-blip2.yaml").read_text())
+    summary = evaluate_on_world(world, "FT-L", {k: v for k, v in hparams.items() if k not in ("method", "model")})
+    assert summary["rewrite_acc"] >= 0.9 and summary["image_rephrase_acc"] >= 0.8
+    assert summary["locality_acc"] >= 0.7
+
+
+def test_stream_draws_fact_kinds_by_weight():
+    only_position = dict.fromkeys(FACT_KINDS, 0.0) | {"position": 1.0}
+    items = list(itertools.islice(world_stream("train", 0, 32, "trainer", only_position), 30))
+    assert {item.kind for item in items} == {"position"}
+    assert {item.answer for item in items} <= {f" {value}" for value in ATTRIBUTES["position"]}
+    weighted = list(itertools.islice(world_stream("train", 0, 32, "trainer", {"count": 10.0}), 600))
+    # 2 counting questions of weight 10 against 19 other facts of weight 1: about half the stream
+    assert 0.4 < sum(item.kind == "count" for item in weighted) / len(weighted) < 0.6
+    with pytest.raises(ValueError, match=r"unknown fact kinds \['colur'\]"):
+        next(world_stream("train", 0, 32, "trainer", {"colur": 2.0}))
+
+
+def test_frozen_parameters_keep_their_init(tmp_path):
+    adapter = load_configured_model({"family": "blip2", "path": str(build_tiny("blip2", tmp_path / "m"))}, "cpu")
+    before = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
+    frozen = "vision_model.embeddings.position_embedding"
+    config = PretrainConfig(steps=2, batch_size=2, frozen=[frozen])
+    pretrain(adapter, world_stream("train", 0, 32, "trainer"), config)
+    after = dict(adapter.model.named_parameters())
+    assert torch.equal(after[frozen], before[frozen])
+    assert not torch.equal(after["vision_model.embeddings.patch_embedding.weight"], before["vision_model.embeddings.patch_embedding.weight"])
+    with pytest.raises(ValueError, match=r"cannot freeze \['vision_model.nope'\]"):
+        pretrain(adapter, world_stream("train", 0, 32, "trainer"), PretrainConfig(steps=1, frozen=["vision_model.nope"]))

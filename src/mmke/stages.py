@@ -207,7 +207,7 @@ def pretrain_base_stage(*, model: Mapping, init_dir: str | Path, datasets: Seque
     config = PretrainConfig(**settings)
     adapter = load_configured_model({**model, "path": init_dir}, device)
     template = Protocol(**protocol).mloc_template
-    stream = world_stream("train", config.seed, config.image_size, template)
+    stream = world_stream("train", config.seed, config.image_size, template, config.fact_weights)
     measured = {"heldout": world_items("eval", config.heldout_images, config.seed, config.image_size, template),
                 "eval_split": eval_split_items(datasets, template)}
 

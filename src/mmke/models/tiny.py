@@ -122,7 +122,7 @@ def train_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None)
 def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
                      num_query_tokens: int = 4, vocab_size: int = 1024, vision_width: int = 32,
                      text_width: int = 64, init_std: float = 0.02, patch_size: int = PATCH_SIZE,
-                     position_std: float | None = None) -> Path:
+                     position_sincos: float | None = None) -> Path:
     """A tiny random BLIP-2 OPT directory at ``out_dir`` (model, tokenizer, processor).
 
     Same layout as Salesforce/blip2-opt-2.7b: ``config.image_token_id`` is the ``<image>`` id and
@@ -130,10 +130,10 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     ``llm.mlp.last2`` are meaningful; the max position count matches OPT so long IKE prompts fit.
     ``vision_width``/``text_width``/``patch_size``/``init_std`` size a model that must learn
     (the demo world): there, 0.1 init and 4-pixel patches learnt faster than the 0.02 / 8 defaults.
-    ``position_std`` (default ``init_std``) draws the vision position embeddings: at ``init_std``
-    they are several times weaker than the patch features they are added to (std ~ ``init_std``
-    x sqrt(3 x patch_size^2)), and the model never learnt *where* an object is; at that size
-    it learns left/right within a few hundred steps.
+    ``position_sincos`` replaces the random vision position embeddings by MAE's fixed 2-D sin-cos
+    table times that scale: random ones (the default) carry no notion of left or right, and in
+    the demo world the tiny model never learnt *where* an object is from them (held-out position
+    accuracy at chance) while with the sin-cos table it does (1.00; README, "The demo world").
     """
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
@@ -144,7 +144,7 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     )
     return _build_blip2_tree(out_dir, text_config, tokenizer, seed=seed, image_size=image_size,
                              num_query_tokens=num_query_tokens, vision_width=vision_width, init_std=init_std,
-                             patch_size=patch_size, position_std=position_std)
+                             patch_size=patch_size, position_sincos=position_sincos)
 
 
 def build_tiny_minigpt4(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
@@ -177,7 +177,7 @@ def _check_image_size(image_size: int, patch_size: int = PATCH_SIZE) -> None:
 def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTrainedTokenizerFast, *,
                       seed: int, image_size: int, num_query_tokens: int, vision_width: int = 32,
                       init_std: float = 0.02, patch_size: int = PATCH_SIZE,
-                      position_std: float | None = None) -> Path:
+                      position_sincos: float | None = None) -> Path:
     """Tiny EVA-style vision + Q-Former around ``text_config``'s LM, saved with its processor."""
     _check_image_size(image_size, patch_size)
     config = Blip2Config(
@@ -199,8 +199,10 @@ def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTra
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
         with torch.no_grad():
             model.query_tokens.normal_(mean=0.0, std=init_std)
-            if position_std is not None:
-                model.vision_model.embeddings.position_embedding.normal_(mean=0.0, std=position_std)
+            if position_sincos is not None:
+                table = model.vision_model.embeddings.position_embedding  # (1, CLS + patches, width)
+                table.zero_()  # the CLS token has no place in the grid
+                table[0, 1:] = position_sincos * sincos_2d(image_size // patch_size, vision_width)
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
@@ -327,6 +329,19 @@ def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, image_size:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """MAE's 2-D sin-cos position table for a ``side`` x ``side`` patch grid, row-major like the
+    patch sequence: half the channels encode the row, half the column (sin and cos of
+    ``position / 10000**(k / (width / 4))``). Its low frequencies are nearly linear in the
+    coordinate, so "left of" is one direction in feature space from the first step."""
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float) / (width // 4))
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    angles = [coordinate.flatten()[:, None].float() * omega for coordinate in (rows, columns)]
+    return torch.cat([f(angle) for angle in angles for f in (torch.sin, torch.cos)], dim=1)
 
 
 @contextlib.contextmanager
