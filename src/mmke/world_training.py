@@ -2,12 +2,12 @@
 
 Training items come from an endless stream of fresh pictures of the world's *train* scenes, each
 asked one random fact (an attribute in one of its wordings, the caption under one caption prompt,
-or how many objects a many-object picture shows), drawn with per-kind weights. The loss is the cross-entropy of exactly the
-target tokens the metrics score (the adapter's teacher-forced template), so "trained" means
-"scores well under the benchmark's exact match". Accuracy is measured on held-out scenes, which
-no training picture shows (:func:`mmke.data.demo.scene_split`), and on the facts of the demo
-datasets' eval records, read through the real loaders. What a 2-minute CPU budget buys is in the
-README ("The demo world").
+or how many objects a many-object picture shows), drawn with per-kind weights. The loss is the
+cross-entropy of exactly the target tokens the metrics score (the adapter's teacher-forced
+template), so "trained" means "scores well under the benchmark's exact match". Accuracy is
+measured on held-out scenes, which no training picture shows (:func:`mmke.data.demo.scene_split`),
+and on the facts of the demo datasets' eval records, read through the real loaders. What a
+2-minute CPU budget buys, and which choices it took, is in the README ("The demo world").
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def world_stream(split: str, seed: int, image_size: int, mloc_template: str,
     """
     weights = dict(fact_weights or {})
     if unknown := set(weights) - FACT_KINDS:
-        raise ValueError(f"unknown fact kinds {sorted(unknown)} in fact_weights; valid: {', '.join(sorted(FACT_KINDS))}")
+        valid = ", ".join(sorted(FACT_KINDS))
+        raise ValueError(f"unknown fact kinds {sorted(unknown)} in fact_weights; valid: {valid}")
     rng = random.Random(f"world-stream:{split}:{seed}")
     scenes = scene_split(split)
     while True:
