@@ -147,3 +147,17 @@ def test_frozen_parameters_keep_their_init(tmp_path):
     assert not torch.equal(after[patches], before[patches])
     with pytest.raises(ValueError, match=r"cannot freeze \['vision_model.nope'\]"):
         pretrain(adapter, world_stream("train", 0, 32, "trainer"), PretrainConfig(steps=1, frozen=["vision_model.nope"]))
+
+
+def test_weight_decay_is_decoupled_from_the_gradient_step(tmp_path):
+    """AdamW: one step with decay differs from one without by exactly lr x decay x the initial weight."""
+    init = build_tiny("blip2", tmp_path / "m")
+    runs = {}
+    for decay in (0.0, 0.5):
+        adapter = load_configured_model({"family": "blip2", "path": str(init)}, "cpu")
+        start = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
+        pretrain(adapter, world_stream("train", 0, 32, "trainer"), PretrainConfig(steps=1, batch_size=2, lr=0.01,
+                                                                                  weight_decay=decay))
+        runs[decay] = dict(adapter.model.named_parameters())
+    name = "language_model.model.decoder.layers.1.fc2.weight"
+    assert torch.allclose(runs[0.0][name] - runs[0.5][name], 0.01 * 0.5 * start[name], atol=1e-7)

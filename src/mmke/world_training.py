@@ -42,6 +42,8 @@ class PretrainConfig:
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
+    # AdamW's decoupled weight decay: keeps the model from learning shapes by heart per train scene.
+    weight_decay: float = 0.0
     seed: int = 0
     max_seconds: float | None = None
     # Relative frequency of each fact kind in the stream (attribute, "caption", "count"; absent = 1).
@@ -120,12 +122,12 @@ def world_stream(split: str, seed: int, image_size: int, mloc_template: str,
 
 
 def pretrain(model: VLMAdapter, stream: Iterator[FactItem], config: PretrainConfig) -> dict:
-    """Adam on the target-token cross-entropy of batches from ``stream``; returns steps, loss, seconds."""
+    """AdamW on the target-token cross-entropy of batches from ``stream``; returns steps, loss, seconds."""
     named = dict(model.model.named_parameters())
     if unknown := set(config.frozen) - set(named):
         raise ValueError(f"cannot freeze {sorted(unknown)}: the model has no such parameters")
     parameters = [p for name, p in named.items() if p.requires_grad and name not in config.frozen]
-    optimiser = torch.optim.Adam(parameters, lr=config.lr)
+    optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     # Linear warm-down: the last steps settle instead of bouncing between answers.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / config.steps)
     losses: list[float] = []
