@@ -1,4 +1,4 @@
-"""Stage: pretrain a tiny model on the synthetic world's train splits; record held-out accuracy."""
+"""Stage: pretrain a tiny model on the world and/or datasets' train splits; record held-out accuracy."""
 
 import torch
 

@@ -70,7 +70,7 @@ def workdir(tmp_path_factory) -> Path:
     config = demo_config(root)
     config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
     first = config["models"]["tiny-blip2"]
-    first["pretrain"].update(steps=3, max_seconds=None)  # the stage's mechanics, not its accuracy
+    first["pretrain"].update(steps=3, heldout_images=1)  # the stage's mechanics, not its accuracy
     # A second model straight from its random init: both ways of getting a model run in one DAG.
     second = {key: value for key, value in first.items() if key != "pretrain"}
     config["models"]["tiny-blip2-b"] = {**second, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}

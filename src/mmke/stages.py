@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -27,8 +29,10 @@ from mmke.io import read_json, read_jsonl, write_json, write_jsonl
 from mmke.methods.base import make_editor
 from mmke.models.base import VLMAdapter, load_model
 from mmke.shards import merge_reports, shard_slice
+from mmke.facts import FactSource, RecordFacts, WorldFacts, fact_stream
 from mmke.world_training import (
-    PretrainConfig, accuracy, eval_split_items, pretrain, save_pretrained, world_items, world_stream,
+    PretrainConfig, accuracy, counterfactual_accuracy, counterfactual_stream, pretrain, pretrain_counterfactual,
+    records_heldout, save_pretrained, world_heldout,
 )
 
 
@@ -196,29 +200,87 @@ def download_stage(name: str, entry: Mapping[str, Any], checksums: Mapping[str, 
     return fetch(Download.from_config(name, entry), checksums, retries=retries)
 
 
-def pretrain_base_stage(*, model: Mapping, init_dir: str | Path, datasets: Sequence[Mapping], protocol: Mapping,
-                   settings: Mapping, out_dir: str | Path, report_out: str | Path, device: str = "auto") -> dict:
-    """Train ``init_dir`` on the world's train scenes; save it at ``out_dir`` with a report.
+def fact_sources(config: PretrainConfig, datasets: Mapping[str, Mapping], mloc_template: str
+                 ) -> tuple[list[FactSource], dict[str, FactSource]]:
+    """What a pretraining run learns from, and the held-out source of each, by name.
 
-    The report holds exact-match accuracy on held-out scenes and on the ``datasets``' eval
-    records, before and after training, the steps actually run and the wall time, so the demo's
-    claim that its base model knows the world is a recorded number.
+    The world trains on its train scenes and is measured on its held-out scenes; a dataset trains
+    on its train split but the last ``heldout_fraction`` of it (at least one record), which it is
+    measured on. Eval splits are never read: the model depends only on what it trains on, and
+    what it knows of the eval records is the baseline stage's ``pre`` figure.
     """
-    config = PretrainConfig(**settings)
+    train: list[FactSource] = []
+    heldout: dict[str, FactSource] = {}
+    if config.world:
+        train.append(WorldFacts("train", config.image_size, mloc_template, config.fact_weights))
+        heldout["world"] = WorldFacts("eval", config.image_size, mloc_template)
+    for name, dataset in datasets.items():
+        records, roots = load_split(dataset, "train")
+        if len(records) < 2:
+            raise ValueError(f"{dataset['train']}: pretraining needs at least 2 train records (1 held out), "
+                             f"got {len(records)}")
+        n_heldout = min(len(records) - 1, max(1, math.ceil(len(records) * config.heldout_fraction)))
+        images = RecordImages(roots)
+        train.append(RecordFacts(records[:-n_heldout], images, mloc_template, config.fact_weights))
+        heldout[name] = RecordFacts(records[-n_heldout:], images, mloc_template)
+    if not train:
+        raise ValueError("pretrain: nothing to learn (world: false and no datasets)")
+    return train, heldout
+
+
+def pretrain_base_stage(*, model: Mapping, init_dir: str | Path, datasets: Mapping[str, Mapping], protocol: Mapping,
+                        settings: Mapping, out_dir: str | Path, report_out: str | Path, device: str = "auto") -> dict:
+    """Train ``init_dir`` on the world and/or the ``datasets``' train splits; save it at ``out_dir``.
+
+    The report holds exact-match accuracy on held-out facts of each source (plain and, if the
+    model learns contexts, after relevant and unrelated new facts), before and after training,
+    with the steps run, so the demo's claim that its base model knows its facts is a number.
+    """
+    config = PretrainConfig.from_settings(settings)
     adapter = load_configured_model({**model, "path": init_dir}, device)
-    template = Protocol(**protocol).mloc_template
-    stream = world_stream("train", config.seed, config.image_size, template, config.fact_weights)
-    measured = {"heldout": world_items("eval", config.heldout_images, config.seed, config.image_size, template),
-                "eval_split": eval_split_items(datasets, template)}
+    sources, heldout = fact_sources(config, datasets, Protocol(**protocol).mloc_template)
+    measured = {name: world_heldout(source, config) if isinstance(source, WorldFacts) else records_heldout(source, config)
+                for name, source in heldout.items()}
 
     def measure() -> dict[str, dict[str, float]]:
-        return {f"{name}_accuracy": accuracy(adapter, items, config.eval_batch_size) for name, items in measured.items()}
+        return {name: accuracy(adapter, items, config.eval_batch_size) for name, items in measured.items()}
 
     before = measure()
+    stream = fact_stream(sources, config.seed, config.context, plain_items=config.context.after * config.batch_size)
     run = pretrain(adapter, stream, config)
-    report = {**measure(), "before": before, "n_train_items": run["steps"] * config.batch_size,
-              **{f"n_{name}_items": len(items) for name, items in measured.items()},
+    report = {"heldout": measure(), "before": before, "n_train_items": run["steps"] * config.batch_size,
+              "n_heldout_items": {name: len(items) for name, items in measured.items()},
               "settings": dataclasses.asdict(config), **run, "device": str(adapter.device)}
-    save_pretrained(adapter, init_dir, out_dir)
+    save_pretrained(adapter.model, init_dir, out_dir)
+    write_json(report_out, report)
+    return report
+
+
+def pretrain_counterfactual_stage(*, init_dir: str | Path, datasets: Mapping[str, Mapping], protocol: Mapping,
+                                  settings: Mapping, out_dir: str | Path, report_out: str | Path,
+                                  device: str = "auto", n_heldout: int = 600) -> dict:
+    """Train SERAC's counterfactual LM (``init_dir``) to answer from the edit in its context.
+
+    Learns from the same sources as :func:`pretrain_base_stage`; measured on ``n_heldout``
+    (edit, query) pairs of the held-out sources, before and after.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = PretrainConfig.from_settings(settings)
+    lm = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True).to(resolve_device(device))
+    tokenizer = AutoTokenizer.from_pretrained(init_dir, local_files_only=True)
+    sources, heldout = fact_sources(config, datasets, Protocol(**protocol).mloc_template)
+    measured = {name: list(itertools.islice(counterfactual_stream([source], config.seed), n_heldout))
+                for name, source in heldout.items()}
+
+    def measure() -> dict[str, dict[str, float]]:
+        return {name: counterfactual_accuracy(lm, tokenizer, examples, config.eval_batch_size)
+                for name, examples in measured.items()}
+
+    before = measure()
+    run = pretrain_counterfactual(lm, tokenizer, counterfactual_stream(sources, config.seed), config)
+    report = {"heldout": measure(), "before": before, "n_train_items": run["steps"] * config.batch_size,
+              "settings": dataclasses.asdict(config), **run, "device": str(lm.device)}
+    save_pretrained(lm, init_dir, out_dir)
     write_json(report_out, report)
     return report

@@ -133,6 +133,7 @@ class MetaLearner(Protocol):
     def build(self, model: VLMAdapter) -> torch.nn.Module: ...
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> AbstractContextManager: ...
     def auxiliary_loss(self, model: VLMAdapter, batch: TrainBatch) -> dict[str, torch.Tensor]: ...
+    def auxiliary_accuracies(self, batch: TrainBatch) -> dict[str, list[float]]: ...
     def param_groups(self) -> list[dict]: ...
 
 
@@ -234,9 +235,11 @@ def validate(editor: MetaLearner, model: VLMAdapter, batches: Sequence[TrainBatc
         out = edited_outputs(editor, model, batch, kinds=(TARGET_ACCURACIES["inner"], *LOSS_ITEMS))
         for key, value in loss_parts(editor.hparams, batch, out).items():
             sums[key] = sums.get(key, 0.0) + value.item()
-        rows += training_accuracies(batch, out, exact_match)
+        extra = editor.auxiliary_accuracies(batch)
+        rows += [{**row, **{name: values[i] for name, values in extra.items()}}
+                 for i, row in enumerate(training_accuracies(batch, out, exact_match))]
     editor.network.train()
-    return {key: value / len(batches) for key, value in sums.items()}, metrics.mean_metrics(rows, ACCURACY_NAMES)
+    return {key: value / len(batches) for key, value in sums.items()}, metrics.mean_metrics(rows, list(rows[0]))
 
 
 def train(editor: MetaLearner, model: VLMAdapter, records: Sequence[EditRecord], images: ImageLoader,
@@ -325,7 +328,9 @@ def save_checkpoint(path: str | Path, network: torch.nn.Module, hparams) -> None
     # which safetensors refuses
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"hparams_digest": digest(hparams), "method": hparams.method})
+        # One metadata key: safetensors writes several in a per-process random order, and a
+        # checkpoint must be byte-identical across runs of the same config (the digest names the method).
+        save_file(tensors, str(tmp), metadata={"hparams_digest": digest(hparams)})
 
 
 def load_checkpoint(path: str | Path, hparams) -> dict[str, torch.Tensor]:

@@ -1,43 +1,52 @@
-"""Pretrain a tiny VLM on the synthetic world, so the demo edits a model that knows its facts.
+"""Pretrain tiny models on the facts of :mod:`mmke.facts`, so the demo edits models that know them.
 
-Training items come from an endless stream of fresh pictures of the world's *train* scenes, each
-asked one random fact (an attribute in one of its wordings, the caption under one caption prompt,
-or how many objects a many-object picture shows), drawn with per-kind weights. The loss is the
-cross-entropy of exactly the target tokens the metrics score (the adapter's teacher-forced
-template), so "trained" means "scores well under the benchmark's exact match". Accuracy is
-measured on held-out scenes, which no training picture shows (:func:`mmke.data.demo.scene_split`),
-and on the facts of the demo datasets' eval records, read through the real loaders. What a
-2-minute CPU budget buys, and which choices it took, is in the README ("The demo world").
+Two stages use this module:
+
+- :func:`pretrain` trains a tiny VLM (any family, through its adapter) on a stream of questions
+  from the synthetic world and/or configured datasets' train splits, a share of them asked after
+  an IKE-style context (:class:`mmke.facts.ContextConfig`). The answer loss is the cross-entropy
+  of exactly the target tokens the metrics score (the adapter's teacher-forced template), so
+  "trained" means "scores well under the benchmark's exact match". ``text_loss`` adds a
+  next-token loss on every text token, as a language model is pretrained: it makes the model read
+  the demonstrations sooner, and it trains the positions that locality compares.
+- :func:`pretrain_counterfactual` trains SERAC's counterfactual language model (a text-only LM
+  sharing the base vocabulary, as OPT-125m is for BLIP-2) to answer a query from the edit in its
+  context, in SERAC's own input format.
+
+Both are a function of their config, seed and code: the budget is a number of steps, the stream
+is seeded, dropout stays off (eval mode) and nothing depends on wall time. What the demo's budget
+buys, and which choices it took, is in the README ("The demo world").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import random
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from mmke import metrics
-from mmke.data.demo import ATTRIBUTES, COUNT_QUESTIONS, NUMBERS, Scene, draw_many, draw_scene, scene_facts, scene_split
-from mmke.data.images import load_rgb
-from mmke.data.records import ImageRoots, lead_space, load_records, locality_question, multimodal_locality_prompt
+from mmke.facts import (
+    ContextConfig, FactItem, FactSource, Question, RecordFacts, WorldFacts, counterfactual_item, in_context, plain,
+)
 from mmke.io import atomic_dir
+from mmke.methods.serac import counterfactual_ids
 from mmke.models.base import VLMAdapter
 
 LOG_EVERY = 100
-FACT_KINDS = frozenset({*ATTRIBUTES, "caption", "count"})  # the kinds of fact a picture states
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Optimisation budget; ``max_seconds`` caps wall time so the demo stays within its minutes."""
+    """One pretraining run: its budget (steps), stream and what it measures."""
 
     steps: int = 3000
     batch_size: int = 32
@@ -45,114 +54,103 @@ class PretrainConfig:
     # AdamW's decoupled weight decay: keeps the model from learning shapes by heart per train scene.
     weight_decay: float = 0.0
     seed: int = 0
-    max_seconds: float | None = None
-    # Relative frequency of each fact kind in the stream (attribute, "caption", "count"; absent = 1).
+    world: bool = True  # learn the synthetic world's train scenes (besides any configured datasets)
+    # Relative frequency of each fact kind in the stream (mmke.facts.FACT_KINDS; absent = 1).
     fact_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     # Parameter names kept at their init, e.g. a fixed sin-cos position table.
     frozen: list[str] = dataclasses.field(default_factory=list)
+    context: ContextConfig = ContextConfig()
+    text_loss: float = 0.0  # weight of the next-token loss on every text token
     eval_batch_size: int = 64
-    heldout_images: int = 60  # pictures of held-out scenes for the held-out accuracy
+    heldout_images: int = 60  # pictures of held-out scenes for the world's held-out accuracy
+    heldout_fraction: float = 0.1  # tail of a dataset's train split held out to measure on
     image_size: int = 64  # rendering size, as the demo datasets draw them
 
-
-@dataclasses.dataclass(frozen=True)
-class FactItem:
-    """One question the world answers: prompt + true answer (leading space) on one image."""
-
-    kind: str  # the attribute asked, "caption" or "count" ("vqa" for an E-VQA record's question)
-    prompt: str
-    answer: str
-    image: Image.Image
-
-
-def fact_items(kind: str, path: str | Path, roots: ImageRoots, mloc_template: str) -> list[FactItem]:
-    """The true facts a dataset split states: per record its prompt, rephrase and rephrased image
-    with ``pred``, and its counting question (worded as the protocol asks it) with ``m_loc_a``."""
-    label = "vqa" if kind == "evqa" else "caption"
-    items = []
-    for record in load_records(kind, path, roots):
-        image = load_rgb(roots.resolve("image", record.image))
-        rephrased = load_rgb(roots.resolve("image_rephrase", record.image_rephrase))
-        truth = lead_space(record.pred)
-        items += [FactItem(label, record.prompt, truth, image), FactItem(label, record.rephrase, truth, image),
-                  FactItem(label, record.prompt, truth, rephrased),
-                  FactItem("count", multimodal_locality_prompt(record, mloc_template), record.m_loc_a,
-                           load_rgb(roots.resolve("m_loc", record.m_loc)))]
-    return items
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> PretrainConfig:
+        """The config of a ``pretrain:`` entry (its ``context`` a mapping); unknown keys are errors."""
+        settings = dict(settings)
+        fields = {field.name for field in dataclasses.fields(cls)}
+        if unknown := set(settings) - fields:
+            raise ValueError(f"unknown pretraining settings {sorted(unknown)}; valid: {', '.join(sorted(fields))}")
+        if "context" in settings:
+            settings["context"] = ContextConfig(**settings["context"])
+        return cls(**settings)
 
 
-def picture_facts(rng: random.Random, scenes: Sequence[Scene], image_size: int, mloc_template: str) -> list[FactItem]:
-    """Every fact about a fresh picture of a random scene, plus the counting questions (worded
-    as the protocol asks them) about a fresh many-object picture."""
-    scene = rng.choice(scenes)
-    image = draw_scene(rng, scene, image_size)
-    items = [FactItem(kind, prompt, lead_space(answer), image) for kind, prompt, answer in scene_facts(scene)]
-    count = rng.randint(1, len(NUMBERS))
-    many = draw_many(rng, count, image_size)
-    return items + [FactItem("count", locality_question(question, mloc_template), lead_space(NUMBERS[count - 1]), many)
-                    for question in COUNT_QUESTIONS]
+def optimise(parameters: Sequence[torch.nn.Parameter], loss_of: Callable[[list], torch.Tensor],
+             stream: Iterator, config: PretrainConfig, log: Callable[[str], None] = print) -> dict:
+    """AdamW with a linear warm-down over ``config.steps`` batches of ``config.batch_size`` items.
 
-
-def world_items(split: str, n_images: int, seed: int, image_size: int, mloc_template: str) -> list[FactItem]:
-    """Every fact about ``n_images`` fresh pictures of the split's scenes: a fixed set to measure on."""
-    rng = random.Random(f"world:{split}:{seed}")
-    scenes = scene_split(split)
-    return [item for _ in range(n_images) for item in picture_facts(rng, scenes, image_size, mloc_template)]
-
-
-def world_stream(split: str, seed: int, image_size: int, mloc_template: str,
-                 fact_weights: Mapping[str, float] | None = None) -> Iterator[FactItem]:
-    """Endless fresh pictures of the split's scenes, one random fact each, a fact of kind k
-    ``fact_weights[k]`` times as likely as one of weight 1 (the default).
-
-    Never showing a picture twice is what makes the model look: on a fixed set of pictures a
-    tiny model learns each picture's jittered shades by heart instead of where its object is.
-    Weighting matters because colour, background and size are learnt in a few hundred steps
-    from the picture's average shade, after which the rare position questions barely move it.
+    The warm-down lets the last steps settle instead of bouncing between answers. Returns the
+    steps run (always ``config.steps``), the mean loss of the last 20 and the wall seconds.
     """
-    weights = dict(fact_weights or {})
-    if unknown := set(weights) - FACT_KINDS:
-        valid = ", ".join(sorted(FACT_KINDS))
-        raise ValueError(f"unknown fact kinds {sorted(unknown)} in fact_weights; valid: {valid}")
-    rng = random.Random(f"world-stream:{split}:{seed}")
-    scenes = scene_split(split)
-    while True:
-        items = picture_facts(rng, scenes, image_size, mloc_template)
-        yield rng.choices(items, weights=[weights.get(item.kind, 1.0) for item in items])[0]
-
-
-def pretrain(model: VLMAdapter, stream: Iterator[FactItem], config: PretrainConfig) -> dict:
-    """AdamW on the target-token cross-entropy of batches from ``stream``; returns steps, loss, seconds."""
-    named = dict(model.model.named_parameters())
-    if unknown := set(config.frozen) - set(named):
-        raise ValueError(f"cannot freeze {sorted(unknown)}: the model has no such parameters")
-    parameters = [p for name, p in named.items() if p.requires_grad and name not in config.frozen]
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    # Linear warm-down: the last steps settle instead of bouncing between answers.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / config.steps)
     losses: list[float] = []
     start = time.perf_counter()
-    # Dropout stays off (eval mode): on an endless stream there is nothing to regularise, and the
-    # seeded run is then deterministic given the stream.
     for step in range(config.steps):
-        if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
-            break
-        loss = _loss(model, list(itertools.islice(stream, config.batch_size)))
+        loss = loss_of(list(itertools.islice(stream, config.batch_size)))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
         losses.append(loss.item())
         if step % LOG_EVERY == 0:  # progress in the stage's log
-            print(f"step {step} loss {losses[-1]:.4f} {time.perf_counter() - start:.1f}s", flush=True)
+            log(f"step {step} loss {losses[-1]:.4f}")
     tail = losses[-20:]
     return {"steps": len(losses), "final_loss": sum(tail) / len(tail), "train_s": time.perf_counter() - start}
 
 
-def _loss(model: VLMAdapter, items: Sequence[FactItem]) -> torch.Tensor:
-    batch = model.teacher_forced([i.prompt for i in items], [i.answer for i in items], [i.image for i in items])
-    logits, labels = metrics.shift(model.logits(batch), batch.labels)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=metrics.IGNORE_INDEX)
+def trainable(model: torch.nn.Module, frozen: Iterable[str]) -> list[torch.nn.Parameter]:
+    """The parameters to optimise: all but the ``frozen`` names (each must exist)."""
+    named = dict(model.named_parameters())
+    if unknown := set(frozen) - set(named):
+        raise ValueError(f"cannot freeze {sorted(unknown)}: the model has no such parameters")
+    return [p for name, p in named.items() if p.requires_grad and name not in set(frozen)]
+
+
+def pretrain(model: VLMAdapter, stream: Iterator[FactItem], config: PretrainConfig,
+             log: Callable[[str], None] = print) -> dict:
+    """Train ``model`` on ``stream`` (answer loss + ``config.text_loss`` x next-token loss)."""
+    return optimise(trainable(model.model, config.frozen), lambda items: item_loss(model, items, config.text_loss),
+                    stream, config, log)
+
+
+def _batches(items: Sequence[FactItem], chunks: int = 1) -> list[list[FactItem]]:
+    """Items with a picture and text-only items apart (each family takes them in separate batches),
+    each split into ``chunks`` runs of similar prompt length so that short items are not padded to
+    the longest context."""
+    batches = []
+    for group in ([i for i in items if i.image is not None], [i for i in items if i.image is None]):
+        group = sorted(group, key=lambda item: len(item.prompt))
+        size = math.ceil(len(group) / chunks) if group else 1
+        batches += [group[first:first + size] for first in range(0, len(group), size)]
+    return batches
+
+
+def _teacher_forced(model: VLMAdapter, items: Sequence[FactItem]):
+    images = None if items[0].image is None else [item.image for item in items]
+    return model.teacher_forced([item.prompt for item in items], [item.answer for item in items], images)
+
+
+def item_loss(model: VLMAdapter, items: Sequence[FactItem], text_loss: float = 0.0, chunks: int = 2) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens, plus ``text_loss`` x that of every text token.
+
+    The output layer runs only where a loss is taken (see ``VLMAdapter.logits``).
+    """
+    answer_nll, text_nll = [], []
+    for chunk in _batches(items, chunks):
+        batch = _teacher_forced(model, chunk)
+        answer = batch.labels[:, 1:] != metrics.IGNORE_INDEX  # position t predicts token t + 1
+        gold = model.text_labels(batch)[:, 1:] if text_loss else batch.labels[:, 1:]
+        text = gold != metrics.IGNORE_INDEX
+        positions = F.pad(text, (0, 1))  # the last position predicts nothing
+        nll = F.cross_entropy(model.logits(batch, positions), gold[text], reduction="none")
+        answer_nll.append(nll[answer[text]])
+        text_nll.append(nll)
+    loss = torch.cat(answer_nll).mean()
+    return loss + text_loss * torch.cat(text_nll).mean() if text_loss else loss
 
 
 @torch.no_grad()
@@ -161,28 +159,110 @@ def accuracy(model: VLMAdapter, items: Sequence[FactItem], batch_size: int = 64)
     if not items:
         raise ValueError("no items to measure")
     scores: dict[str, list[float]] = defaultdict(list)
-    for first in range(0, len(items), batch_size):
-        chunk = items[first:first + batch_size]
-        batch = model.teacher_forced([i.prompt for i in chunk], [i.answer for i in chunk], [i.image for i in chunk])
+    for group in _batches(items, math.ceil(len(items) / batch_size)):
+        batch = _teacher_forced(model, group)
         correct = metrics.per_item_accuracy(model.logits(batch), batch.labels, exact_match=True)
-        for item, value in zip(chunk, correct.tolist()):
+        for item, value in zip(group, correct.tolist()):
             scores[item.kind].append(value)
     result = {kind: sum(values) / len(values) for kind, values in sorted(scores.items())}
     result["all"] = sum(map(sum, scores.values())) / len(items)
     return result
 
 
-def eval_split_items(datasets: Sequence[Mapping], mloc_template: str) -> list[FactItem]:
-    """Fact items of the eval splits of several dataset config entries (the facts the demo edits)."""
+def measurement_items(source: FactSource, question_sets: Iterable[list[Question]], seed: int,
+                      context: ContextConfig) -> list[FactItem]:
+    """Each question plain and, if the model learns to read contexts, after a relevant and after an
+    unrelated new fact with IKE's full ``max_demos`` demonstrations."""
+    rng = random.Random(f"measure:{seed}")
     items = []
-    for dataset in datasets:
-        items += fact_items(dataset["kind"], dataset["eval"], ImageRoots.of_dataset(dataset), mloc_template)
+    for questions in question_sets:
+        items += [plain(question) for question in questions]
+        if context.share:
+            items += [in_context(rng, source, question, context, relevant, context.max_demos)
+                      for question in questions for relevant in (True, False)]
     return items
 
 
-def save_pretrained(model: VLMAdapter, init_dir: str | Path, out_dir: str | Path) -> Path:
+def world_heldout(source: WorldFacts, config: PretrainConfig) -> list[FactItem]:
+    """Every question about ``config.heldout_images`` fresh pictures of ``source``'s (held-out) scenes."""
+    rng = random.Random(f"world-heldout:{config.seed}")
+    pictures = [source.every_question(rng) for _ in range(config.heldout_images)]
+    return measurement_items(source, [*pictures, source.text_questions()], config.seed, config.context)
+
+
+def records_heldout(source: RecordFacts, config: PretrainConfig) -> list[FactItem]:
+    """Every question of the records of ``source`` (a split's held-out tail)."""
+    return measurement_items(source, [source.every_question(record) for record in source.records],
+                             config.seed, config.context)
+
+
+def save_pretrained(model: torch.nn.Module, init_dir: str | Path, out_dir: str | Path) -> Path:
     """``init_dir`` with the trained weights: tokenizer and processor files stay byte-identical."""
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(init_dir, tmp, dirs_exist_ok=True)
-        model.model.save_pretrained(tmp)
+        model.save_pretrained(tmp)
     return Path(out_dir)
+
+
+# SERAC's counterfactual model ---------------------------------------------------------------
+
+
+def counterfactual_stream(sources: Sequence[FactSource], seed: int) -> Iterator[tuple[tuple[str, str], FactItem]]:
+    """Endless (edit, query) pairs for the counterfactual model (:func:`mmke.facts.counterfactual_item`)."""
+    rng = random.Random(f"counterfactual-stream:{seed}")
+    while True:
+        yield counterfactual_item(rng, rng.choice(sources))
+
+
+def counterfactual_batch(tokenizer, examples: Sequence[tuple[tuple[str, str], FactItem]],
+                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded ``edit prompt + target </s> query + answer`` rows, labels on the answer tokens only.
+
+    The row is exactly what SERAC's router feeds the model (:func:`mmke.methods.serac.counterfactual_ids`).
+    """
+    rows, starts = [], []
+    for edit, item in examples:
+        ids, query_start = counterfactual_ids(tokenizer, edit, item.prompt + item.answer)
+        rows.append(ids)
+        starts.append(query_start + len(tokenizer(item.prompt, add_special_tokens=False)["input_ids"]))
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), metrics.IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(zip(rows, starts)):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        labels[row, start:len(ids)] = input_ids[row, start:len(ids)]
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def counterfactual_loss(lm: torch.nn.Module, tokenizer, examples: Sequence) -> torch.Tensor:
+    batch = counterfactual_batch(tokenizer, examples, lm.device)
+    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    pred, gold = metrics.shift(logits.float(), batch["labels"])
+    return F.cross_entropy(pred.flatten(0, 1), gold.flatten(), ignore_index=metrics.IGNORE_INDEX)
+
+
+@torch.no_grad()
+def counterfactual_accuracy(lm: torch.nn.Module, tokenizer, examples: Sequence,
+                            batch_size: int = 64) -> dict[str, float]:
+    """Exact match of the counterfactual model's answers per example kind and overall."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for first in range(0, len(examples), batch_size):
+        chunk = examples[first:first + batch_size]
+        batch = counterfactual_batch(tokenizer, chunk, lm.device)
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        correct = metrics.per_item_accuracy(logits.float(), batch["labels"], exact_match=True)
+        for (_, item), value in zip(chunk, correct.tolist()):
+            scores[item.kind].append(value)
+    result = {kind: sum(values) / len(values) for kind, values in sorted(scores.items())}
+    result["all"] = sum(map(sum, scores.values())) / len(examples)
+    return result
+
+
+def pretrain_counterfactual(lm: torch.nn.Module, tokenizer, stream: Iterator, config: PretrainConfig,
+                            log: Callable[[str], None] = print) -> dict:
+    """Train SERAC's counterfactual LM on (edit, query) pairs from ``stream``."""
+    lm.eval()  # dropout off: the seeded run is deterministic
+    return optimise(trainable(lm, config.frozen), lambda examples: counterfactual_loss(lm, tokenizer, examples),
+                    stream, config, log)

@@ -134,28 +134,42 @@ def lavis_inputs(wildcards):
     return {key: pieces[key] for key in ("vision", "qformer", "llm", "projection") if key in pieces}
 
 
-def pretrain_base_inputs(wildcards):
-    """The random init, and the eval split + images of each dataset whose facts the stage checks.
-
-    Training pictures are rendered by the stage itself from the world's train scenes.
-    """
-    spec = MODELS[wildcards.model]["pretrain"]
-    inputs = {"init": spec.get("init", f"resources/tiny/{wildcards.model}")}
-    for name in spec.get("datasets", []):
+def train_split_inputs(names):
+    """The train split and image folders of each named dataset (what a pretraining reads)."""
+    inputs = {}
+    for name in names:
         dataset = DATASETS[name]
-        inputs |= {f"{name}_eval": dataset["eval"], f"{name}_images": dataset["image_root"]}
+        inputs |= {f"{name}_train": dataset["train"], f"{name}_images": dataset["image_root"]}
         if dataset.get("rephrase_image_root"):
             inputs[f"{name}_rephrase_images"] = dataset["rephrase_image_root"]
     return inputs
 
 
-def pretrain_base_settings(model):
-    """The optimisation settings of a model's ``pretrain:`` entry (what mmke.world_training reads)."""
-    return {
-        key: value
-        for key, value in MODELS[model]["pretrain"].items()
-        if key not in ("datasets", "init")
-    }
+def pretrain_base_inputs(wildcards):
+    """The random init and the train splits it learns (world pictures are rendered by the stage)."""
+    spec = MODELS[wildcards.model]["pretrain"]
+    init = {"init": spec.get("init", f"resources/tiny/{wildcards.model}")}
+    return init | train_split_inputs(spec.get("datasets", []))
+
+
+# SERAC's counterfactual LM of the demo, trained from the tiny init (config `counterfactual:`).
+COUNTERFACTUAL_DIR = "resources/world/counterfactual"
+
+
+def pretrain_counterfactual_inputs(wildcards):
+    spec = config["counterfactual"]["pretrain"]
+    init = {"init": spec.get("init", "resources/tiny/aux/counterfactual")}
+    return init | train_split_inputs(spec.get("datasets", []))
+
+
+def pretrain_datasets(spec):
+    """Name -> config entry of the datasets a ``pretrain:`` entry learns."""
+    return {name: DATASETS[name] for name in spec.get("datasets", [])}
+
+
+def pretrain_settings(spec):
+    """The optimisation settings of a ``pretrain:`` entry (what mmke.world_training reads)."""
+    return {key: value for key, value in spec.items() if key not in ("datasets", "init")}
 
 
 def baseline_inputs(wildcards):

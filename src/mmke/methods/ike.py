@@ -29,13 +29,24 @@ class IKEHParams(HParams):
     sentence_model: str = "all-MiniLM-L6-v2"
 
 
-def new_fact(record: EditRecord) -> str:
-    """``New Fact: {p} {t}\\n`` with the raw target (records carry it with its scoring space)."""
-    return f"New Fact: {record.prompt} {_raw(record.target)}\n"
+def fact_line(prompt: str, target: str) -> str:
+    """``New Fact: {p} {t}\\n``: how IKE states an edit (raw target, no scoring space)."""
+    return f"New Fact: {prompt} {target}\n"
+
+
+def demonstration_text(prompt: str, target: str, question: str, answer: str) -> str:
+    """One demonstration: the fact, then a question answered under it, then a blank line."""
+    return f"{fact_line(prompt, target)}Prompt: {question} {answer}\n\n"
+
+
+def edited_question(prompt: str, target: str, question: str) -> str:
+    """What IKE asks after its demonstrations: the fact, then the question to answer under it."""
+    return f"{fact_line(prompt, target)}Prompt: {question}"
 
 
 def demonstration(record: EditRecord, question: str, answer: str) -> str:
-    return f"{new_fact(record)}Prompt: {question} {answer}\n\n"
+    """A demonstration of the record's edit (records carry the target with its scoring space)."""
+    return demonstration_text(record.prompt, _raw(record.target), question, answer)
 
 
 def training_sentences(records: Sequence[EditRecord]) -> list[str]:
@@ -79,10 +90,10 @@ class InContextEdit(Edit):
     def __init__(self, record: EditRecord, demonstrations: Sequence[str]):
         super().__init__()
         self.context = "".join(demonstrations)
-        self.fact = new_fact(record)
+        self.edit = (record.prompt, _raw(record.target))
 
     def prompt(self, text: str) -> str:
-        return f"{self.context}{self.fact}Prompt: {text}"
+        return self.context + edited_question(*self.edit, text)
 
     def pre_prompt(self, text: str) -> str:
         return f"{self.context}{text}"

@@ -102,6 +102,10 @@ class MetaEditor(Editor, abc.ABC):
         """Method-specific loss terms by name, as added to the total (called with the edit live)."""
         return {}
 
+    def auxiliary_accuracies(self, batch: TrainBatch) -> dict[str, list[float]]:
+        """Method-specific training-time accuracies by name, one value per record of ``batch``."""
+        return {}
+
     @abc.abstractmethod
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
         """Context in which ``model.logits`` is the edited model's, differentiable in the network."""

@@ -124,12 +124,19 @@ class Router:
 
     def counterfactual_logits(self, edit: tuple[str, str], query: str) -> torch.Tensor:
         """Logits of the counterfactual model at the query's tokens, conditioned on the edit."""
-        tokenizer = self.model.tokenizer
-        context = tokenizer(edit[0] + edit[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([context + query_ids], device=self.model.device)
-        out = self.network.counterfactual(input_ids=ids, use_cache=False).logits[0]
-        return out[len(context):].float()
+        ids, start = counterfactual_ids(self.model.tokenizer, edit, query)
+        out = self.network.counterfactual(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False)
+        return out.logits[0, start:].float()
+
+
+def counterfactual_ids(tokenizer, edit: tuple[str, str], query: str) -> tuple[list[int], int]:
+    """The counterfactual model's input ``edit prompt + target </s> query`` and where the query starts.
+
+    The one place this format lives: the router and the counterfactual model's pretraining
+    (:func:`mmke.world_training.pretrain_counterfactual`) both build their rows here.
+    """
+    context = tokenizer(edit[0] + edit[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return context + tokenizer(query, add_special_tokens=False)["input_ids"], len(context)
 
 
 @contextlib.contextmanager
@@ -212,6 +219,18 @@ class SERAC(MetaEditor):
         hp = self.hparams
         return (hp.cedit * target_unlikelihood(logits[:1], items.labels[:1])
                 + hp.iedit * target_unlikelihood(logits[1:], items.labels[1:]))
+
+    def auxiliary_accuracies(self, batch: TrainBatch) -> dict[str, list[float]]:
+        """How the scope classifier routes each record's items at evaluation (hard routing):
+        ``scope_in`` the share of [prompt, rephrase] sent to the counterfactual model,
+        ``scope_out`` the share of [loc, m_loc] left to the base model."""
+        rows = {"scope_in": [], "scope_out": []}
+        for i in range(len(batch.records)):
+            queries = [item.prompts[i] for item in (batch.edit, batch.rephrase, batch.loc, batch.m_loc)]
+            routed = self.in_scope(queries, [batch.edit.prompts[i]])
+            rows["scope_in"].append(sum(routed[:2]) / 2)
+            rows["scope_out"].append(sum(not r for r in routed[2:]) / 2)
+        return rows
 
     def in_scope(self, queries: Sequence[str], edits: Sequence[str]) -> list[bool]:
         """Whether each query would be routed to the counterfactual model (for tests and analysis)."""

@@ -62,6 +62,7 @@ class VLMAdapter(abc.ABC):
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    placeholder_id: int  # the id ``input_ids`` holds at image positions (query slots, image tokens)
 
     @classmethod
     @abc.abstractmethod
@@ -75,11 +76,14 @@ class VLMAdapter(abc.ABC):
         """Inputs for prompt + target with only the target tokens labelled (spec section 2)."""
 
     @abc.abstractmethod
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits ``[B, T, V]`` over the full sequence, not shifted.
 
         ``logits[:, t]`` predicts token ``t + 1``; the metrics do the shift once (spec section 3),
         so every family returns the same alignment. Gradients flow, so methods can train on it.
+        With a boolean ``positions`` mask ``[B, T]``, only those rows ``[N, V]`` (row-major), as
+        ``logits(batch)[positions]`` but without computing the output layer elsewhere: training
+        on a few labelled positions then skips most of the vocabulary projection.
         """
 
     @abc.abstractmethod
@@ -89,6 +93,15 @@ class VLMAdapter(abc.ABC):
         Every family offers the same names (``llm.mlp.last1`` .. ``llm.mlp.last{L}``, ``llm``,
         ``qformer``, ``vision_proj``, ``vision``) so method hparams stay model-independent.
         """
+
+    def text_labels(self, batch: Batch) -> torch.LongTensor:
+        """Every real text token of ``batch`` as a label (image positions and padding -100).
+
+        The targets of a next-token loss over the whole text, as language models are pretrained
+        (:mod:`mmke.world_training`); ``batch.labels`` covers only the answer.
+        """
+        text = batch.attention_mask.bool() & (batch.input_ids != self.placeholder_id)
+        return batch.input_ids.masked_fill(~text, IGNORE_INDEX)
 
     def editable(self, scope: str) -> dict[str, torch.nn.Parameter]:
         """The parameters of ``scope``; an unknown scope is a KeyError naming the valid ones."""
@@ -151,6 +164,16 @@ def mlp_scopes(model: torch.nn.Module, layer_prefixes: Sequence[str]) -> dict[st
         f"llm.mlp.last{n}": [f"{layer}.{weight}" for layer in layer_prefixes[-n:] for weight in pair]
         for n in range(1, len(layer_prefixes) + 1)
     }
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``model``'s output layer on its last hidden states, at ``positions`` only if given, in float32.
+
+    The causal LMs and VLMs of transformers compute their logits as exactly this projection of the
+    base model's last hidden state (no scaling), so families call their base model and this.
+    """
+    head = model.get_output_embeddings()
+    return head(hidden if positions is None else hidden[positions]).float()
 
 
 def params_under(model: torch.nn.Module, *prefixes: str) -> list[str]:

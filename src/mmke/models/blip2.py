@@ -22,6 +22,7 @@ from mmke.models.base import (
     check_items,
     decoder_layer_prefixes,
     mlp_scopes,
+    output_logits,
     params_under,
     register_model,
 )
@@ -110,7 +111,7 @@ class Blip2Adapter(VLMAdapter):
         pixel_values = None if images is None else self.pixel_values(images)
         return Batch(input_ids, attention_mask, labels, pixel_values).to(self.device)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Language-model logits over image prompt + text positions, as EasyEdit/LAVIS compute them.
 
         The projected Q-Former outputs are spliced between the embedded ``image_prompt`` parts
@@ -120,15 +121,16 @@ class Blip2Adapter(VLMAdapter):
         batch = batch.to(self.device)
         language_model = self.model.language_model
         if batch.pixel_values is None:
-            out = language_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            return out.logits.float()
-        image = self.model.get_image_features(batch.pixel_values, interpolate_pos_encoding=True, return_dict=True)
-        embeds = language_model.get_input_embeddings()(batch.input_ids)
-        start = len(self.image_prompt()[0])
-        end = start + self.num_query_tokens
-        embeds = torch.cat([embeds[:, :start], image.pooler_output.to(embeds.dtype), embeds[:, end:]], dim=1)
-        out = language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
-        return out.logits.float()
+            inputs = {"input_ids": batch.input_ids}
+        else:
+            image = self.model.get_image_features(batch.pixel_values, interpolate_pos_encoding=True, return_dict=True)
+            embeds = language_model.get_input_embeddings()(batch.input_ids)
+            start = len(self.image_prompt()[0])
+            end = start + self.num_query_tokens
+            inputs = {"inputs_embeds": torch.cat([embeds[:, :start], image.pooler_output.to(embeds.dtype),
+                                                  embeds[:, end:]], dim=1)}
+        hidden = language_model.base_model(**inputs, attention_mask=batch.attention_mask, use_cache=False)
+        return output_logits(language_model, hidden.last_hidden_state, positions)
 
     def scopes(self) -> dict[str, list[str]]:
         model = self.model

@@ -35,6 +35,7 @@ from mmke.models.base import (
     check_items,
     decoder_layer_prefixes,
     mlp_scopes,
+    output_logits,
     params_under,
     register_model,
 )
@@ -56,6 +57,7 @@ class HFVLMAdapter(VLMAdapter):
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "right"  # labels and locality alignment assume right padding
         self.device = device
+        self.placeholder_id = model.config.image_token_id  # the processor expands images into these
         if getattr(processor, "chat_template", None) is None:
             raise ValueError(f"{type(processor).__name__} has no chat template; hf_vlm builds prompts with it")
 
@@ -97,13 +99,14 @@ class HFVLMAdapter(VLMAdapter):
         image_inputs = {key: value for key, value in full.items() if key not in self.BATCH_KEYS}
         return Batch(input_ids, attention_mask, labels, full.get("pixel_values"), image_inputs).to(self.device)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The model's own forward: it places the image features at the image tokens."""
         batch = batch.to(self.device)
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.image_inputs}
         if batch.pixel_values is not None:
             inputs["pixel_values"] = batch.pixel_values.to(self.model.dtype)
-        return self.model(**inputs, use_cache=False).logits.float()
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        return output_logits(self.model, hidden, positions)
 
     def _module_prefix(self, paths: Sequence[str]) -> str | None:
         """``named_modules`` prefix of the first of ``paths`` (dotted, under ``model.model``) present."""

@@ -148,24 +148,28 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
 
 
 def build_tiny_minigpt4(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
-                        num_query_tokens: int = 4, vocab_size: int = 1024) -> Path:
+                        num_query_tokens: int = 4, vocab_size: int = 1024, vision_width: int = 32,
+                        init_std: float = 0.02, patch_size: int = PATCH_SIZE,
+                        position_sincos: float | None = None) -> Path:
     """A tiny random MiniGPT-4: the BLIP-2 module tree with a 2-layer Llama language model.
 
     MiniGPT-4 is saved as a BLIP-2 directory (see :mod:`mmke.models.minigpt4`); Vicuna's
-    untied input/output embeddings are kept untied here too.
+    untied input/output embeddings are kept untied here too. The vision options are those of
+    :func:`build_tiny_blip2`.
     """
     tokenizer = train_tokenizer(vocab_size)
-    text_config = _tiny_llama_config(tokenizer, vocab_size)
+    text_config = _tiny_llama_config(tokenizer, vocab_size, init_std)
     return _build_blip2_tree(out_dir, text_config, tokenizer, seed=seed, image_size=image_size,
-                             num_query_tokens=num_query_tokens)
+                             num_query_tokens=num_query_tokens, vision_width=vision_width, init_std=init_std,
+                             patch_size=patch_size, position_sincos=position_sincos)
 
 
-def _tiny_llama_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> LlamaConfig:
+def _tiny_llama_config(tokenizer: PreTrainedTokenizerFast, vocab_size: int, init_std: float = 0.02) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=init_std,
     )
 
 
@@ -199,10 +203,8 @@ def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTra
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
         with torch.no_grad():
             model.query_tokens.normal_(mean=0.0, std=init_std)
-            if position_sincos is not None:
-                table = model.vision_model.embeddings.position_embedding  # (1, CLS + patches, width)
-                table.zero_()  # the CLS token has no place in the grid
-                table[0, 1:] = position_sincos * sincos_2d(image_size // patch_size, vision_width)
+            if position_sincos is not None:  # (1, CLS + patches, width)
+                set_sincos(model.vision_model.embeddings.position_embedding[0], position_sincos, image_size // patch_size)
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
@@ -225,30 +227,37 @@ LLAVA_CHAT_TEMPLATE = (
 
 
 def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, image_size: int = 32,
-                     vocab_size: int = 1024) -> Path:
+                     vocab_size: int = 1024, vision_width: int = 32, init_std: float = 0.02,
+                     patch_size: int = PATCH_SIZE, position_sincos: float | None = None) -> Path:
     """A tiny random LLaVA-1.5 (CLIP vision tower + 2-layer MLP projector + 2-layer Llama).
 
     Saved with a ``LlavaProcessor`` and LLaVA-1.5's chat template, so it loads through
     ``AutoModelForImageTextToText`` / ``AutoProcessor`` like llava-hf/llava-1.5-7b-hf; the
     processor expands ``<image>`` into one token per patch (CLS dropped, "default" strategy).
+    The vision options are those of :func:`build_tiny_blip2` (``init_std`` sets the whole model's).
     """
-    _check_image_size(image_size)
+    _check_image_size(image_size, patch_size)
     tokenizer = train_tokenizer(vocab_size)
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=image_size, patch_size=PATCH_SIZE,
-                                       projection_dim=32).to_dict(),
-        text_config=_tiny_llama_config(tokenizer, vocab_size).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                                       num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                                       patch_size=patch_size, projection_dim=vision_width,
+                                       initializer_range=init_std).to_dict(),
+        text_config=_tiny_llama_config(tokenizer, vocab_size, init_std).to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     with seeded(seed):
         model = LlavaForConditionalGeneration(config)
+        if position_sincos is not None:  # nn.Embedding over CLS + patches
+            with torch.no_grad():
+                table = model.model.vision_tower.embeddings.position_embedding.weight
+                set_sincos(table, position_sincos, image_size // patch_size)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     # num_additional_image_tokens=1: the CLS token, dropped again by the "default" strategy (as llava-hf).
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                num_additional_image_tokens=1,
                                vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE)
     with atomic_dir(out_dir) as tmp:
@@ -342,6 +351,13 @@ def sincos_2d(side: int, width: int) -> torch.Tensor:
     rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     angles = [coordinate.flatten()[:, None].float() * omega for coordinate in (rows, columns)]
     return torch.cat([f(angle) for angle in angles for f in (torch.sin, torch.cos)], dim=1)
+
+
+def set_sincos(table: torch.Tensor, scale: float, side: int) -> None:
+    """Fill a vision position table ``[CLS + side**2, width]`` in place with ``scale`` x
+    :func:`sincos_2d`; the CLS row has no place in the grid and stays zero."""
+    table.zero_()
+    table[1:] = scale * sincos_2d(side, table.shape[-1])
 
 
 @contextlib.contextmanager
