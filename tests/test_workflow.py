@@ -129,10 +129,11 @@ def test_sharded_dataset_is_gathered_in_record_order(workdir):
 
 def test_tables_plots_and_html_report(workdir):
     tex = (workdir / "results/tables/summary.tex").read_text()
-    assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
+    assert "\\multicolumn{6}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
     assert tex.count("Base & ") == 1
     long = list(csv.DictReader((workdir / "results/tables/summary_long.csv").open()))
-    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FIRST_MODEL_ONLY)) * 5
+    # per combo: the 5 headline metrics, exact match and token accuracy of the 3 edit metrics, pre
+    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FIRST_MODEL_ONLY)) * 12
     for dataset in ("demo-evqa", "demo-eic"):
         assert (workdir / f"results/plots/{dataset}.png").read_bytes()[:4] == b"\x89PNG"
     run_snakemake(workdir, "--report", "report.html")
