@@ -67,3 +67,33 @@ def test_a_model_placed_by_hand_is_not_promised_a_rule(tmp_path):
     assert broken_model_message(tmp_path, RuntimeError("x")) == (
         f"{tmp_path}/model.safetensors: corrupt or truncated safetensors file (x); "
         "no workflow rule writes it: replace it with a complete copy")
+
+
+def cut_short(path) -> None:
+    path.write_bytes(path.read_bytes()[:9])
+
+
+def test_every_stage_output_read_back_names_its_rule(tmp_path, monkeypatch):
+    """Editor checkpoint (pretrain), IKE index (embed) and model weights (tiny_model) cut short."""
+    from mmke.embed import load_embeddings, save_embeddings
+    from mmke.hparams import build_hparams
+    from mmke.methods.base import get_method
+    from mmke.models.tiny import build_tiny_blip2
+    from mmke.stages import load_configured_model
+    from mmke.train import load_checkpoint, save_checkpoint
+
+    hparams = build_hparams(get_method("base").hparams_class, {"method": "base"})
+    save_checkpoint(tmp_path / "editor.safetensors", torch.nn.Linear(2, 2), hparams)
+    cut_short(tmp_path / "editor.safetensors")
+    with pytest.raises(ValueError, match=r"editor\.safetensors: corrupt or truncated .*rule pretrain writes it again"):
+        load_checkpoint(tmp_path / "editor.safetensors", hparams)
+    save_embeddings(tmp_path / "e.safetensors", tmp_path / "s.json", torch.zeros(1, 3), ["a"], "m")
+    cut_short(tmp_path / "e.safetensors")
+    with pytest.raises(ValueError, match=r"e\.safetensors: corrupt or truncated .*rule embed writes it again"):
+        load_embeddings(tmp_path / "e.safetensors", tmp_path / "s.json", "m")
+    monkeypatch.chdir(tmp_path)
+    build_tiny_blip2("resources/tiny/t", seed=0, image_size=32)
+    cut_short(tmp_path / "resources/tiny/t/model.safetensors")
+    with pytest.raises(ValueError, match=r"^resources/tiny/t/model\.safetensors: corrupt or truncated safetensors file "
+                                         r"\(.*\); delete resources/tiny/t and rerun snakemake: rule tiny_model"):
+        load_configured_model({"family": "blip2", "path": "resources/tiny/t"}, device="cpu")
