@@ -96,8 +96,8 @@ def test_dangling_names_of_a_copied_config_are_one_line_errors(tmp_path):
     assert "config: exclude[2].method: 'KE' is not one of the config's methods (base, IKE)" in lines
     assert lines[-2:] == [
         f"config: models.easyvqa-blip2: no {method} hparams file, config/hparams/{method}/easyvqa-blip2.yaml does "
-        "not exist; write one, or reuse another model's files with `hparams: <model>` in models.easyvqa-blip2 "
-        "(config/README.md)" for method in ("base", "IKE")]
+        "not exist; write one, or reuse another model's files with `hparams: <model>` in models.easyvqa-blip2; "
+        "see config/README.md" for method in ("base", "IKE")]
     assert "Traceback" not in proc.stderr and "KeyError" not in proc.stderr
 
 
@@ -166,9 +166,10 @@ def test_hparams_reuse_by_method_map(tmp_path):
     write_config(tmp_path, config)
     plan = snakemake(tmp_path, "-n", "--quiet", "rules")
     assert plan.returncode == 0, plan.stderr
-    config["models"]["easyvqa-blip2"]["hparams"] = {"IKE": "tiny-blip2"}  # base keeps its own, missing file
+    config["models"]["easyvqa-blip2"]["hparams"] = {"IKE": "tiny-blip2", "base": "my-base.yaml"}
     write_config(tmp_path, config)
     proc = snakemake(tmp_path, "-n")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "config: models.easyvqa-blip2: no base hparams file, config/hparams/base/easyvqa-blip2.yaml does not exist")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "config: models.easyvqa-blip2: no base hparams file, my-base.yaml does not exist; "
+        "write one (models.easyvqa-blip2.hparams points there); see config/README.md")

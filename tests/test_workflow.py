@@ -237,9 +237,11 @@ def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
     tiny.tokenizer.save_pretrained(tmp_path / "src/llm")
     config["models"] = {"lavis-minigpt4": {
         "family": "minigpt4", "path": "resources/models/lavis-minigpt4", "image_size": 32,
+        "hparams": "tiny-minigpt4",  # every combo the config names needs an hparams file
         "lavis": {"vision": "src/vision.pth", "qformer": "src/qformer.pth", "projection": "src/projection.pth",
                   "llm": "src/llm", "vision_config": {"num_attention_heads": 2},
                   "qformer_config": {"num_attention_heads": 2}}}}
+    config["methods"] = ["base"]
     (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run_snakemake(tmp_path, "results/baseline/lavis-minigpt4/demo-evqa/pre.jsonl")
     converted = tmp_path / "resources/models/lavis-minigpt4"

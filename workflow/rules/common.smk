@@ -155,10 +155,14 @@ def config_problems():
     for method, model in dict.fromkeys((method, model) for method, model, _ in combos()):
         path = hparams_path(method, model)
         if not os.path.isfile(path):
+            hint = (
+                f" (models.{model}.hparams points there)"
+                if path != own_hparams_path(method, model)
+                else f", or reuse another model's files with `hparams: <model>` in models.{model}"
+            )
             problems.append(
-                f"models.{model}: no {method} hparams file, {path} does not exist; write one, "
-                f"or reuse another model's files with `hparams: <model>` in models.{model} "
-                "(config/README.md)"
+                f"models.{model}: no {method} hparams file, {path} does not exist; "
+                f"write one{hint}; see config/README.md"
             )
     return problems
 
@@ -316,7 +320,12 @@ def hparams_path(method, model):
     chosen = reuse.get(method, model) if isinstance(reuse, dict) else reuse
     if chosen.endswith((".yaml", ".yml")):
         return chosen
-    return f"{config.get('hparams_dir', 'config/hparams')}/{method}/{chosen}.yaml"
+    return own_hparams_path(method, chosen)
+
+
+def own_hparams_path(method, model):
+    """Where a model's own hparams file for a method lives."""
+    return f"{config.get('hparams_dir', 'config/hparams')}/{method}/{model}.yaml"
 
 
 def rule_id(name):
