@@ -25,7 +25,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
+# A killed run's lock is removed first, unless a Snakemake still runs here (mmke.unlock); its
+# half-done jobs are rerun by rerun-incomplete (profiles/default, Snakemake's default workflow profile).
 demo: $(VENV)/.installed
+	$(RUN) python -m mmke.unlock .
 	$(RUN) snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 test: $(VENV)/.installed-test

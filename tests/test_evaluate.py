@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from mmke.evaluate import Protocol, Schedule, evaluate
-from mmke.hparams import build_hparams
-from mmke.methods.base import Edit, Editor, get_method
+from conftest import REPO
+from mmke.evaluate import Protocol, Schedule, evaluate, run_baseline
+from mmke.hparams import build_hparams, read_hparams
+from mmke.methods.base import Edit, Editor, get_method, make_editor
 
 PROBE = "language_model.model.decoder.layers.1.fc2.bias"
 
@@ -120,3 +121,38 @@ def test_baseline_of_another_protocol_is_refused(adapter, eval_records, roots, b
     noedit = get_method("base")(build_hparams(get_method("base").hparams_class, {"method": "base"}))
     with pytest.raises(ValueError, match="baseline was computed with"):
         evaluate(adapter, noedit, eval_records, roots, baseline, Protocol(exact_match=False))
+
+
+def test_pre_says_whether_the_unedited_model_answers_pred(adapter, eval_records, roots):
+    """Teach the model one record's old answer, then the baseline finds it knows that one only."""
+    known, unknown = eval_records[0], eval_records[1]
+    teach = make_editor(read_hparams(REPO / "config/hparams/FT-L/tiny-blip2.yaml"))
+    teach.bind_images(roots)
+    teach.apply(adapter, [dataclasses.replace(known, target=" " + known.pred)])  # kept: no revert
+    baseline = run_baseline(adapter, [known, unknown], roots, Protocol())
+    assert baseline.knows_pred == {known.id: 1.0, unknown.id: 0.0}
+    noedit = get_method("base")(build_hparams(get_method("base").hparams_class, {"method": "base"}))
+    result = evaluate(adapter, noedit, [known, unknown], roots, baseline, Protocol())
+    assert [row["knows_pred"] for row in result.rows] == [1.0, 0.0]
+    assert result.summary["pre"] == 0.5
+
+
+def test_rows_carry_both_definitions_and_the_headline(adapter, eval_records, roots, baseline):
+    noedit = get_method("base")(build_hparams(get_method("base").hparams_class, {"method": "base"}))
+    for exact_match in (True, False):
+        protocol = Protocol(exact_match=exact_match)
+        base = baseline if exact_match else run_baseline(adapter, eval_records[:2], roots, protocol)
+        result = evaluate(adapter, noedit, eval_records[:2], roots, base, protocol)
+        for row in result.rows:
+            for metric in ("rewrite_acc", "rephrase_acc", "image_rephrase_acc"):
+                chosen = row["post"][f"{metric}_{'em' if exact_match else 'token'}"]
+                assert row["post"][metric] == chosen
+                assert row["post"][f"{metric}_em"] <= row["post"][f"{metric}_token"]
+        assert {"rewrite_acc_em", "rewrite_acc_token", "pre"} <= set(result.summary)
+
+
+def test_baseline_of_another_target_join_is_refused(adapter, eval_records, roots, baseline):
+    noedit = get_method("base")(build_hparams(get_method("base").hparams_class, {"method": "base"}))
+    adapter.target_join = "raw"
+    with pytest.raises(ValueError, match="baseline was computed with target_join 'space', the model joins targets 'raw'"):
+        evaluate(adapter, noedit, eval_records, roots, baseline, Protocol())

@@ -52,7 +52,7 @@ def test_relevant_new_fact_overrides_the_picture_in_ikes_exact_format():
     assert item.kind == "colour:edit" and new in ATTRIBUTES["colour"] and new != question.answer
     p = VQA_QUESTIONS["colour"][0]
     # the IKE editor asks exactly this after its context: the query sentence, then the new fact
-    ike = InContextEdit(_record(p, new), [demonstration(_record(p, new), p, new)])
+    ike = InContextEdit.retrieved(_record(p, new), [demonstration(_record(p, new), p, new)])
     assert item.prompt == ike.prompt(question.text)
     assert item.image is question.image
 

@@ -8,7 +8,7 @@ import torch
 from mmke.data.records import EditRecord
 from mmke.embed import load_embeddings, load_sentence_model, save_embeddings, sentence_model_path
 from mmke.evaluate import Protocol, Schedule, evaluate
-from mmke.hparams import build_hparams
+from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.ike import IKE, IKEHParams, Retriever, query_sentence, training_sentences
 from mmke.stages import embed_stage
 
@@ -84,12 +84,14 @@ def test_ike_pre_uses_the_demonstrations_and_locality_the_baseline(adapter, eval
     rec = eval_records[0]
     (row,) = evaluate(adapter, ike, [rec], roots, baseline, Protocol()).rows
     edit = ike.apply(adapter, [rec])
-    assert edit.context.count("New Fact: ") == 4  # k retrieved + the new fact itself
+    assert edit.pre_context.count("New Fact: ") == 4  # k retrieved + the new fact itself
+    assert edit.context.count("New Fact: ") == 5  # and the new fact before the question
     assert seen[:3] == [edit.pre_prompt(rec.prompt), edit.pre_prompt(rec.rephrase), edit.pre_prompt(rec.prompt)]
     assert seen[3:6] == [edit.prompt(rec.prompt), edit.prompt(rec.rephrase), edit.prompt(rec.prompt)]
     assert seen[6] == edit.prompt(rec.loc)
     assert seen[7] == edit.prompt(f"Question: {rec.m_loc_q} Short answer:")
-    assert set(row["pre"]) == {"rewrite_acc", "rephrase_acc", "image_rephrase_acc"}
+    assert set(row["pre"]) == {f"{m}{d}" for m in ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
+                               for d in ("", "_em", "_token")}
     assert 0.0 <= row["post"]["locality_acc"] <= 1.0
 
 
@@ -128,3 +130,37 @@ def test_sequential_mode_refuses_in_context_edits(adapter, eval_records, roots, 
                               torch.ones(1, 1), corpus)
     with pytest.raises(ValueError, match="IKE edits the prompt, not the weights"):
         evaluate(adapter, ike, eval_records, roots, baseline, Protocol(), Schedule("sequential", 2))
+
+
+def test_k0_fact_prefix_is_easyedits_k0_path(adapter, eval_records, roots, baseline, monkeypatch):
+    """No retrieval: "New Fact: {p} {t}\\nPrompt: {p}\\n\\n" before every bare question, pre = baseline."""
+    ike = IKE(build_hparams(IKEHParams, {"method": "IKE", "k": 0, "mode": "fact_prefix"}))
+    ike.prepare({})  # needs no embeddings
+    rec = eval_records[0]
+    edit = ike.apply(adapter, [rec])
+    prefix = f"New Fact: {rec.prompt} {rec.target.removeprefix(' ')}\nPrompt: {rec.prompt}\n\n"
+    assert edit.in_context
+    assert edit.prompt("How many?") == prefix + "How many?"
+    assert edit.pre_prompt("How many?") == "How many?"
+    seen: list[str] = []
+    teacher_forced = adapter.teacher_forced
+    monkeypatch.setattr(adapter, "teacher_forced", lambda p, t, i: seen.extend(p) or teacher_forced(p, t, i))
+    (row,) = evaluate(adapter, ike, [rec], roots, baseline, Protocol()).rows
+    assert seen[:3] == [rec.prompt, rec.rephrase, rec.prompt]
+    assert seen[3:] == [prefix + rec.prompt, prefix + rec.rephrase, prefix + rec.prompt, prefix + rec.loc,
+                        prefix + f"Question: {rec.m_loc_q} Short answer:"]
+    assert row["pre"] == baseline.accuracy[rec.id]  # the bare question is the unedited model's
+
+
+def test_ike_mode_and_k_must_agree(tmp_path):
+    path = tmp_path / "IKE.yaml"
+    path.write_text("method: IKE\nk: 0\n")
+    with pytest.raises(ValueError, match=r"IKE\.yaml: field 'k' is 0: mode 'retrieve' needs k >= 1; EasyEdit's k: 0 "
+                                         r"\(no retrieval, the new fact before each question\) is mode: fact_prefix"):
+        read_hparams(path)
+    path.write_text("method: IKE\nk: 4\nmode: fact_prefix\n")
+    with pytest.raises(ValueError, match="IKE.yaml: field 'k' is 4: mode 'fact_prefix' retrieves nothing, set k: 0"):
+        read_hparams(path)
+    path.write_text("method: IKE\nk: 0\nmode: prefix\n")
+    with pytest.raises(ValueError, match="field 'mode' must be one of retrieve, fact_prefix, got 'prefix'"):
+        read_hparams(path)

@@ -93,3 +93,26 @@ def test_mean_metrics_is_mean_of_records():
     assert metrics.mean_metrics(rows, ["a", "b"]) == pytest.approx({"a": 2 / 3, "b": 0.5})
     with pytest.raises(ValueError):
         metrics.mean_metrics([], ["a"])
+
+
+def test_both_definitions_come_from_the_same_logits():
+    # item 0: 2 of 2 target tokens right; item 1: 1 of 2 right; item 2: 0 of 1 right
+    logits = one_hot_logits([[1, 2, 0], [1, 4, 0], [3, 0, 0]])
+    labels = torch.tensor([[-100, 1, 2], [-100, 1, 2], [-100, 1, -100]])
+    both = metrics.both_accuracies(logits, labels)
+    assert both["em"].tolist() == [1.0, 0.0, 0.0]
+    assert both["token"].tolist() == [1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("exact_match, headline", [(True, [1.0, 0.0, 0.0]), (False, [1.0, 0.5, 0.0])])
+def test_item_scores_keep_both_and_the_protocol_picks_the_headline(exact_match, headline):
+    logits = one_hot_logits([[1, 2, 0], [1, 4, 0], [3, 0, 0]])
+    labels = torch.tensor([[-100, 1, 2], [-100, 1, 2], [-100, 1, -100]])
+    scores = metrics.item_scores(["rewrite_acc", "rephrase_acc", "image_rephrase_acc"], logits, labels, exact_match)
+    assert scores == {
+        "rewrite_acc": headline[0], "rewrite_acc_em": 1.0, "rewrite_acc_token": 1.0,
+        "rephrase_acc": headline[1], "rephrase_acc_em": 0.0, "rephrase_acc_token": 0.5,
+        "image_rephrase_acc": headline[2], "image_rephrase_acc_em": 0.0, "image_rephrase_acc_token": 0.0,
+    }
+    with pytest.raises(ValueError, match="2 metric names for 3 items"):
+        metrics.item_scores(["a", "b"], logits, labels, exact_match)

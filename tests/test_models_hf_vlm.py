@@ -9,16 +9,18 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaOnevisionProcessor, LlavaProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 from mmke.models import MODELS, load_model
-from mmke.models.hf_vlm import HFVLMAdapter, image_only_processor_class
+from mmke.models.hf_vlm import HFVLMAdapter, fetch_image, image_only_processor_class, smart_resize
 from mmke.models.tiny import build_tiny_llava, build_tiny_qwen2vl
 
 PROMPTS = ["What colour is the shape?", "a photo of"]
 TARGETS = [" red", " a blue triangle"]
 IMAGE_TOKENS = (32 // 8) ** 2  # LLaVA: one per patch; CLS dropped
-# Qwen2-VL resizes each image to about 32x32 pixels in multiples of 16 keeping the aspect ratio,
-# cuts 8x8 patches and merges 2x2 of them per token: 40x24 -> 32x32 (4x4 patches), 64x16 -> 16x64 (2x8).
-QWEN_GRIDS = [[1, 4, 4], [1, 2, 8]]
-QWEN_IMAGE_TOKENS = [4, 4]
+# Qwen2-VL images first get qwen_vl_utils' smart resize (sides in multiples of 28, at least 3136 px):
+# 40x24 -> 84x56, 64x16 -> 112x28 (width x height). The tiny processor then resizes to about 32x32
+# pixels in multiples of 16 keeping the aspect ratio, cuts 8x8 patches and merges 2x2 of them per
+# token: 84x56 -> 32x16 (2x4 patches), 112x28 -> 64x16 (2x8).
+QWEN_GRIDS = [[1, 2, 4], [1, 2, 8]]
+QWEN_IMAGE_TOKENS = [2, 4]
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +67,39 @@ def test_registered_and_prompt_follows_the_chat_template(adapter):
     assert adapter.chat_prompt("Q?", False) == "USER: Q? ASSISTANT:"
 
 
-def test_labels_are_exactly_the_target_tokens(vlm):
+def test_labels_are_exactly_the_raw_target_tokens(vlm):
+    """EasyEdit's editor path: the target follows the assistant header with no leading space."""
     model, images, image_tokens = vlm
+    assert model.target_join == "raw"
     batch = model.teacher_forced(PROMPTS, TARGETS, images)
     image_id = model.model.config.image_token_id
     assert (batch.input_ids == image_id).sum(dim=1).tolist() == image_tokens
     for row, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
-        full = model.tokenizer(model.chat_prompt(prompt, False) + target)["input_ids"]
+        full = model.tokenizer(model.chat_prompt(prompt, False) + target.removeprefix(" "))["input_ids"]
         prompt_only = model.tokenizer(model.chat_prompt(prompt, False))["input_ids"]
         kept = batch.labels[row][batch.labels[row] != -100].tolist()
         assert kept == full[len(prompt_only):]
-        assert model.tokenizer.decode(kept) == target
+        assert model.tokenizer.decode(kept) == target.removeprefix(" ")
     assert (batch.labels[batch.attention_mask == 0] == -100).all()
     assert (batch.labels[batch.input_ids == image_id] == -100).all()
+
+
+@pytest.mark.parametrize("join", ["raw", "space"])
+def test_target_tokens_follow_the_target_join(qwen_dir, join):
+    """``raw`` labels the tokens of "red" right after ``assistant\n``; ``space`` those of " red"."""
+    model = load_model("hf_vlm", qwen_dir, target_join=join)
+    batch = model.teacher_forced(["What colour?"], [" red"], None)
+    kept = batch.labels[0][batch.labels[0] != -100].tolist()
+    text = {"raw": "red", "space": " red"}[join]
+    assert kept == model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert model.tokenizer.decode(batch.input_ids[0]).endswith(f"<|im_start|>assistant\n{text}")
+    other = {"raw": " red", "space": "red"}[join]
+    assert kept != model.tokenizer(other, add_special_tokens=False)["input_ids"]  # different BPE ids
+
+
+def test_unknown_target_join_is_refused(qwen_dir):
+    with pytest.raises(ValueError, match="target_join for family 'hf_vlm' must be one of space, raw, got 'none'"):
+        load_model("hf_vlm", qwen_dir, target_join="none")
 
 
 @torch.no_grad()
@@ -87,8 +109,9 @@ def test_logits_equal_the_models_forward_and_depend_on_the_image(vlm):
     reference = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             pixel_values=batch.pixel_values, **batch.image_inputs).logits
     torch.testing.assert_close(model.logits(batch), reference.float(), rtol=0, atol=1e-6)
-    swapped = model.teacher_forced(PROMPTS, TARGETS, images[::-1])
-    assert not torch.allclose(model.logits(swapped), model.logits(batch))
+    recoloured = [Image.new("RGB", image.size, (20, 200, 20)) for image in images]  # same sizes, other pixels
+    other = model.teacher_forced(PROMPTS, TARGETS, recoloured)
+    assert not torch.allclose(model.logits(other), model.logits(batch))
 
 
 @torch.no_grad()
@@ -201,3 +224,46 @@ def test_only_processors_that_lose_nothing_drop_their_video_processor():
     assert image_only_processor_class(Qwen2VLProcessor) is image_only_processor_class(Qwen2VLProcessor)
     qwen25 = image_only_processor_class(Qwen2_5_VLProcessor)
     assert qwen25.__name__ == "Qwen2_5_VLProcessor" and qwen25.get_attributes() == ["image_processor", "tokenizer"]
+
+
+@pytest.mark.parametrize("height,width,expected", [
+    (24, 40, (56, 84)),  # rounds to 28x28 = 784 px < 3136: scaled up by sqrt(3136 / 960), sides ceiled
+    (16, 64, (28, 112)),  # 28x56 < 3136: scale 1.75, 16 * 1.75 = 28 and 64 * 1.75 = 112 exactly
+    (64, 64, (56, 56)),  # the demo's pictures: 64 / 28 = 2.29 -> 2, and 56 * 56 = 3136 is in bounds
+    (100, 100, (112, 112)),  # 3.57 -> 4
+    (42, 70, (56, 56)),  # 1.5 -> 2 and 2.5 -> 2: Python rounds halves to even, as qwen_vl_utils
+    (28, 28, (56, 56)),  # 784 px: doubled to the minimum
+    (4000, 5000, (3192, 4004)),  # 4004 x 5012 > 16384 * 784: scale sqrt(4000 * 5000 / 12845056), floored
+])
+def test_qwen_smart_resize_matches_hand_computed_sizes(height, width, expected):
+    assert smart_resize(height, width) == expected
+
+
+def test_qwen_smart_resize_refuses_extreme_aspect_ratios():
+    with pytest.raises(ValueError, match=r"absolute aspect ratio must be smaller than 200, got 210.0 \(2100x10 px\)"):
+        smart_resize(10, 2100)
+
+
+def test_qwen_images_are_fetched_as_qwen_vl_utils_does(qwen, qwen_images, adapter, images, monkeypatch):
+    """The processor receives smart-resized images (bicubic); LLaVA's receive the images as read."""
+    resized = fetch_image(qwen_images[0])
+    assert resized.size == (84, 56)
+    assert resized.tobytes() == qwen_images[0].resize((84, 56), Image.Resampling.BICUBIC).tobytes()
+    seen = []
+    for model in (qwen, adapter):
+        call = model.processor.__call__
+        monkeypatch.setattr(type(model.processor), "__call__",
+                            lambda self, *a, call=call, **k: seen.append([i.size for i in k.get("images", [])]) or call(*a, **k))
+    qwen.teacher_forced(PROMPTS, TARGETS, qwen_images)
+    adapter.teacher_forced(PROMPTS, TARGETS, images)
+    assert seen == [[(84, 56), (112, 28)]] * 2 + [[(40, 24), (32, 32)]] * 2
+
+
+def test_a_resize_is_logged_once_per_model(qwen_dir, qwen_images, caplog):
+    model = load_model("hf_vlm", qwen_dir)
+    with caplog.at_level("WARNING", logger="mmke.models.base"):
+        model.teacher_forced(PROMPTS, TARGETS, qwen_images)
+        model.teacher_forced(PROMPTS, TARGETS, qwen_images)
+    notes = [r.getMessage() for r in caplog.records if "resized" in r.getMessage()]
+    assert notes == [f"{qwen_dir}: images are resized before the model sees them, e.g. 40x24 px -> 32x16 px "
+                     "(said once per job)"]

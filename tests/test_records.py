@@ -92,6 +92,31 @@ def test_eic_keeps_empty_text_fields_and_skips_only_empty_alt(tmp_path, field):
     assert getattr(records[0], mapped) in ("", " ")  # answers still get their leading space
 
 
+def test_skipped_ids_are_kept_and_logged(tmp_path, caplog):
+    path = write_dataset(tmp_path, [row(0), row(1, alt=""), row(2, loc=""), row(3)])
+    with caplog.at_level("WARNING", logger="mmke.data.records"):
+        evqa = load_evqa(path, ImageRoots(tmp_path))
+        eic = load_eic(path, ImageRoots(tmp_path))
+    assert [r.id for r in evqa] == [0, 3] and evqa.skipped == (1, 2)
+    assert [r.id for r in eic] == [0, 2, 3] and eic.skipped == (1,)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 2 of 4 records skipped (E-VQA skip rule: an empty field): ids 1, 2",
+        f"{path}: 1 of 4 records skipped (E-IC skip rule: an empty alt): ids 1",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmke.data.records"):
+        assert load_evqa(write_dataset(tmp_path, [row(0)], "ok.json"), ImageRoots(tmp_path)).skipped == ()
+    assert caplog.records == []  # nothing skipped, nothing said
+
+
+def test_a_long_skip_list_is_cut_in_the_log_only(tmp_path, caplog):
+    path = write_dataset(tmp_path, [row(i, alt="") for i in range(25)] + [row(25)])
+    with caplog.at_level("WARNING", logger="mmke.data.records"):
+        records = load_evqa(path, ImageRoots(tmp_path))
+    assert records.skipped == tuple(range(25))
+    assert caplog.records[0].getMessage().endswith("ids " + ", ".join(map(str, range(20))) + ", ...")
+
+
 def test_size_is_applied_before_skipping(tmp_path):
     path = write_dataset(tmp_path, [row(0), row(1, alt=""), row(2), row(3), row(4)])
     assert [r.id for r in load_evqa(path, ImageRoots(tmp_path), size=3)] == [0, 2]

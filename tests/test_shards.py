@@ -5,12 +5,13 @@ import json
 import pytest
 
 from mmke.data.demo import write_demo_dataset
+from mmke.evaluate import DEFINITION_METRICS, KNOWS_PRED, SUMMARY_METRICS
 from mmke.io import read_json, read_jsonl, write_json
 from mmke.models.tiny import build_tiny_blip2
 from mmke.shards import merge_reports, shard_slice
 from mmke.stages import baseline_stage, evaluate_stage, gather_stage
 
-METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc")
+METRICS = SUMMARY_METRICS + DEFINITION_METRICS
 
 
 @pytest.mark.parametrize("n, count", [(10, 3), (6, 6), (7, 1), (5, 2)])
@@ -37,7 +38,7 @@ def test_bad_shard_arguments_are_errors():
 
 
 def report(values, digest="abc", edit_s=1.0):
-    rows = [{"id": i, "pre": {}, "post": {k: v for k in METRICS}} for i, v in values]
+    rows = [{"id": i, "pre": {}, "post": {k: v for k in METRICS}, "knows_pred": float(i % 2)} for i, v in values]
     return {"method": "m", "model": "x", "dataset": "d", "hparams": {}, "hparams_digest": digest, "protocol": {},
             "n": len(rows), "summary": {}, "timings": {"edit_s": edit_s, "total_s": 2.0, "edits_per_s": 1.0}}, rows
 
@@ -48,6 +49,7 @@ def test_merge_recomputes_means_from_rows_not_from_shard_means():
     assert [row["id"] for row in rows] == [0, 1, 2]
     assert merged["n"] == 3 and merged["shards"] == 2
     assert merged["summary"]["rewrite_acc"] == (0.1 + 0.2 + 0.7) / 3
+    assert merged["summary"][KNOWS_PRED] == 1 / 3  # record 1 of 0, 1, 2 knew its pred
     assert merged["timings"]["edit_s"] == 2.0
     assert merged["timings"]["edits_per_s"] == 1.5
 
@@ -80,7 +82,7 @@ def test_gathered_shards_equal_the_unsharded_run_exactly(tmp_path):
     gathered = gather_stage([m for m, _ in parts], [r for _, r in parts], tmp_path / "g.json", tmp_path / "g.jsonl")
     assert gathered["n"] == whole["n"] == 7
     assert gathered["summary"] == whole["summary"]  # exact, not approx
-    assert set(whole["summary"]) == set(METRICS)
+    assert set(whole["summary"]) == {*METRICS, KNOWS_PRED}
     assert read_jsonl(tmp_path / "g.jsonl") == read_jsonl(tmp_path / "whole.jsonl")
     assert read_json(tmp_path / "g.json")["summary"] == json.loads((tmp_path / "whole.json").read_text())["summary"]
 

@@ -2,15 +2,26 @@
 
 import pytest
 
+from mmke.evaluate import DEFINITION_METRICS, SUMMARY_METRICS
 from mmke.io import write_json
-from mmke.tables import collect, plot_dataset, read_summary, to_latex, to_long, write_csv, write_summary
+from mmke.tables import collect, plot_dataset, read_summary, to_latex, to_long, to_markdown, write_csv, write_summary
 
-METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc")
+METRICS = SUMMARY_METRICS + DEFINITION_METRICS
 
 
-def metrics_file(path, method, value, dataset="evqa"):
-    write_json(path, {"method": method, "model": "m", "dataset": dataset, "n": 4,
-                      "summary": {k: value for k in METRICS}})
+def summary(value, pre=1.0, **values):
+    """Every summary value ``value`` (token accuracies a quarter higher), ``pre`` and overrides."""
+    base = {k: value for k in METRICS} | {k: min(1.0, value + 0.25) for k in METRICS if k.endswith("_token")}
+    return base | {"pre": pre} | values
+
+
+def metrics_json(method, value, dataset="evqa", model="m", pre=1.0, exact_match=True, **extra):
+    return {"method": method, "model": model, "dataset": dataset, "n": 4, "summary": summary(value, pre),
+            "protocol": {"exact_match": exact_match, "mloc_template": "trainer"}, **extra}
+
+
+def metrics_file(path, method, value, dataset="evqa", **kwargs):
+    write_json(path, metrics_json(method, value, dataset, **kwargs))
     return path
 
 
@@ -26,18 +37,51 @@ def test_csv_and_markdown(tmp_path):
     paths = [metrics_file(tmp_path / "a.json", "base", 0.123456), metrics_file(tmp_path / "b.json", "base", 1.0, "eic")]
     write_summary(paths, tmp_path / "s.csv", tmp_path / "s.md", ["base"])
     csv_lines = (tmp_path / "s.csv").read_text().splitlines()
-    assert csv_lines[0] == "method,model,dataset,n," + ",".join(METRICS)
+    assert csv_lines[0] == "method,model,dataset,n," + ",".join(METRICS) + ",pre"
     assert len(csv_lines) == 3
     md = (tmp_path / "s.md").read_text()
     assert "## evqa" in md and "## eic" in md
-    assert "12.35" in md and "100.00" in md  # percentages, two decimals
-    assert "Rel." in md and "M-Loc." in md
+    header, _, evqa_row = md.split("## evqa")[1].strip().splitlines()[:3]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "model", "method", "n", "Rel. EM / Acc", "T-Gen. EM / Acc", "M-Gen.", "T-Loc.", "M-Loc.", "pre"]
+    # percentages with two decimals; Rel. and T-Gen. as exact match / token accuracy, as the paper's v5
+    assert [c.strip() for c in evqa_row.strip("|").split("|")] == [
+        "m", "base", "4", "12.35 / 37.35", "12.35 / 37.35", "12.35", "12.35", "12.35", "100.00"]
+    assert "Rel., T-Gen.: exact match / token accuracy; M-Gen.: exact match (protocol.exact_match)" in md
+    assert "Note:" not in md  # every base model knows its facts
+
+
+def test_a_table_says_when_its_base_model_does_not_know_its_facts(tmp_path):
+    paths = [metrics_file(tmp_path / "a.json", "base", 0.0, pre=0.5), metrics_file(tmp_path / "b.json", "FT-L", 1.0, pre=0.5),
+             metrics_file(tmp_path / "c.json", "base", 0.0, model="knows", pre=0.95)]
+    frame = collect(paths, ["base", "FT-L"])
+    note = ("Note: unedited, m answers `pred` on only 50.00% of evqa's records (pre < 90): "
+            "its rows do not show edits of facts it knew.")
+    md = to_markdown(frame)
+    assert md.count("Note:") == 1 and note in md
+    tex = to_latex(frame)
+    assert "\\footnotesize Note: unedited, m answers pred on only 50.00\\% of evqa's records" in tex
+    plot_dataset(frame, "evqa", tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_token_accuracy_headline_is_named_and_not_mixed_with_exact_match(tmp_path):
+    token = metrics_file(tmp_path / "a.json", "base", 0.5, exact_match=False)
+    assert "M-Gen.: token accuracy (protocol.exact_match)" in to_markdown(collect([token]))
+    exact = metrics_file(tmp_path / "b.json", "FT-L", 0.5)
+    with pytest.raises(ValueError, match=r"different headline definitions \(protocol.exact_match\)"):
+        collect([token, exact])
 
 
 def test_malformed_metrics_file_is_named(tmp_path):
     path = tmp_path / "bad.json"
     write_json(path, {"method": "base"})
     with pytest.raises(ValueError, match=r"bad\.json: metrics JSON lacks"):
+        collect([path])
+    old = metrics_json("base", 0.5)
+    del old["summary"]["pre"], old["summary"]["rewrite_acc_em"]
+    write_json(path, old)
+    with pytest.raises(ValueError, match=r"lacks \['summary.rewrite_acc_em', 'summary.pre'\] \(written by an older mmke"):
         collect([path])
 
 
@@ -48,35 +92,39 @@ def paper_frame(tmp_path):
         for method, value in (("MEND", 0.5), ("base", 0.25), ("FT-L", 0.125), ("my_method", 1.0)):
             if (model, method) == ("b", "MEND"):
                 continue
-            path = tmp_path / f"{model}-{method}.json"
-            write_json(path, {"method": method, "model": model, "dataset": "evqa", "n": 4,
-                              "summary": {k: value for k in METRICS}})
-            paths.append(path)
+            paths.append(metrics_file(tmp_path / f"{model}-{method}.json", method, value, model=model))
     return collect(paths, method_order=["MEND", "base", "FT-L", "my_method"])
 
 
 def test_long_csv_has_one_row_per_metric(tmp_path):
     long = to_long(paper_frame(tmp_path))
     assert list(long.columns) == ["method", "model", "dataset", "n", "metric", "column", "value"]
-    assert len(long) == 7 * 5
+    assert len(long) == 7 * (5 + 6 + 1)  # combos x (headline metrics, both definitions of 3, pre)
     row = long[(long["method"] == "FT-L") & (long["model"] == "b") & (long["metric"] == "locality_acc")]
     assert row["column"].item() == "T-Loc." and row["value"].item() == 0.125
+    row = long[(long["method"] == "FT-L") & (long["model"] == "b") & (long["metric"] == "rephrase_acc_token")]
+    assert row["column"].item() == "T-Gen. Acc" and row["value"].item() == 0.375
+    assert set(long["column"]) >= {"Rel. EM", "Rel. Acc", "M-Gen. EM", "M-Gen. Acc", "pre"}
 
 
 def test_latex_follows_the_paper_layout(tmp_path):
     tex = to_latex(paper_frame(tmp_path), model_order=["b", "a"])
     lines = tex.splitlines()
-    assert lines[0] == "\\begin{tabular}{l" + "c" * 10 + "}"
-    assert "\\multicolumn{5}{c}{b / evqa} & \\multicolumn{5}{c}{a / evqa}" in tex  # model order from config
-    assert "\\cmidrule(lr){2-6} \\cmidrule(lr){7-11}" in tex
+    assert lines[0] == "\\begin{tabular}{l" + "c" * 12 + "}"
+    assert "\\multicolumn{6}{c}{b / evqa} & \\multicolumn{6}{c}{a / evqa}" in tex  # model order from config
+    assert "\\cmidrule(lr){2-7} \\cmidrule(lr){8-13}" in tex
+    assert lines[4] == "Method & " + " & ".join(["Rel. EM / Acc", "T-Gen. EM / Acc", "M-Gen.", "T-Loc.", "M-Loc.",
+                                                  "pre"] * 2) + " \\\\"
     body = [line.split(" & ")[0].removesuffix(" \\\\") for line in lines if line.endswith("\\\\")][2:]
-    # paper groups and labels, in paper order, whatever the config's method order
-    assert body == ["\\multicolumn{11}{l}{\\textit{Base Methods}}", "Base", "FT (LLM)",
-                    "\\multicolumn{11}{l}{\\textit{Model Editing}}", "MEND",
-                    "\\multicolumn{11}{l}{\\textit{Other}}", "my\\_method"]
+    # paper groups and labels, in paper order, whatever the config's method order; then the legend
+    assert body == ["\\multicolumn{13}{l}{\\textit{Base Methods}}", "Base", "FT (LLM)",
+                    "\\multicolumn{13}{l}{\\textit{Model Editing}}", "MEND",
+                    "\\multicolumn{13}{l}{\\textit{Other}}", "my\\_method",
+                    "\\multicolumn{13}{l}{\\footnotesize Rel., T-Gen.: exact match / token accuracy; M-Gen.: exact "
+                    "match (protocol.exact\\_match). pre: records whose unedited model answers pred (exact match).}"]
     mend = next(line for line in lines if line.startswith("MEND &"))
-    assert mend == "MEND & " + " & ".join(["--"] * 5 + ["50.00"] * 5) + " \\\\"
-    assert "12.50" in tex and tex.count("\\midrule") == 3 and "\\bottomrule" in tex
+    assert mend == "MEND & " + " & ".join(["--"] * 6 + ["50.00 / 75.00"] * 2 + ["50.00"] * 3 + ["100.00"]) + " \\\\"
+    assert "12.50 / 37.50" in tex and tex.count("\\midrule") == 3 and "\\bottomrule" in tex
 
 
 def test_plot_is_a_png_per_dataset(tmp_path):
@@ -97,12 +145,8 @@ def test_summary_csv_round_trips_and_bad_csv_is_named(tmp_path):
 
 def test_single_and_sequential_metrics_are_not_stacked(tmp_path):
     single = metrics_file(tmp_path / "a.json", "base", 0.5)  # written before schedules were recorded
-    explicit = tmp_path / "c.json"
-    write_json(explicit, {"method": "IKE", "model": "m", "dataset": "evqa", "n": 4,
-                          "summary": {k: 0.5 for k in METRICS}, "evaluation": {"mode": "single", "n_edits": 1}})
-    sequential = tmp_path / "b.json"
-    write_json(sequential, {"method": "FT-L", "model": "m", "dataset": "evqa", "n": 4,
-                            "summary": {k: 0.5 for k in METRICS}, "evaluation": {"mode": "sequential", "n_edits": 4}})
+    explicit = metrics_file(tmp_path / "c.json", "IKE", 0.5, evaluation={"mode": "single", "n_edits": 1})
+    sequential = metrics_file(tmp_path / "b.json", "FT-L", 0.5, evaluation={"mode": "sequential", "n_edits": 4})
     assert len(collect([single, explicit])) == 2
     with pytest.raises(ValueError, match=r"different evaluation schedules.*b\.json"):
         collect([single, sequential])

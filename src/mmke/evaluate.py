@@ -16,28 +16,40 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mmke import metrics
-from mmke.data.records import EditRecord, ImageRoots, RecordImages, multimodal_locality_prompt
-from mmke.io import atomic_path, read_jsonl, write_jsonl
+from mmke.data.records import EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt
+from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import VLMAdapter
 
 EDIT_METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
 LOCALITY_METRICS = ("locality_acc", "multimodal_locality_acc")
 SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
+#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
+DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
+#: Summary key of the share of records whose unedited model answers ``pred`` (exact match).
+KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
 IMAGE_LOC_K = 10  # M-Locality compares top-10 id lists
+BASELINE_STAGE = "baseline"  # the workflow rule that writes a Baseline
 
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """Evaluation choices that must be equal across methods for a table to be comparable."""
+    """Evaluation choices that must be equal across methods for a table to be comparable.
+
+    ``exact_match`` picks the headline definition only: both are always computed and kept.
+    ``target_join`` maps a model family to the target convention that replaces the family's
+    default (:data:`mmke.models.base.TARGET_JOINS`); the adapter applies it, so it is given to
+    :func:`mmke.models.base.load_model`, and the baseline records the one it was built with.
+    """
 
     exact_match: bool = True
     mloc_template: str = "trainer"
+    target_join: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,34 +74,49 @@ class Schedule:
 
 @dataclasses.dataclass
 class Baseline:
-    """Pre-edit accuracies and locality predictions of one model on one dataset."""
+    """Pre-edit accuracies and locality predictions of one model on one dataset.
+
+    ``knows_pred`` is 1.0 for a record whose unedited model answers its ``pred`` (exact match on
+    the edit prompt + edit image): the table's ``pre`` column, which says whether the edits change
+    facts the model knew. ``target_join`` is the adapter's target convention the items were built
+    with; evaluating under another one would compare different token sequences.
+    """
 
     protocol: Protocol
     accuracy: dict[int, dict[str, float]]
     loc: dict[int, torch.Tensor]
     m_loc: dict[int, torch.Tensor]
+    knows_pred: dict[int, float] = dataclasses.field(default_factory=dict)
+    target_join: str = "space"
 
     def save(self, rows_path: str | Path, tensors_path: str | Path) -> None:
-        write_jsonl(rows_path, ({"id": i, **acc} for i, acc in sorted(self.accuracy.items())))
+        write_jsonl(rows_path, ({"id": i, **acc, "knows_pred": self.knows_pred[i]}
+                                for i, acc in sorted(self.accuracy.items())))
         tensors = {f"loc.{i}": t.contiguous() for i, t in self.loc.items()}
         tensors |= {f"m_loc.{i}": t.contiguous() for i, t in self.m_loc.items()}
-        meta = {"protocol": json.dumps(dataclasses.asdict(self.protocol), sort_keys=True)}
+        meta = {"protocol": json.dumps(dataclasses.asdict(self.protocol), sort_keys=True),
+                "target_join": self.target_join}
         with atomic_path(tensors_path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, rows_path: str | Path, tensors_path: str | Path) -> "Baseline":
-        from safetensors import safe_open
-
-        with safe_open(str(tensors_path), framework="pt") as handle:
-            protocol = Protocol(**json.loads(handle.metadata()["protocol"]))
-        tensors = load_file(str(tensors_path))
-        accuracy = {int(row.pop("id")): row for row in read_jsonl(rows_path)}
+        meta, tensors = read_safetensors(tensors_path, BASELINE_STAGE)
+        if "target_join" not in meta:
+            raise ValueError(f"{tensors_path}: written by an older mmke (no target_join); "
+                             f"rerun the {BASELINE_STAGE} stage (snakemake --forcerun {BASELINE_STAGE})")
+        rows = read_jsonl(rows_path)
+        if any("knows_pred" not in row for row in rows):
+            raise ValueError(f"{rows_path}: written by an older mmke (no knows_pred); "
+                             f"rerun the {BASELINE_STAGE} stage (snakemake --forcerun {BASELINE_STAGE})")
+        knows_pred = {int(row["id"]): float(row.pop("knows_pred")) for row in rows}
+        accuracy = {int(row.pop("id")): row for row in rows}
         split = {"loc": {}, "m_loc": {}}
         for key, value in tensors.items():
             kind, index = key.rsplit(".", 1)
             split[kind][int(index)] = value
-        return cls(protocol, accuracy, split["loc"], split["m_loc"])
+        return cls(Protocol(**json.loads(meta["protocol"])), accuracy, split["loc"], split["m_loc"],
+                   knows_pred, meta["target_join"])
 
 
 @dataclasses.dataclass
@@ -104,13 +131,14 @@ def run_baseline(
 ) -> Baseline:
     """Pre-edit accuracies and locality predictions, computed once per model x dataset."""
     images = RecordImages(roots)
-    baseline = Baseline(protocol, {}, {}, {})
+    baseline = Baseline(protocol, {}, {}, {}, {}, model.target_join)
     for record in tqdm(records, desc="baseline", unit="record"):
         imgs = images(record)
         baseline.accuracy[record.id] = _edit_accuracies(model, record, imgs, protocol, _identity)
         baseline.loc[record.id], baseline.m_loc[record.id] = _locality_predictions(
             model, record, imgs, protocol, _identity
         )
+        baseline.knows_pred[record.id] = _knows_pred(model, record, imgs)
     return baseline
 
 
@@ -132,6 +160,9 @@ def evaluate(
     """
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")
+    if baseline.target_join != model.target_join:
+        raise ValueError(f"baseline was computed with target_join {baseline.target_join!r}, "
+                         f"the model joins targets {model.target_join!r} (protocol.target_join)")
     missing = [record.id for record in records if record.id not in baseline.accuracy]
     if missing:
         raise KeyError(f"records {missing} have no baseline entry (baseline of another dataset?)")
@@ -160,7 +191,7 @@ def evaluate(
                 edit.revert()
     progress.close()
     total = time.perf_counter() - start
-    summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS)
+    summary = summarize(rows)
     timings = {
         "total_s": total,
         "edit_s": edit_seconds,
@@ -186,21 +217,40 @@ def _measure(
     loc, m_loc = _locality_predictions(model, record, imgs, protocol, edit.prompt)
     post["locality_acc"] = metrics.locality_agreement(baseline.loc[record.id], loc)
     post["multimodal_locality_acc"] = metrics.locality_agreement(baseline.m_loc[record.id], m_loc)
-    return {"id": record.id, "pre": pre, "post": post}
+    return {"id": record.id, "pre": pre, "post": post, "knows_pred": baseline.knows_pred[record.id]}
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, float]:
+    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`).
+
+    The sharded gather recomputes it from the concatenated rows with this same function.
+    """
+    summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS + DEFINITION_METRICS)
+    summary[KNOWS_PRED] = metrics.mean_metrics(rows, ["knows_pred"])["knows_pred"]
+    return summary
 
 
 @torch.no_grad()
 def _edit_accuracies(
     model: VLMAdapter, record: EditRecord, imgs: dict, protocol: Protocol, prompt: Callable[[str], str]
 ) -> dict[str, float]:
-    """Reliability, text generality and image generality in one batch of three items."""
+    """Reliability, text generality and image generality in one batch of three items.
+
+    Each under both accuracy definitions and the protocol's headline (:func:`mmke.metrics.item_scores`).
+    """
     batch = model.teacher_forced(
         [prompt(record.prompt), prompt(record.rephrase), prompt(record.prompt)],
         [record.target] * 3,
         [imgs["image"], imgs["image"], imgs["image_rephrase"]],
     )
-    scores = metrics.per_item_accuracy(model.logits(batch), batch.labels, protocol.exact_match)
-    return dict(zip(EDIT_METRICS, scores.tolist()))
+    return metrics.item_scores(EDIT_METRICS, model.logits(batch), batch.labels, protocol.exact_match)
+
+
+@torch.no_grad()
+def _knows_pred(model: VLMAdapter, record: EditRecord, imgs: dict) -> float:
+    """1.0 if the model answers the record's old answer ``pred`` exactly (edit prompt + image)."""
+    batch = model.teacher_forced([record.prompt], [lead_space(record.pred)], [imgs["image"]])
+    return metrics.per_item_accuracy(model.logits(batch), batch.labels, exact_match=True).item()
 
 
 @torch.no_grad()

@@ -73,7 +73,7 @@ def build_hparams(cls: type[HParams], values: Mapping[str, Any], source: str = "
             raise ValueError(f"{source}: field '{name}' must be {hints[name]}, got {value!r}")
     try:
         return cls(**values)
-    except TypeError as err:  # a required field without default is missing
+    except (TypeError, ValueError) as err:  # a required field is missing, or values that do not fit together
         raise ValueError(f"{source}: {err}") from err
 
 

@@ -44,6 +44,40 @@ def per_item_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: b
     return correct.float() / counts.float()
 
 
+#: The two accuracy definitions of an edit item (spec §3), as suffixes of the metric names: the
+#: MMEdit paper's v5 reports both, EasyEdit's trainer and editor paths score token accuracy.
+DEFINITIONS = ("em", "token")
+
+
+def both_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per item, exact match (``em``) and token accuracy (``token``) from the same argmax."""
+    return {"em": per_item_accuracy(logits, labels, exact_match=True),
+            "token": per_item_accuracy(logits, labels, exact_match=False)}
+
+
+def definition_keys(metric: str) -> tuple[str, ...]:
+    """``rewrite_acc`` -> ``("rewrite_acc_em", "rewrite_acc_token")``: where each definition is kept."""
+    return tuple(f"{metric}_{definition}" for definition in DEFINITIONS)
+
+
+def item_scores(metrics: Sequence[str], logits: torch.Tensor, labels: torch.Tensor,
+                exact_match: bool) -> dict[str, float]:
+    """Item ``i`` scored as ``metrics[i]``, under both definitions and the headline one.
+
+    The headline key (``rewrite_acc``) holds the definition ``exact_match`` picks, so every reader
+    of the headline (tables, training reports, floors) sees the protocol's choice, while the
+    ``_em`` and ``_token`` keys always carry both.
+    """
+    scores = both_accuracies(logits, labels)
+    if len(metrics) != labels.shape[0]:
+        raise ValueError(f"{len(metrics)} metric names for {labels.shape[0]} items")
+    values: dict[str, float] = {}
+    for i, metric in enumerate(metrics):
+        em, token = (scores[definition][i].item() for definition in DEFINITIONS)
+        values |= {metric: em if exact_match else token, **dict(zip(definition_keys(metric), (em, token)))}
+    return values
+
+
 def top_k_predictions(logits: torch.Tensor, attention_mask: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Per item, the top-k token ids ``[T_i, k]`` at every non-padding position."""
     top = torch.topk(logits.float(), k=k, dim=-1).indices

@@ -2,7 +2,7 @@
 
 Shards are contiguous blocks in record order, so concatenating the shards' rows reproduces the
 unsharded row order, and the merged means are recomputed from those rows with the same
-:func:`mmke.metrics.mean_metrics` the unsharded run uses: the figures are then bit-identical, not
+:func:`mmke.evaluate.summarize` the unsharded run uses: the figures are then bit-identical, not
 merely close (a weighted mean of shard means would round differently).
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from mmke import metrics
-from mmke.evaluate import SUMMARY_METRICS
+from mmke.evaluate import summarize
 
 T = TypeVar("T")
 
 #: Fields that must agree across shards: they describe *what* was measured, so a mismatch means
 #: shards of different runs (e.g. an hparams file edited between two shard jobs).
-SAME_ACROSS_SHARDS = ("method", "model", "dataset", "hparams", "hparams_digest", "protocol", "evaluation")
+SAME_ACROSS_SHARDS = ("method", "model", "dataset", "hparams", "hparams_digest", "protocol", "evaluation",
+                      "skipped")
 
 
 def shard_slice(items: Sequence[T], index: int, count: int, group: int = 1) -> list[T]:
@@ -67,7 +67,7 @@ def merge_reports(reports: Sequence[dict], rows: Sequence[Sequence[dict]], sourc
     merged = {
         **first,
         "n": len(merged_rows),
-        "summary": metrics.mean_metrics((row["post"] for row in merged_rows), SUMMARY_METRICS),
+        "summary": summarize(merged_rows),
         "timings": timings,
         "shards": len(reports),
     }

@@ -21,11 +21,11 @@ import torch
 import transformers
 
 import mmke
-from mmke.data.records import EditRecord, ImageRoots, RecordImages, load_records
+from mmke.data.records import ImageRoots, RecordImages, Records, load_records
 from mmke.evaluate import Baseline, Protocol, Schedule, evaluate, run_baseline
 from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
-from mmke.io import read_json, read_jsonl, write_json, write_jsonl
+from mmke.io import broken_model_message, read_json, read_jsonl, write_json, write_jsonl
 from mmke.methods.base import make_editor
 from mmke.models.base import VLMAdapter, load_model
 from mmke.shards import merge_reports, shard_slice
@@ -47,12 +47,12 @@ def resolve_device(name: str = "auto") -> str:
 
 
 
-def load_eval_split(dataset: Mapping[str, Any]) -> tuple[list[EditRecord], ImageRoots]:
+def load_eval_split(dataset: Mapping[str, Any]) -> tuple[Records, ImageRoots]:
     """Records and image roots of a dataset's eval split, from its config entry."""
     return load_split(dataset, "eval")
 
 
-def load_split(dataset: Mapping[str, Any], split: str) -> tuple[list[EditRecord], ImageRoots]:
+def load_split(dataset: Mapping[str, Any], split: str) -> tuple[Records, ImageRoots]:
     """Records and image roots of a dataset's ``train`` or ``eval`` split, from its config entry."""
     roots = ImageRoots.of_dataset(dataset)
     records = load_records(dataset["kind"], dataset[split], roots, size=dataset.get("size"))
@@ -61,17 +61,33 @@ def load_split(dataset: Mapping[str, Any], split: str) -> tuple[list[EditRecord]
     return records, roots
 
 
-def load_configured_model(model: Mapping[str, Any], device: str = "auto") -> VLMAdapter:
-    """The adapter of a config ``models:`` entry (family, path, optional image_size/dtype)."""
+def load_configured_model(model: Mapping[str, Any], device: str = "auto",
+                          protocol: Mapping[str, Any] | None = None) -> VLMAdapter:
+    """The adapter of a config ``models:`` entry (family, path, optional image_size/dtype).
+
+    ``protocol.target_join`` may choose the family's target convention. A corrupt or truncated
+    weights file is an error naming that file and the rule that writes it.
+    """
+    from safetensors import SafetensorError
+
     dtype = getattr(torch, model.get("dtype", "float32"))
-    return load_model(model["family"], model["path"], device=resolve_device(device), dtype=dtype,
-                      image_size=model.get("image_size"))
+    target_join = (protocol or {}).get("target_join", {}).get(model["family"])
+    try:
+        return load_model(model["family"], model["path"], device=resolve_device(device), dtype=dtype,
+                          image_size=model.get("image_size"), target_join=target_join)
+    except SafetensorError as err:
+        raise ValueError(broken_model_message(model["path"], err)) from err
+
+
+def recorded_protocol(protocol: Mapping[str, Any], adapter: VLMAdapter) -> dict[str, Any]:
+    """The protocol as metrics.json records it: the config's, with the target convention in force."""
+    return dataclasses.asdict(Protocol(**protocol)) | {"target_join": {adapter.family: adapter.target_join}}
 
 
 def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out: str | Path,
                    tensors_out: str | Path, device: str = "auto") -> Baseline:
     records, roots = load_eval_split(dataset)
-    adapter = load_configured_model(model, device)
+    adapter = load_configured_model(model, device, protocol)
     baseline = run_baseline(adapter, records, roots, Protocol(**protocol))
     baseline.save(rows_out, tensors_out)
     return baseline
@@ -92,7 +108,7 @@ def pretrain_stage(*, method: str, model: Mapping, dataset: Mapping, protocol: M
     editor = make_editor(hparams)
     state_path = Path(state_dir) / f"resume-{digest(hparams)}.pt"
     records, roots = load_split(dataset, "train")
-    adapter = load_configured_model(model, device)
+    adapter = load_configured_model(model, device, protocol)
     result = train(editor, adapter, records, RecordImages(roots), checkpoint_out, state_path,
                    mloc_template=protocol.get("mloc_template", "trainer"),
                    exact_match=protocol.get("exact_match", True))
@@ -121,9 +137,10 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     editor = make_editor(hparams)
     editor.prepare(resources or {})
     records, roots = load_eval_split(dataset)
+    skipped = list(records.skipped)
     if shard is not None:
         records = shard_slice(records, *shard, group=schedule.n_edits)
-    adapter = load_configured_model(model, device)
+    adapter = load_configured_model(model, device, protocol)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
                       Protocol(**protocol), schedule)
@@ -132,9 +149,10 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         **{key: names[key] for key in ("method", "model", "dataset")},
         "n": len(result.rows),
         "summary": result.summary,
+        "skipped": {"count": len(skipped), "ids": skipped},  # by the dataset's skip rules (spec §1)
         "hparams": dataclasses.asdict(hparams),
         "hparams_digest": digest(hparams),
-        "protocol": dict(protocol),
+        "protocol": recorded_protocol(protocol, adapter),
         "evaluation": dataclasses.asdict(schedule),
         "versions": {"mmke": mmke.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
@@ -237,7 +255,7 @@ def pretrain_base_stage(*, model: Mapping, init_dir: str | Path, datasets: Mappi
     with the steps run, so the demo's claim that its base model knows its facts is a number.
     """
     config = PretrainConfig.from_settings(settings)
-    adapter = load_configured_model({**model, "path": init_dir}, device)
+    adapter = load_configured_model({**model, "path": init_dir}, device, protocol)
     sources, heldout = fact_sources(config, datasets, Protocol(**protocol).mloc_template)
     measured = {name: world_heldout(source, config) if isinstance(source, WorldFacts) else records_heldout(source, config)
                 for name, source in heldout.items()}

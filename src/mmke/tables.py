@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmke.evaluate import SUMMARY_METRICS
+from mmke.evaluate import DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, SUMMARY_METRICS
 from mmke.io import atomic_path, atomic_write, read_json
+from mmke.metrics import definition_keys
 
 #: Paper column names (MMEdit Table 2) for each summary metric.
 PAPER_COLUMNS = {
@@ -23,6 +24,18 @@ PAPER_COLUMNS = {
     "locality_acc": "T-Loc.",
     "multimodal_locality_acc": "M-Loc.",
 }
+#: Shown as "EM / Acc" (exact match / token accuracy) in the tables, as the paper's v5 does.
+BOTH_DEFINITIONS = ("rewrite_acc", "rephrase_acc")
+#: Names of the per-definition columns of the tidy CSV ("Rel. EM", "Rel. Acc", ...).
+DEFINITION_COLUMNS = {
+    key: f"{PAPER_COLUMNS[metric]} {label}"
+    for metric in EDIT_METRICS for key, label in zip(definition_keys(metric), ("EM", "Acc"))
+}
+#: Every value column of the summary, in CSV order.
+VALUE_COLUMNS = (*SUMMARY_METRICS, *DEFINITION_METRICS, KNOWS_PRED)
+#: Below this share of records whose unedited model answers ``pred``, a table says that its base
+#: model does not know the facts being edited (Rel./Gen. then measure new facts, not changed ones).
+KNOWN_FACTS_FLOOR = 0.9
 KEYS = ("method", "model", "dataset")
 #: The schedule of metrics JSONs written before the evaluation schedule was recorded.
 SINGLE_EDIT = {"mode": "single", "n_edits": 1}
@@ -37,43 +50,97 @@ OTHER_GROUP = "Other"
 
 
 def collect(paths: Iterable[str | Path], method_order: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per method x model x dataset with n and the five summary metrics."""
+    """One row per method x model x dataset with n and every summary value.
+
+    ``frame.attrs["exact_match"]`` is the headline definition of the rows (all must share it).
+    """
     rows = []
     schedules: dict[str, list[str]] = {}
+    headlines: dict[bool, list[str]] = {}
     for path in paths:
         data = read_json(path)
-        missing = [k for k in (*KEYS, "n", "summary") if k not in data]
+        missing = [k for k in (*KEYS, "n", "summary", "protocol") if k not in data]
+        missing += [f"summary.{k}" for k in VALUE_COLUMNS if k not in data.get("summary", {})]
         if missing:
-            raise ValueError(f"{path}: metrics JSON lacks {missing}")
+            raise ValueError(f"{path}: metrics JSON lacks {missing} (written by an older mmke? "
+                             "rerun its evaluate job: snakemake --forcerun evaluate)")
         schedule = json.dumps(data.get("evaluation", SINGLE_EDIT), sort_keys=True)
         schedules.setdefault(schedule, []).append(str(path))
-        rows.append({**{k: data[k] for k in KEYS}, "n": data["n"], **{m: data["summary"][m] for m in SUMMARY_METRICS}})
+        headlines.setdefault(bool(data["protocol"].get("exact_match", True)), []).append(str(path))
+        rows.append({**{k: data[k] for k in KEYS}, "n": data["n"], **{m: data["summary"][m] for m in VALUE_COLUMNS}})
     if len(schedules) > 1:
         # single-edit and sequential figures measure different things; one table must not mix them
         raise ValueError(f"metrics JSONs come from different evaluation schedules: {schedules}")
-    frame = pd.DataFrame(rows, columns=[*KEYS, "n", *SUMMARY_METRICS])
+    if len(headlines) > 1:
+        raise ValueError(f"metrics JSONs have different headline definitions (protocol.exact_match): {headlines}")
+    frame = pd.DataFrame(rows, columns=[*KEYS, "n", *VALUE_COLUMNS])
     order = list(method_order or []) + sorted(set(frame["method"]) - set(method_order or []))
     frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)
     frame = frame.sort_values(["dataset", "model", "method"]).reset_index(drop=True)
     frame["method"] = frame["method"].astype(str)
+    frame.attrs["exact_match"] = next(iter(headlines), True)
     return frame
 
 
+def percent(value: float) -> str:
+    """A fraction as the paper prints it: a percentage with two decimals."""
+    return f"{100 * value:.2f}"
+
+
+def shown_columns(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Header -> cell per row of the value columns of the Markdown and LaTeX tables.
+
+    Rel. and T-Gen. show "EM / Acc" as the paper's v5; M-Gen. and the plots the headline.
+    """
+    columns = {}
+    for metric, name in PAPER_COLUMNS.items():
+        if metric in BOTH_DEFINITIONS:
+            em, token = definition_keys(metric)
+            columns[f"{name} EM / Acc"] = [f"{percent(a)} / {percent(b)}" for a, b in zip(frame[em], frame[token])]
+        else:
+            columns[name] = [percent(v) for v in frame[metric]]
+    columns["pre"] = [percent(v) for v in frame[KNOWS_PRED]]
+    return columns
+
+
+def table_legend(frame: pd.DataFrame) -> str:
+    """What the columns hold, under each table."""
+    headline = "exact match" if frame.attrs.get("exact_match", True) else "token accuracy"
+    return (f"Rel., T-Gen.: exact match / token accuracy; M-Gen.: {headline} (protocol.exact_match). "
+            "pre: records whose unedited model answers `pred` (exact match).")
+
+
+def unknown_facts_notes(frame: pd.DataFrame) -> list[str]:
+    """One sentence per model x dataset whose base model answers ``pred`` on < 90% of records."""
+    notes = []
+    pairs = frame.groupby(["model", "dataset"], sort=False)[KNOWS_PRED].min()
+    for (model, dataset), pre in pairs.items():
+        if pre < KNOWN_FACTS_FLOOR:
+            notes.append(f"Note: unedited, {model} answers `pred` on only {percent(pre)}% of {dataset}'s records "
+                         f"(pre < {100 * KNOWN_FACTS_FLOOR:g}): its rows do not show edits of facts it knew.")
+    return notes
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
-    """Percentages with two decimals, as in the paper, one table per dataset."""
+    """Percentages with two decimals, as in the paper, one table per dataset, with its notes."""
     parts = []
     for dataset, group in frame.groupby("dataset", sort=False):
-        shown = group[["model", "method", "n", *SUMMARY_METRICS]].rename(columns=PAPER_COLUMNS)
-        shown[list(PAPER_COLUMNS.values())] *= 100
-        # floatfmt, not pre-formatted strings: tabulate re-parses "100.00" as a number -> "100".
-        parts.append(f"## {dataset}\n\n{shown.to_markdown(index=False, floatfmt='.2f')}\n")
+        shown = pd.DataFrame({"model": group["model"], "method": group["method"], "n": group["n"],
+                              **shown_columns(group)})
+        # pre-formatted cells: no re-parsing ("100.00" would print as "100")
+        table = shown.to_markdown(index=False, disable_numparse=True,
+                                  colalign=["left", "left"] + ["right"] * (len(shown.columns) - 2))
+        notes = "".join(f"\n{note}\n" for note in unknown_facts_notes(group))
+        parts.append(f"## {dataset}\n\n{table}\n\n{table_legend(frame)}\n{notes}")
     return "\n".join(parts)
 
 
 def to_long(frame: pd.DataFrame) -> pd.DataFrame:
-    """Tidy form: one row per method x model x dataset x metric (value as a fraction)."""
-    long = frame.melt(id_vars=[*KEYS, "n"], value_vars=list(SUMMARY_METRICS), var_name="metric", value_name="value")
-    long.insert(long.columns.get_loc("metric") + 1, "column", long["metric"].map(PAPER_COLUMNS))
+    """Tidy form: one row per method x model x dataset x value (a fraction): headline metrics,
+    each definition of the edit metrics, and ``pre``."""
+    long = frame.melt(id_vars=[*KEYS, "n"], value_vars=list(VALUE_COLUMNS), var_name="metric", value_name="value")
+    names = {**PAPER_COLUMNS, **DEFINITION_COLUMNS, KNOWS_PRED: "pre"}
+    long.insert(long.columns.get_loc("metric") + 1, "column", long["metric"].map(names))
     return long
 
 
@@ -96,37 +163,43 @@ def to_latex(frame: pd.DataFrame, model_order: Sequence[str] | None = None,
              dataset_order: Sequence[str] | None = None) -> str:
     """The paper's layout: rows = methods in their groups, column groups = model x dataset.
 
-    Values are percentages with two decimals; a combo that was not run shows "--". booktabs rules
-    and ``\\cmidrule`` under each group header, as in the paper.
+    Values are percentages with two decimals ("EM / Acc" for Rel. and T-Gen.); a combo that was
+    not run shows "--". booktabs rules and ``\\cmidrule`` under each group header, as in the
+    paper; the legend and any unknown-facts notes follow as full-width rows.
     """
     models = _ordered(frame["model"], model_order)
     datasets = _ordered(frame["dataset"], dataset_order)
     groups = [(model, dataset) for model in models for dataset in datasets
               if ((frame["model"] == model) & (frame["dataset"] == dataset)).any()]
-    values = frame.set_index(list(KEYS))
-    width = len(PAPER_COLUMNS)
+    shown = shown_columns(frame)
+    position = {key: i for i, key in enumerate(frame[list(KEYS)].itertuples(index=False, name=None))}
+    headers = list(shown)
+    width = len(headers)
+    full = 1 + width * len(groups)
     lines = [
         "\\begin{tabular}{l" + "c" * width * len(groups) + "}",
         "\\toprule",
         " & " + " & ".join(f"\\multicolumn{{{width}}}{{c}}{{{_tex(m)} / {_tex(d)}}}" for m, d in groups) + " \\\\",
         " ".join(f"\\cmidrule(lr){{{2 + i * width}-{1 + (i + 1) * width}}}" for i in range(len(groups))),
-        "Method & " + " & ".join(list(PAPER_COLUMNS.values()) * len(groups)) + " \\\\",
+        "Method & " + " & ".join([_tex(h) for h in headers] * len(groups)) + " \\\\",
     ]
     for group, rows in method_rows(frame["method"]):
-        lines += ["\\midrule", f"\\multicolumn{{{1 + width * len(groups)}}}{{l}}{{\\textit{{{_tex(group)}}}}} \\\\"]
+        lines += ["\\midrule", f"\\multicolumn{{{full}}}{{l}}{{\\textit{{{_tex(group)}}}}} \\\\"]
         for key, label in rows:
-            cells = [
-                f"{100 * values.loc[(key, m, d), metric]:.2f}" if (key, m, d) in values.index else "--"
-                for m, d in groups for metric in PAPER_COLUMNS
-            ]
-            lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", ""]
+            values = [shown[h][position[(key, m, d)]] if (key, m, d) in position else "--"
+                      for m, d in groups for h in headers]
+            lines.append(f"{_tex(label)} & " + " & ".join(values) + " \\\\")
+    lines.append("\\bottomrule")
+    for text in [table_legend(frame), *unknown_facts_notes(frame)]:
+        lines.append(f"\\multicolumn{{{full}}}{{l}}{{\\footnotesize {_tex(text.replace('`', ''))}}} \\\\")
+    lines += ["\\end{tabular}", ""]
     return "\n".join(lines)
 
 
 def plot_dataset(frame: pd.DataFrame, dataset: str, out: str | Path,
                  model_order: Sequence[str] | None = None) -> None:
-    """Grouped bars per metric comparing methods, one panel per model, for one dataset."""
+    """Grouped bars per headline metric comparing methods, one panel per model, for one dataset;
+    each panel's title gives the model's ``pre`` and says when it does not know its facts."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -148,7 +221,9 @@ def plot_dataset(frame: pd.DataFrame, dataset: str, out: str | Path,
                 offsets = [x + (i - (len(methods) - 1) / 2) * bar for x in positions]
                 ax.bar(offsets, heights, bar, label=method, color=f"C{i}")  # same colour in every panel
         ax.set_xticks(positions, list(PAPER_COLUMNS.values()))
-        ax.set_title(f"{model} / {dataset}")
+        pre = rows[KNOWS_PRED].min()  # a baseline figure: the same for every method of the panel
+        known = "" if pre >= KNOWN_FACTS_FLOOR else f" < {100 * KNOWN_FACTS_FLOOR:g}: facts not known"
+        ax.set_title(f"{model} / {dataset}\npre {percent(pre)}%{known}")
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("%")
     legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -183,7 +258,7 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
 def read_summary(path: str | Path) -> pd.DataFrame:
     """The summary CSV back as a frame (for plots), with a clear error when columns are missing."""
     frame = pd.read_csv(path)
-    missing = [c for c in (*KEYS, *SUMMARY_METRICS) if c not in frame.columns]
+    missing = [c for c in (*KEYS, *VALUE_COLUMNS) if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: summary CSV lacks columns {missing}")
     return frame

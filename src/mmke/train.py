@@ -32,7 +32,7 @@ from mmke import metrics
 from mmke.data.records import EditRecord, multimodal_locality_prompt
 from mmke.evaluate import IMAGE_LOC_K, TEXT_LOC_K
 from mmke.hparams import digest
-from mmke.io import atomic_path, write_json
+from mmke.io import atomic_path, read_safetensors, write_json
 from mmke.metrics import IGNORE_INDEX, shift
 from mmke.models.base import Batch, VLMAdapter
 
@@ -335,15 +335,11 @@ def save_checkpoint(path: str | Path, network: torch.nn.Module, hparams) -> None
 
 def load_checkpoint(path: str | Path, hparams) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint written for exactly these hparams (else a ValueError naming both)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    meta, tensors = read_safetensors(path, "pretrain")
     if meta.get("hparams_digest") != digest(hparams):
         raise ValueError(f"{path}: checkpoint was trained with hparams digest {meta.get('hparams_digest')!r}, "
                          f"these hparams have {digest(hparams)!r}; retrain (the pretrain stage) first")
-    return load_file(str(path))
+    return tensors
 
 
 def _save_state(path: str | Path, hp_digest: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -1,5 +1,7 @@
 # Combos, input functions, wildcard constraints and resource helpers shared by all rules.
+import os
 import re
+import sys
 
 import yaml
 
@@ -128,6 +130,50 @@ def _check_converted_paths():
 _check_converted_paths()
 
 
+def config_problems():
+    """Cross-references of the config that the schema cannot check, one line per broken one.
+
+    Checked before the DAG is built: a name that points nowhere would otherwise surface as a
+    KeyError inside an input function, far from the key that holds it.
+    """
+    problems = []
+    for name, spec in MODELS.items():
+        for index, dataset in enumerate(spec.get("pretrain", {}).get("datasets", [])):
+            if dataset not in DATASETS:
+                problems.append(
+                    f"models.{name}.pretrain.datasets[{index}]: {dataset!r} is not a dataset of "
+                    f"this config (datasets: {', '.join(DATASETS)})"
+                )
+    declared = {"method": METHODS, "model": list(MODELS), "dataset": list(DATASETS)}
+    for index, entry in enumerate(config.get("exclude", [])):
+        for key, value in entry.items():
+            if value not in declared[key]:
+                problems.append(
+                    f"exclude[{index}].{key}: {value!r} is not one of the config's {key}s "
+                    f"({', '.join(declared[key])})"
+                )
+    for method, model in dict.fromkeys((method, model) for method, model, _ in combos()):
+        path = hparams_path(method, model)
+        if not os.path.isfile(path):
+            hint = (
+                f" (models.{model}.hparams points there)"
+                if path != own_hparams_path(method, model)
+                else f", or reuse another model's files with `hparams: <model>` in models.{model}"
+            )
+            problems.append(
+                f"models.{model}: no {method} hparams file, {path} does not exist; "
+                f"write one{hint}; see config/README.md"
+            )
+    return problems
+
+
+def check_config():
+    """Stop with every broken cross-reference, one line each, before anything runs."""
+    problems = config_problems()
+    if problems:
+        sys.exit("config: " + "\nconfig: ".join(problems))
+
+
 def lavis_inputs(wildcards):
     """The LAVIS / MiniGPT-4 checkpoint files and LLM directory a converted model is built from."""
     pieces = MODELS[wildcards.model]["lavis"]
@@ -182,7 +228,7 @@ def method_resources(wildcards):
     IKE gets its training-set embeddings, MEND/SERAC/KE their meta-network checkpoint; a
     method with no entry needs nothing. Names are passed through to ``prepare(resources)``.
     """
-    if wildcards.method == "IKE":
+    if wildcards.method == "IKE" and ike_retrieves(wildcards.model):
         prefix = embeddings_prefix(wildcards.dataset, ike_sentence_model(wildcards.model))
         return {
             "embeddings": f"{prefix}/embeddings.safetensors",
@@ -193,14 +239,27 @@ def method_resources(wildcards):
     return {}
 
 
+def hparams_values(method, model):
+    """The YAML mapping of a method x model hparams file (the library validates it in the job)."""
+    path = hparams_path(method, model)
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: hparams must be a mapping")
+    return values
+
+
+def ike_retrieves(model):
+    """False for IKE's ``mode: fact_prefix`` (EasyEdit's k: 0), which needs no embeddings."""
+    return hparams_values("IKE", model).get("mode", "retrieve") != "fact_prefix"
+
+
 def ike_sentence_model(model):
-    """The sentence model named by IKE's hparams for ``model`` (embeddings depend on it alone)."""
-    path = hparams_path("IKE", model)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)["sentence_model"]
-    except (OSError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: cannot read field 'sentence_model': {err!r}") from err
+    """The sentence model named by IKE's hparams for ``model`` (embeddings depend on it alone).
+
+    The library's default when the file names none (mmke.methods.ike.IKEHParams).
+    """
+    return hparams_values("IKE", model).get("sentence_model", "all-MiniLM-L6-v2")
 
 
 def slug(name):
@@ -225,7 +284,7 @@ def sentence_models():
     names = {
         ike_sentence_model(model)
         for method, model, _ in combos()
-        if method == "IKE"
+        if method == "IKE" and ike_retrieves(model)
     }
     return {slug(name): name for name in names}
 
@@ -245,8 +304,7 @@ def pretrain_inputs(wildcards):
     spec = DATASETS[wildcards.dataset]
     inputs = {key: path for key, path in dataset_inputs(wildcards).items() if key != "eval"}
     inputs |= {"train": spec["train"], **model_inputs(wildcards), "hparams": hparams_file(wildcards)}
-    with open(hparams_file(wildcards), encoding="utf-8") as handle:
-        hparams = yaml.safe_load(handle) or {}
+    hparams = hparams_values(wildcards.method, wildcards.model)
     inputs |= {key: hparams[key] for key in AUX_MODEL_KEYS if key in hparams}
     return inputs
 
@@ -267,6 +325,20 @@ def hparams_file(wildcards):
 
 
 def hparams_path(method, model):
+    """``<hparams_dir>/<METHOD>/<model>.yaml``, unless the model entry's ``hparams:`` says otherwise.
+
+    ``hparams: other-model`` reuses that model's file for every method; a mapping names, per
+    method, another model (its file) or a ``.yaml`` path. Methods it does not list keep their own.
+    """
+    reuse = MODELS[model].get("hparams") or model
+    chosen = reuse.get(method, model) if isinstance(reuse, dict) else reuse
+    if chosen.endswith((".yaml", ".yml")):
+        return chosen
+    return own_hparams_path(method, chosen)
+
+
+def own_hparams_path(method, model):
+    """Where a model's own hparams file for a method lives."""
     return f"{config.get('hparams_dir', 'config/hparams')}/{method}/{model}.yaml"
 
 
@@ -298,3 +370,7 @@ def all_downloads():
 def stage_resources(stage, key, default):
     """A per-stage resource from config['resources'][stage] (gpu, mem_mb, runtime, threads)."""
     return config["resources"].get(stage, {}).get(key, default)
+
+
+# Last, once every helper it uses is defined: nothing reaches the DAG with a dangling name.
+check_config()

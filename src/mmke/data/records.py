@@ -8,6 +8,7 @@ the whole job, found here it costs a second.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
           "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
 MLOC_TEMPLATES = {"trainer": "Question: {q} Short answer:", "raw": "{q}"}
+#: Skipped ids named in the log line; metrics.json keeps all of them.
+LOGGED_SKIPPED_IDS = 20
+LOG = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -81,6 +85,18 @@ class ImageRoots:
         raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
 
 
+class Records(list):
+    """The records of one split (a list), with the ids the skip rules dropped in ``skipped``.
+
+    A dropped record only lowers the table's ``n``; the stages log and record the ids so that a
+    smaller table can be traced to the records it lacks.
+    """
+
+    def __init__(self, records: list[EditRecord], skipped: tuple[int, ...] = ()):
+        super().__init__(records)
+        self.skipped = tuple(skipped)
+
+
 class RecordImages:
     """Loads the three images of a record from their roots (never outside them)."""
 
@@ -109,22 +125,24 @@ def locality_question(question: str, template: str = "trainer") -> str:
 
 
 def load_evqa(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
-              check_images: bool = True) -> list[EditRecord]:
+              check_images: bool = True) -> Records:
     """E-VQA: drop a record whose ``alt`` or any other string field is empty."""
-    return _load(path, roots, size, check_images, keep=lambda row: all(row[f] for f in FIELDS))
+    return _load(path, roots, size, check_images, keep=lambda row: all(row[f] for f in FIELDS),
+                 rule="E-VQA skip rule: an empty field")
 
 
 def load_eic(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
-             check_images: bool = True) -> list[EditRecord]:
+             check_images: bool = True) -> Records:
     """E-IC: drop only records with an empty ``alt``."""
-    return _load(path, roots, size, check_images, keep=lambda row: bool(row["alt"]))
+    return _load(path, roots, size, check_images, keep=lambda row: bool(row["alt"]),
+                 rule="E-IC skip rule: an empty alt")
 
 
-LOADERS: dict[str, Callable[..., list[EditRecord]]] = {"evqa": load_evqa, "eic": load_eic}
+LOADERS: dict[str, Callable[..., Records]] = {"evqa": load_evqa, "eic": load_eic}
 
 
 def load_records(kind: str, path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
-                 check_images: bool = True) -> list[EditRecord]:
+                 check_images: bool = True) -> Records:
     """Dispatch on the dataset kind named in config."""
     if kind not in LOADERS:
         raise ValueError(f"unknown dataset kind {kind!r}; valid: {', '.join(LOADERS)}")
@@ -132,14 +150,14 @@ def load_records(kind: str, path: str | os.PathLike, roots: ImageRoots, size: in
 
 
 def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_images: bool,
-          keep: Callable[[dict], bool]) -> list[EditRecord]:
+          keep: Callable[[dict], bool], rule: str) -> Records:
     if size is not None and size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
     rows = _read_array(Path(path))
     if size is not None:
         rows = rows[:size]  # before skipping, as EasyEdit slices the annotation list
     checked: set[Path] = set()  # OK-VQA images repeat across records; decode each once
-    records = []
+    records, skipped = [], []
     for index, row in enumerate(rows):
         # Structure is checked on every record, skipped or not: a missing field is a broken file.
         if not isinstance(row, dict):
@@ -150,6 +168,7 @@ def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_im
             if not isinstance(row[field], str):
                 raise DataError(path, index, field, f"expected a string, got {_json_type(row[field])}")
         if not keep(row):
+            skipped.append(index)
             continue
         for field in IMAGE_FIELDS:
             _check_image(path, index, field, roots, row[field], check_images, checked)
@@ -159,7 +178,10 @@ def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_im
             loc=row["loc"], loc_ans=lead_space(row["loc_ans"]), m_loc=row["m_loc"],
             m_loc_q=row["m_loc_q"], m_loc_a=lead_space(row["m_loc_a"]),
         ))
-    return records
+    if skipped:
+        shown = ", ".join(map(str, skipped[:LOGGED_SKIPPED_IDS])) + (", ..." if len(skipped) > LOGGED_SKIPPED_IDS else "")
+        LOG.warning("%s: %d of %d records skipped (%s): ids %s", path, len(skipped), len(rows), rule, shown)
+    return Records(records, tuple(skipped))
 
 
 def _read_array(path: Path) -> list:

@@ -1,10 +1,16 @@
-"""IKE: in-context knowledge editing with retrieved demonstrations (spec §4).
+"""IKE: in-context knowledge editing with retrieved demonstrations (spec §4), or EasyEdit's ``k: 0``.
 
-Nothing in the model changes. An edit retrieves the ``k`` training facts nearest to the new fact
-(sentence embeddings from the embed stage, L2-normalised, dot product, best first), appends the
-new fact itself as the last demonstration, and puts them in front of every question:
-``demonstrations + "New Fact: {p} {t}\\nPrompt: {x}"``. Pre-edit scores use the same demonstrations
-followed by the bare question.
+Nothing in the model changes. ``mode: retrieve`` (the MMEdit files): an edit retrieves the ``k``
+training facts nearest to the new fact (sentence embeddings from the embed stage, L2-normalised,
+dot product, best first), appends the new fact itself as the last demonstration, and puts them in
+front of every question: ``demonstrations + "New Fact: {p} {t}\\nPrompt: {x}"``. Pre-edit scores
+use the same demonstrations followed by the bare question.
+
+``mode: fact_prefix`` with ``k: 0`` (EasyEdit's Qwen2-VL and LLaVA-OneVision files, spec §7): no
+retrieval and no embeddings; every question becomes ``prefix_template`` (by default
+``"New Fact: {prompt} {target}\\nPrompt: {prompt}\\n\\n"``) + the bare question, and the pre-edit
+scores are the bare question's, i.e. the baseline's. EasyEdit reports this path in token accuracy:
+the ``*_token`` values of records.jsonl and metrics.json.
 """
 
 from __future__ import annotations
@@ -23,10 +29,31 @@ from mmke.methods.base import Edit, Editor, register_method
 from mmke.models.base import VLMAdapter
 
 
+#: EasyEdit's IKEMultimodalHyperParams.template: the prefix of its ``k: 0`` path.
+FACT_PREFIX = "New Fact: {prompt} {target}\nPrompt: {prompt}\n\n"
+MODES = ("retrieve", "fact_prefix")
+
+
 @dataclasses.dataclass(frozen=True)
 class IKEHParams(HParams):
     k: int = 32
     sentence_model: str = "all-MiniLM-L6-v2"
+    mode: str = "retrieve"  # or "fact_prefix": EasyEdit's k: 0 (see the module docstring)
+    prefix_template: str = FACT_PREFIX  # fact_prefix only; formatted with the record's prompt and target
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"field 'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "retrieve" and self.k < 1:
+            raise ValueError(f"field 'k' is {self.k}: mode 'retrieve' needs k >= 1; EasyEdit's k: 0 "
+                             "(no retrieval, the new fact before each question) is mode: fact_prefix")
+        if self.mode == "fact_prefix" and self.k != 0:
+            raise ValueError(f"field 'k' is {self.k}: mode 'fact_prefix' retrieves nothing, set k: 0")
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether edits need the embed stage's index (and the sentence model)."""
+        return self.mode == "retrieve"
 
 
 def fact_line(prompt: str, target: str) -> str:
@@ -83,20 +110,31 @@ class Retriever:
 
 
 class InContextEdit(Edit):
-    """The edit is a context: demonstrations (ending with the new fact) before each question."""
+    """The edit is a context put before each question; ``pre_context`` goes before it pre-edit."""
 
     in_context: ClassVar[bool] = True
 
-    def __init__(self, record: EditRecord, demonstrations: Sequence[str]):
+    def __init__(self, context: str, pre_context: str = ""):
         super().__init__()
-        self.context = "".join(demonstrations)
-        self.edit = (record.prompt, _raw(record.target))
+        self.context = context
+        self.pre_context = pre_context
+
+    @classmethod
+    def retrieved(cls, record: EditRecord, demonstrations: Sequence[str]) -> InContextEdit:
+        """Demonstrations (ending with the new fact), then ``New Fact: {p} {t}\\nPrompt: {x}``."""
+        demos = "".join(demonstrations)
+        return cls(demos + edited_question(record.prompt, _raw(record.target), ""), pre_context=demos)
+
+    @classmethod
+    def fact_prefix(cls, record: EditRecord, template: str) -> InContextEdit:
+        """EasyEdit's ``k: 0``: the formatted template, then the bare question; nothing pre-edit."""
+        return cls(template.format(prompt=record.prompt, target=_raw(record.target)))
 
     def prompt(self, text: str) -> str:
-        return self.context + edited_question(*self.edit, text)
+        return f"{self.context}{text}"
 
     def pre_prompt(self, text: str) -> str:
-        return f"{self.context}{text}"
+        return f"{self.pre_context}{text}"
 
 
 @register_method
@@ -107,7 +145,10 @@ class IKE(Editor):
     retriever: Retriever | None = None
 
     def prepare(self, resources: Mapping[str, Path]) -> None:
-        """Load the embed stage's ``embeddings`` + ``sentences`` and the sentence model, once."""
+        """Load the embed stage's ``embeddings`` + ``sentences`` and the sentence model, once
+        (``fact_prefix`` needs neither)."""
+        if not self.hparams.retrieves:
+            return
         missing = {"embeddings", "sentences"} - set(resources)
         if missing:
             raise ValueError(f"IKE needs the embed stage outputs {sorted(missing)}")
@@ -116,13 +157,15 @@ class IKE(Editor):
         self.retriever = Retriever(load_sentence_model(self.hparams.sentence_model), embeddings, sentences)
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
-        if self.retriever is None:
-            raise RuntimeError("IKE: prepare(resources) must load the embeddings before editing")
         if len(records) != 1:
             raise ValueError(f"IKE edits one record at a time, got {len(records)}")
         (record,) = records
+        if not self.hparams.retrieves:
+            return InContextEdit.fact_prefix(record, self.hparams.prefix_template)
+        if self.retriever is None:
+            raise RuntimeError("IKE: prepare(resources) must load the embeddings before editing")
         query = query_sentence(record)
-        return InContextEdit(record, [*self.retriever.nearest(query, self.hparams.k), query])
+        return InContextEdit.retrieved(record, [*self.retriever.nearest(query, self.hparams.k), query])
 
 
 def _raw(text: str) -> str:

@@ -29,10 +29,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from mmke.data.records import EditRecord, lead_space, multimodal_locality_prompt
+from mmke.io import broken_model_message, broken_safetensors_in
 from mmke.methods.base import Edit, register_method
 from mmke.methods.meta import MetaEditor, MetaHParams
 from mmke.models.base import Batch, VLMAdapter
@@ -175,6 +177,9 @@ class SERAC(MetaEditor):
         except OSError as err:
             raise ValueError(f"SERAC hparams: cannot load classifier {hp.classifier!r} or counterfactual "
                              f"{hp.counterfactual!r}: {err}") from err
+        except SafetensorError as err:
+            broken = next((d for d in (hp.classifier, hp.counterfactual) if broken_safetensors_in(d)), hp.classifier)
+            raise ValueError(broken_model_message(broken, err)) from err
         return SERACNetwork(classifier, classifier_tokenizer, counterfactual, hp.max_length)
 
     def param_groups(self) -> list[dict]:

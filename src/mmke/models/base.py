@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,18 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from mmke.data.records import lead_space
+
 IGNORE_INDEX = -100
+LOG = logging.getLogger(__name__)
 # Modules that define model families; load_model imports them so their @register_model runs
 # without every caller having to import each family (adding a family = one file + one entry).
 FAMILY_MODULES = ("mmke.models.blip2", "mmke.models.minigpt4", "mmke.models.hf_vlm")
+#: How a target follows its prompt (spec §2, §7): ``space`` = " " + target, EasyEdit's BLIP-2 and
+#: MiniGPT-4 path, whose prompts are plain text; ``raw`` = the target as written, straight after the
+#: chat template's assistant header, EasyEdit's editor path for chat models. In a BPE vocabulary
+#: " red" and "red" are different tokens, so the choice changes every score.
+TARGET_JOINS = ("space", "raw")
 # The MLP weight pair of one decoder layer that MEND/SERAC edit (spec section 4), per layer style:
 # OPT names them fc1/fc2, Llama-style models (Vicuna, Qwen2) up_proj/down_proj.
 MLP_WEIGHT_PAIRS = (("fc1.weight", "fc2.weight"), ("mlp.up_proj.weight", "mlp.down_proj.weight"))
@@ -63,6 +72,9 @@ class VLMAdapter(abc.ABC):
     tokenizer: object
     device: torch.device
     placeholder_id: int  # the id ``input_ids`` holds at image positions (query slots, image tokens)
+    #: The family's target convention (one of :data:`TARGET_JOINS`); ``protocol.target_join`` in
+    #: the config may pick the other one per family (:func:`load_model`).
+    target_join: str = "space"
 
     @classmethod
     @abc.abstractmethod
@@ -102,6 +114,25 @@ class VLMAdapter(abc.ABC):
         """
         text = batch.attention_mask.bool() & (batch.input_ids != self.placeholder_id)
         return batch.input_ids.masked_fill(~text, IGNORE_INDEX)
+    def note_resize(self, sizes: Sequence[tuple[int, int]], model_sizes: Sequence[tuple[int, int]]) -> None:
+        """Log once per loaded model (one job) when images reach the model at another size.
+
+        ``sizes`` are the images' (width, height) as read, ``model_sizes`` what the model sees. A
+        64-pixel dataset on a 32-pixel model is legitimate, but it should not happen unnoticed.
+        """
+        if getattr(self, "_resize_noted", False):
+            return
+        for size, model_size in zip(sizes, model_sizes):
+            if tuple(size) != tuple(model_size):
+                self._resize_noted = True
+                LOG.warning("%s: images are resized before the model sees them, e.g. %dx%d px -> %dx%d px "
+                            "(said once per job)", getattr(self.model, "name_or_path", self.family),
+                            *size, *model_size)
+                return
+
+    def target_text(self, target: str) -> str:
+        """``target`` as appended to the prompt: callers pass it with one leading space (spec §2)."""
+        return lead_space(target) if self.target_join == "space" else target.removeprefix(" ")
 
     def editable(self, scope: str) -> dict[str, torch.nn.Parameter]:
         """The parameters of ``scope``; an unknown scope is a KeyError naming the valid ones."""
@@ -197,10 +228,25 @@ def register_model(family: str) -> Callable[[type[VLMAdapter]], type[VLMAdapter]
     return register
 
 
-def load_model(family: str, path: str | os.PathLike, **kwargs) -> VLMAdapter:
-    """Load ``path`` with the adapter of ``family``; kwargs go to the adapter's ``load``."""
+def adapter_class(family: str) -> type[VLMAdapter]:
+    """The registered adapter of ``family`` (importing the built-in families first)."""
     for module in FAMILY_MODULES:
         importlib.import_module(module)
     if family not in MODELS:
         raise ValueError(f"unknown model family {family!r}; registered: {', '.join(sorted(MODELS))}")
-    return MODELS[family].load(path, **kwargs)
+    return MODELS[family]
+
+
+def load_model(family: str, path: str | os.PathLike, *, target_join: str | None = None, **kwargs) -> VLMAdapter:
+    """Load ``path`` with the adapter of ``family``; kwargs go to the adapter's ``load``.
+
+    ``target_join`` overrides the family's target convention (None keeps it).
+    """
+    cls = adapter_class(family)
+    if target_join is not None and target_join not in TARGET_JOINS:
+        raise ValueError(f"target_join for family {family!r} must be one of {', '.join(TARGET_JOINS)}, "
+                         f"got {target_join!r}")
+    adapter = cls.load(path, **kwargs)
+    if target_join is not None:
+        adapter.target_join = target_join
+    return adapter

@@ -71,7 +71,10 @@ class Blip2Adapter(VLMAdapter):
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """BLIP eval processing: RGB, bicubic resize to the configured size, rescale, CLIP mean/std."""
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        height, width = pixels.shape[-2:]
+        self.note_resize([image.size for image in images], [(width, height)] * len(images))
+        return pixels
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -93,7 +96,7 @@ class Blip2Adapter(VLMAdapter):
         Text-only items have no image part at all.
         """
         check_items(prompts, targets, images)
-        texts = [self._encode(prompt + target) for prompt, target in zip(prompts, targets)]
+        texts = [self._encode(prompt + self.target_text(target)) for prompt, target in zip(prompts, targets)]
         prompt_lengths = [len(self._encode(prompt)) for prompt in prompts]
         before, after = self.image_prompt() if images is not None else ([], [])
         query = 0 if images is None else self.num_query_tokens

@@ -9,6 +9,12 @@ special tokens it adds, which is how these models were trained) is what the mode
 count only the target tokens (spec section 2): everything up to the length of the processed
 prompt-only text, and padding, is -100.
 
+Targets follow the assistant header raw, with no leading space (``...<|im_start|>assistant\n`` +
+``red``): EasyEdit's editor path for these models, and the ``raw`` target convention of
+:data:`mmke.models.base.TARGET_JOINS` (``protocol.target_join`` may pick ``space``, its
+MultimodalTrainer's form). Qwen2-VL and Qwen2.5-VL images are first resized as the model card's
+``qwen_vl_utils.fetch_image`` does (:func:`smart_resize`), as EasyEdit does before the processor.
+
 Qwen2-VL's and Qwen2.5-VL's processors are loaded without their video processor: the adapter
 feeds images only, and transformers builds every video processor on torchvision, so
 ``AutoProcessor`` cannot load such a directory where torchvision is missing (it is here: there is
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from collections.abc import Sequence
 from typing import ClassVar
@@ -41,9 +48,54 @@ from mmke.models.base import (
 )
 
 
+# qwen_vl_utils 0.0.10 (the version EasyEdit pins; vision_process.py): every image is resized so
+# that both sides are multiples of 28 and the area lies within [4, 16384] x 28 x 28 pixels, before
+# the HF processor (which then resizes within its own, narrower pixel bounds).
+QWEN_IMAGE_FACTOR = 28
+QWEN_MIN_PIXELS = 4 * 28 * 28
+QWEN_MAX_PIXELS = 16384 * 28 * 28
+QWEN_MAX_RATIO = 200
+#: Model types whose published preprocessing is qwen_vl_utils' fetch_image.
+QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def smart_resize(height: int, width: int, factor: int = QWEN_IMAGE_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of qwen_vl_utils' smart resize: sides to the nearest multiple of ``factor``,
+    then scaled down (floor) or up (ceil) to bring the area within ``[min_pixels, max_pixels]``.
+
+    Python's ``round`` (halves to even) as in qwen_vl_utils, so 42 -> 56 but 70 -> 56.
+    """
+    if max(height, width) / min(height, width) > QWEN_MAX_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {QWEN_MAX_RATIO}, "
+                         f"got {max(height, width) / min(height, width)} ({width}x{height} px)")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def fetch_image(image: Image.Image) -> Image.Image:
+    """An RGB image resized as ``qwen_vl_utils.fetch_image`` does (default pixel bounds).
+
+    Pillow's default filter for RGB images is bicubic, which fetch_image's ``image.resize`` uses.
+    """
+    height, width = smart_resize(image.height, image.width)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
 @register_model("hf_vlm")
 class HFVLMAdapter(VLMAdapter):
     """One adapter for the chat-template VLMs of transformers."""
+
+    target_join = "raw"
 
     # Where the families keep their vision encoder and the projector into the LM
     # (LLaVA: vision_tower / multi_modal_projector; Qwen2-VL: visual / visual.merger).
@@ -81,17 +133,36 @@ class HFVLMAdapter(VLMAdapter):
         return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
+    def prepare_images(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """The family's published preprocessing before the processor: Qwen-VL's smart resize."""
+        if self.model.config.model_type in QWEN_VL_MODEL_TYPES:
+            return [fetch_image(image) for image in images]
+        return list(images)
+
     def _process(self, texts: list[str], images: Sequence[Image.Image] | None) -> dict[str, torch.Tensor]:
         kwargs = {} if images is None else {"images": list(images)}
         return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
+
+    def _model_image_sizes(self, processed: dict[str, torch.Tensor], count: int) -> list[tuple[int, int]] | None:
+        """(width, height) each image reaches the vision tower at, where the processor's output shows it."""
+        if "image_grid_thw" in processed:  # Qwen: patches per side x patch size
+            patch = self.processor.image_processor.patch_size
+            return [(w * patch, h * patch) for _, h, w in processed["image_grid_thw"].tolist()]
+        pixels = processed.get("pixel_values")
+        if pixels is not None and pixels.dim() == 4:  # [B, C, H, W], LLaVA-1.5
+            return [(pixels.shape[-1], pixels.shape[-2])] * count
+        return None  # tiled layouts (LLaVA-OneVision): no single size to report
 
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
                        images: Sequence[Image.Image] | None) -> Batch:
         """Chat prompt + target per item, right-padded; only the target tokens are labelled."""
         check_items(prompts, targets, images)
         chats = [self.chat_prompt(prompt, images is not None) for prompt in prompts]
-        full = self._process([chat + target for chat, target in zip(chats, targets)], images)
-        prompt_lengths = self._process(chats, images)["attention_mask"].sum(dim=1)
+        prepared = None if images is None else self.prepare_images(images)
+        full = self._process([chat + self.target_text(target) for chat, target in zip(chats, targets)], prepared)
+        prompt_lengths = self._process(chats, prepared)["attention_mask"].sum(dim=1)
+        if images is not None and (model_sizes := self._model_image_sizes(full, len(images))) is not None:
+            self.note_resize([image.size for image in images], model_sizes)
         input_ids, attention_mask = full["input_ids"], full["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         for row, length in enumerate(prompt_lengths.tolist()):
