@@ -139,3 +139,11 @@ def _record(prompt: str, target: str):
 
     return EditRecord(id=0, prompt=prompt, pred="", target=" " + target, rephrase="", image="", image_rephrase="",
                       loc="", loc_ans="", m_loc="", m_loc_q="", m_loc_a="")
+
+
+def test_kinds_never_asked_are_not_measured():
+    source = WorldFacts("eval", 32, TEMPLATE, {"caption": 0, "fact": 0})
+    kinds = {question.kind for question in source.every_question(random.Random(0))}
+    assert kinds == {*ATTRIBUTES, "count"}
+    assert source.text_questions() == []
+    assert {q.kind for q in WorldFacts("eval", 32, TEMPLATE).every_question(random.Random(0))} == {*ATTRIBUTES, "caption", "count"}

@@ -144,6 +144,8 @@ class WorldFacts:
         self.image_size = image_size
         self.mloc_template = mloc_template
         self.weights = _weights([kind for kind, _ in WORLD_ENTRIES], fact_weights)
+        # what a model of this world is asked at all (and so measured on): the kinds of weight > 0
+        self.asked = {kind for (kind, _), weight in zip(WORLD_ENTRIES, self.weights) if weight > 0}
 
     def question(self, rng: random.Random) -> Question:
         kind, text = rng.choices(WORLD_ENTRIES, weights=self.weights)[0]
@@ -173,22 +175,22 @@ class WorldFacts:
     def text_fact(self, rng: random.Random) -> tuple[str, str]:
         return rng.choice(FACTS)
 
-    @staticmethod
-    def text_questions() -> list[Question]:
-        """The invented text facts (text locality's questions), each once."""
-        return [Question("fact", question, answer, None) for question, answer in FACTS]
+    def text_questions(self) -> list[Question]:
+        """The invented text facts (text locality's questions), each once, if they are asked."""
+        return [Question("fact", question, answer, None) for question, answer in FACTS if "fact" in self.asked]
 
     def every_question(self, rng: random.Random) -> list[Question]:
-        """Every question about one fresh picture of a random scene, and counting on a fresh many-object picture."""
+        """Every question asked (weight > 0) about one fresh picture of a random scene, and counting
+        on a fresh many-object picture."""
         scene = rng.choice(self.scenes)
         image = draw_scene(rng, scene, self.image_size)
         questions = [Question(kind, text, caption(scene) if kind == "caption" else getattr(scene, kind), image,
                               caption_topic(scene) if kind == "caption" else ATTRIBUTE_TOPICS[kind])
-                     for kind, text in WORLD_ENTRIES if kind not in ("count", "fact")]
+                     for kind, text in WORLD_ENTRIES if kind not in ("count", "fact") and kind in self.asked]
         count = rng.randint(1, len(NUMBERS))
         many = draw_many(rng, count, self.image_size)
         return questions + [Question("count", locality_question(text, self.mloc_template), NUMBERS[count - 1], many)
-                            for kind, text in WORLD_ENTRIES if kind == "count"]
+                            for kind, text in WORLD_ENTRIES if kind == "count" and kind in self.asked]
 
 
 class RecordFacts:

@@ -231,7 +231,7 @@ def fact_sources(config: PretrainConfig, datasets: Mapping[str, Mapping], mloc_t
     heldout: dict[str, FactSource] = {}
     if config.world:
         train.append(WorldFacts("train", config.image_size, mloc_template, config.fact_weights))
-        heldout["world"] = WorldFacts("eval", config.image_size, mloc_template)
+        heldout["world"] = WorldFacts("eval", config.image_size, mloc_template, config.fact_weights)
     for name, dataset in datasets.items():
         records, roots = load_split(dataset, "train")
         if len(records) < 2:
