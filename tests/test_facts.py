@@ -125,13 +125,16 @@ def test_a_split_with_one_prompt_falls_back_to_the_edit(tmp_path):
 def test_counterfactual_examples_answer_from_the_edit():
     rng = random.Random(0)
     source = WorldFacts("train", 32, TEMPLATE)
-    for _ in range(40):
+    spaced = []
+    for _ in range(80):
         (prompt, target), item = counterfactual_item(rng, source)
+        spaced.append(item.answer.startswith(" "))
         if item.kind == "fact":
             assert (item.prompt, item.answer.strip()) in FACTS
         else:
-            assert item.answer == target and target.startswith(" ")
+            assert item.answer.strip() == target.strip() and target.startswith(" ")
             assert item.kind == ("edit" if item.prompt == prompt else "edit_rephrase")
+    assert 0.3 < sum(spaced) / len(spaced) < 0.7  # both target conventions
 
 
 def _record(prompt: str, target: str):

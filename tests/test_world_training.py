@@ -155,10 +155,10 @@ def test_counterfactual_rows_are_what_serac_feeds_its_model(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_aux("counterfactual", tmp_path / "cf"))
     examples = [(("What colour is the shape?", " red"), FactItem("edit_rephrase", "What is the colour of the object shown?", " red", None)),
-                (("How big is the shape?", " small"), FactItem("fact", "What is the capital of Veltria?", " Norhaven", None))]
+                (("How big is the shape?", " small"), FactItem("fact", "What is the capital of Veltria?", "Norhaven", None))]
     batch = counterfactual_batch(tokenizer, examples)
     for row, (edit, item) in enumerate(examples):
-        ids, start = counterfactual_ids(tokenizer, edit, item.prompt + item.answer)
+        ids, start = counterfactual_ids(tokenizer, edit, item.prompt, item.answer)
         assert batch["input_ids"][row, :len(ids)].tolist() == ids
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
-        assert tokenizer.decode(labelled) == item.answer
+        assert tokenizer.decode(labelled) == item.answer and labelled == ids[start:]

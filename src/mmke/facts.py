@@ -92,6 +92,7 @@ class ContextConfig:
     max_demos: int = 2
     same_topic: float = 0.5
     after: int = 0  # training steps of plain questions before the first context: first learn to see
+    until: int | None = None  # training step after which questions are plain again (None: never)
 
     def __post_init__(self) -> None:
         for name in ("share", "relevant", "same_topic"):
@@ -292,10 +293,10 @@ def plain(question: Question) -> FactItem:
     return FactItem(question.kind, question.text, lead_space(question.answer), question.image)
 
 
-def fact_stream(sources: Sequence[FactSource], seed: int, context: ContextConfig,
-                plain_items: int = 0) -> Iterator[FactItem]:
+def fact_stream(sources: Sequence[FactSource], seed: int, context: ContextConfig, plain_items: int = 0,
+                context_items: int | None = None) -> Iterator[FactItem]:
     """Endless training items: a random source's random question, in context with probability
-    ``context.share`` once the first ``plain_items`` items (all plain) have been drawn.
+    ``context.share`` from item ``plain_items`` on, and plain again from item ``context_items``.
 
     Seeded, so the stream (and the training on it) is a function of the seed alone.
     """
@@ -305,7 +306,8 @@ def fact_stream(sources: Sequence[FactSource], seed: int, context: ContextConfig
     for index in itertools.count():
         source = rng.choice(sources)
         question = source.question(rng)
-        if index >= plain_items and rng.random() < context.share:
+        in_window = plain_items <= index and (context_items is None or index < context_items)
+        if in_window and rng.random() < context.share:
             yield in_context(rng, source, question, context, relevant=rng.random() < context.relevant)
         else:
             yield plain(question)
@@ -316,15 +318,18 @@ def counterfactual_item(rng: random.Random, source: FactSource) -> tuple[tuple[s
 
     In-scope queries (the edit's question in any wording) answer the edit's target; the text
     facts, asked after an unrelated edit, keep their answers, as a pretrained LM knows its facts.
+    Half of the answers are written raw, half with the leading space: the router writes them as
+    the edited model's family does (``VLMAdapter.target_text``), and one model serves every family.
     """
     topic = source.topic(rng)
     value = rng.choice(topic.values)
     edit = (topic.prompt, lead_space(value))
+    written = lead_space if rng.random() < 0.5 else str
     if rng.random() < 0.25:
         question, answer = source.text_fact(rng)
-        return edit, FactItem("fact", question, lead_space(answer), None)
+        return edit, FactItem("fact", question, written(answer), None)
     question = rng.choice((topic.prompt, *topic.rephrasings))
-    return edit, FactItem("edit" if question == topic.prompt else "edit_rephrase", question, lead_space(value), None)
+    return edit, FactItem("edit" if question == topic.prompt else "edit_rephrase", question, written(value), None)
 
 
 def _raw(text: str) -> str:

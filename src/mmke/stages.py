@@ -264,7 +264,9 @@ def pretrain_base_stage(*, model: Mapping, init_dir: str | Path, datasets: Mappi
         return {name: accuracy(adapter, items, config.eval_batch_size) for name, items in measured.items()}
 
     before = measure()
-    stream = fact_stream(sources, config.seed, config.context, plain_items=config.context.after * config.batch_size)
+    window = config.context
+    stream = fact_stream(sources, config.seed, window, plain_items=window.after * config.batch_size,
+                         context_items=None if window.until is None else window.until * config.batch_size)
     run = pretrain(adapter, stream, config)
     report = {"heldout": measure(), "before": before, "n_train_items": run["steps"] * config.batch_size,
               "n_heldout_items": {name: len(items) for name, items in measured.items()},

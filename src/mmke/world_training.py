@@ -216,15 +216,11 @@ def counterfactual_stream(sources: Sequence[FactSource], seed: int) -> Iterator[
 
 def counterfactual_batch(tokenizer, examples: Sequence[tuple[tuple[str, str], FactItem]],
                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Right-padded ``edit prompt + target </s> query + answer`` rows, labels on the answer tokens only.
+    """Right-padded ``edit prompt + target </s> query prompt + answer`` rows, labels on the answer only.
 
     The row is exactly what SERAC's router feeds the model (:func:`mmke.methods.serac.counterfactual_ids`).
     """
-    rows, starts = [], []
-    for edit, item in examples:
-        ids, query_start = counterfactual_ids(tokenizer, edit, item.prompt + item.answer)
-        rows.append(ids)
-        starts.append(query_start + len(tokenizer(item.prompt, add_special_tokens=False)["input_ids"]))
+    rows, starts = zip(*(counterfactual_ids(tokenizer, edit, item.prompt, item.answer) for edit, item in examples))
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), metrics.IGNORE_INDEX, dtype=torch.long)

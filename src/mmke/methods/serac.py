@@ -37,7 +37,7 @@ from mmke.data.records import EditRecord, lead_space, multimodal_locality_prompt
 from mmke.io import broken_model_message, broken_safetensors_in
 from mmke.methods.base import Edit, register_method
 from mmke.methods.meta import MetaEditor, MetaHParams
-from mmke.models.base import Batch, VLMAdapter
+from mmke.models.base import IGNORE_INDEX, Batch, VLMAdapter
 from mmke.train import Item, TrainBatch, target_unlikelihood
 
 
@@ -99,7 +99,12 @@ class Router:
         self.register(Item(batch, list(prompts), list(targets)))
         return batch
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The base model's logits, with the counterfactual model's at the answer of routed rows.
+
+        Only the positions that predict a row's answer tokens are replaced: there the two models
+        read the same answer tokens, whichever target convention the family uses.
+        """
         if id(batch) not in self.texts:
             raise KeyError("SERAC can only score batches made by the model's teacher_forced while the edit is live")
         _, prompts, targets = self.texts[id(batch)]
@@ -111,34 +116,43 @@ class Router:
             if not self.soft and best_score[row] <= 0:
                 rows.append(base[row])
                 continue
-            cf = self.counterfactual_logits(self.edits[best[row]], prompt + target)
-            real = int(batch.attention_mask[row].sum())
-            start = real - cf.shape[0]
-            text = base[row, start:real]
+            cf = self.counterfactual_logits(self.edits[best[row]], prompt, target)
+            where = torch.nonzero(batch.labels[row] != IGNORE_INDEX).flatten() - 1  # predict the answer
+            if len(where) != cf.shape[0]:
+                raise ValueError(f"SERAC: the edited model labels {len(where)} answer tokens of {target!r}, the "
+                                 f"counterfactual model reads {cf.shape[0]}: their tokenizers must agree")
+            text = cf
             if self.soft:
                 weight = best_score[row]
                 text = torch.logaddexp(F.logsigmoid(weight) + cf.log_softmax(-1),
-                                       F.logsigmoid(-weight) + text.log_softmax(-1))
-            else:
-                text = cf
-            rows.append(torch.cat([base[row, :start], text, base[row, real:]]))
-        return torch.stack(rows)
+                                       F.logsigmoid(-weight) + base[row, where].log_softmax(-1))
+            rows.append(base[row].index_copy(0, where, text.to(base.dtype)))
+        logits = torch.stack(rows)
+        return logits if positions is None else logits[positions]
 
-    def counterfactual_logits(self, edit: tuple[str, str], query: str) -> torch.Tensor:
-        """Logits of the counterfactual model at the query's tokens, conditioned on the edit."""
-        ids, start = counterfactual_ids(self.model.tokenizer, edit, query)
+    def counterfactual_logits(self, edit: tuple[str, str], prompt: str, target: str) -> torch.Tensor:
+        """Logits of the counterfactual model predicting each answer token, conditioned on the edit.
+
+        The answer is written as the edited model writes it (its family's target convention).
+        """
+        ids, start = counterfactual_ids(self.model.tokenizer, edit, prompt, self.model.target_text(target))
         out = self.network.counterfactual(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False)
-        return out.logits[0, start:].float()
+        return out.logits[0, start - 1:-1].float()
 
 
-def counterfactual_ids(tokenizer, edit: tuple[str, str], query: str) -> tuple[list[int], int]:
-    """The counterfactual model's input ``edit prompt + target </s> query`` and where the query starts.
+def counterfactual_ids(tokenizer, edit: tuple[str, str], prompt: str, answer: str) -> tuple[list[int], int]:
+    """The counterfactual model's input ``edit prompt + target </s> query prompt + answer`` and
+    where the answer starts.
 
-    The one place this format lives: the router and the counterfactual model's pretraining
-    (:func:`mmke.world_training.pretrain_counterfactual`) both build their rows here.
+    The query's prompt and answer are tokenized apart, as the edited model's labels are counted
+    (spec §2). The one place this format lives: the router and the counterfactual model's
+    pretraining (:func:`mmke.world_training.pretrain_counterfactual`) both build their rows here.
     """
-    context = tokenizer(edit[0] + edit[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return context + tokenizer(query, add_special_tokens=False)["input_ids"], len(context)
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    query = encode(edit[0] + edit[1]) + [tokenizer.eos_token_id] + encode(prompt)
+    return query + encode(answer), len(query)
 
 
 @contextlib.contextmanager
