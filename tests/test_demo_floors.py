@@ -72,6 +72,7 @@ def test_every_training_report_gives_steps_and_heldout_accuracy(demo):
     for model, spec in DEMO["models"].items():
         report = json.loads((demo / f"resources/world/{model}.pretrain.json").read_text())
         assert report["steps"] == spec["pretrain"]["steps"]  # the budget is steps, never time
+        assert report["before"]["world"]["all"] <= 0.1  # the random init knows nothing
         heldout = report["heldout"]["world"]
         plain = [kind for kind in heldout if ":" not in kind and kind != "all"]
         assert min(heldout[kind] for kind in plain) >= 0.8, heldout

@@ -66,6 +66,11 @@ def users_copy(root: Path) -> dict:
                                       "eval": "data/easyvqa/eval.json", "image_root": "data/easyvqa/images"}}
     config["models"] = {"easyvqa-blip2": config["models"]["tiny-blip2"]}
     config["methods"] = ["base", "IKE"]
+    # what a copy of a demo that learnt its own datasets and excluded other families would keep
+    config["models"]["easyvqa-blip2"]["pretrain"]["datasets"] = ["demo-evqa", "demo-eic"]
+    config["exclude"] = [{"model": "tiny-minigpt4", "dataset": "demo-eic"}, {"model": "tiny-llava", "dataset": "demo-eic"},
+                         *({"method": method, "model": model} for method in ("KE", "SERAC", "MEND")
+                           for model in ("tiny-minigpt4", "tiny-llava"))]
     return config
 
 

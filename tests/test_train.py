@@ -93,7 +93,9 @@ def trained(world, model, train_records, roots):
     """Each method trained once for 20 steps: its editor, hparams file, checkpoint and result."""
     out = {}
     for method in ("MEND", "SERAC", "KE"):
-        path = hparams_file(world, method, max_iters=20, val_interval=10)
+        # SERAC with its unlikelihood term on, to test it (the demo file keeps it off)
+        extra = {"unlikelihood": True} if method == "SERAC" else {}
+        path = hparams_file(world, method, max_iters=20, val_interval=10, **extra)
         editor = make_editor(read_hparams(path))
         checkpoint = world / f"{method}.safetensors"
         result = train.train(editor, model, train_records, RecordImages(roots), checkpoint,
@@ -384,7 +386,7 @@ def test_unlikelihood_of_a_hand_built_case():
 
 def test_serac_unlikelihood_scores_the_old_answer_on_both_generality_items(world, model, train_records, roots):
     """cedit * UL(rephrase + edit image -> pred) + iedit * UL(prompt + rephrased image -> pred)."""
-    serac = make_editor(read_hparams(hparams_file(world, "SERAC", cedit=0.3, iedit=0.7)))
+    serac = make_editor(read_hparams(hparams_file(world, "SERAC", cedit=0.3, iedit=0.7, unlikelihood=True)))
     serac.build(model)
     serac.network.eval()
     record, images = train_records[0], RecordImages(roots)(train_records[0])
@@ -404,7 +406,7 @@ def test_serac_unlikelihood_scores_the_old_answer_on_both_generality_items(world
 def test_serac_unlikelihood_flag_changes_training(trained, world, model, train_records, roots, tmp_path):
     with_term = trained["SERAC"]
     hp = read_hparams(with_term["hparams"])
-    assert hp.unlikelihood  # the demo file turns it on
+    assert hp.unlikelihood  # the fixture turns it on
     path = hparams_file(world, "SERAC", max_iters=20, val_interval=10, unlikelihood=False)
     without = train.train(make_editor(read_hparams(path)), model, train_records, RecordImages(roots),
                           tmp_path / "serac.safetensors", tmp_path / "serac.pt", log=lambda _: None)

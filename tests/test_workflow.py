@@ -78,6 +78,9 @@ def workdir(tmp_path_factory) -> Path:
     # FT and MEND on the second model would only repeat the first model's jobs; base and IKE run on both
     config["exclude"] = [{"method": method, "model": "tiny-blip2-b"} for method in FIRST_MODEL_ONLY]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    mend = root / "config/hparams/MEND/tiny-blip2.yaml"  # a short meta-training: the stage's mechanics
+    mend.write_text(yaml.safe_dump({**yaml.safe_load(mend.read_text()), "max_iters": 30, "val_interval": 10,
+                                    "early_stop_patience": 30}))
     for method in ("base", "IKE"):  # model b gets model a's hparams
         source = root / f"config/hparams/{method}/tiny-blip2.yaml"
         (source.parent / "tiny-blip2-b.yaml").write_text(source.read_text().replace("model: tiny-blip2\n", "model: tiny-blip2-b\n"))
