@@ -23,6 +23,8 @@ rule pretrain_base:
         "logs/pretrain_base/{model}.log",
     benchmark:
         "results/benchmarks/pretrain_base/{model}.tsv"
+    # the DAG's longest path: on few cores each base model starts before any job downstream of another
+    priority: 10
     threads: stage_resources("pretrain_base", "threads", 1)
     resources:
         gpu=stage_resources("pretrain_base", "gpu", 0),

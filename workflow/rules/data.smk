@@ -34,6 +34,8 @@ rule tiny_model:
         "logs/tiny_model/{model}.log",
     benchmark:
         "results/benchmarks/tiny_model/{model}.tsv"
+    # the base models' pretraining is the DAG's longest path: start it before anything else
+    priority: 10
     threads: 1
     resources:
         mem_mb=2000,
