@@ -134,13 +134,10 @@ def _teacher_forced(model: VLMAdapter, items: Sequence[FactItem]):
     return model.teacher_forced([item.prompt for item in items], [item.answer for item in items], images)
 
 
-def item_loss(model: VLMAdapter, items: Sequence[FactItem], text_loss: float = 0.0, chunks: int = 3) -> torch.Tensor:
+def item_loss(model: VLMAdapter, items: Sequence[FactItem], text_loss: float = 0.0, chunks: int = 2) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens, plus ``text_loss`` x that of every text token.
 
-    The output layer runs only where a loss is taken (see ``VLMAdapter.logits``). Three chunks
-    per batch keep the short plain questions apart from the 3-8x longer ones in context: a
-    32-item step with 40% contexts took 94 / 79 / 77 / 91 ms of CPU on the tiny LLaVA with 2 / 3
-    / 4 / 6 chunks (fewer pad tokens against more forward calls).
+    The output layer runs only where a loss is taken (see ``VLMAdapter.logits``).
     """
     answer_nll, text_nll = [], []
     for chunk in _batches(items, chunks):
