@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaOnevisionProcessor, LlavaProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
+from mmke.metrics import IGNORE_INDEX
 from mmke.models import MODELS, load_model
 from mmke.models.hf_vlm import HFVLMAdapter, fetch_image, image_only_processor_class, smart_resize
 from mmke.models.tiny import build_tiny_llava, build_tiny_qwen2vl
@@ -256,7 +257,20 @@ def test_qwen_images_are_fetched_as_qwen_vl_utils_does(qwen, qwen_images, adapte
                             lambda self, *a, call=call, **k: seen.append([i.size for i in k.get("images", [])]) or call(*a, **k))
     qwen.teacher_forced(PROMPTS, TARGETS, qwen_images)
     adapter.teacher_forced(PROMPTS, TARGETS, images)
-    assert seen == [[(84, 56), (112, 28)]] * 2 + [[(40, 24), (32, 32)]] * 2
+    assert seen == [[(84, 56), (112, 28)], [(40, 24), (32, 32)]]  # once per batch: the prompt length needs no images
+
+
+@pytest.mark.parametrize("family", ["qwen", "adapter"])
+def test_prompt_length_from_the_tokenizer_equals_the_processed_prompt(family, request, qwen_images, images):
+    """The target's token count from the tokenizer alone gives the same labels as processing the
+    chat prompt with its images (the placeholder expands the same way with or without the target)."""
+    model = request.getfixturevalue(family)
+    pictures = qwen_images if family == "qwen" else images
+    batch = model.teacher_forced(PROMPTS, TARGETS, pictures)
+    chats = [model.chat_prompt(prompt, True) for prompt in PROMPTS]
+    processed = model._process(chats, model.prepare_images(pictures))["attention_mask"].sum(dim=1)
+    first_label = (batch.labels != IGNORE_INDEX).int().argmax(dim=1)
+    assert first_label.tolist() == processed.tolist()
 
 
 def test_a_resize_is_logged_once_per_model(qwen_dir, qwen_images, caplog):

@@ -96,8 +96,9 @@ class Blip2Adapter(VLMAdapter):
         Text-only items have no image part at all.
         """
         check_items(prompts, targets, images)
-        texts = [self._encode(prompt + self.target_text(target)) for prompt, target in zip(prompts, targets)]
-        prompt_lengths = [len(self._encode(prompt)) for prompt in prompts]
+        encoded = self.tokenizer([prompt + self.target_text(target) for prompt, target in zip(prompts, targets)]
+                                 + list(prompts), add_special_tokens=False)["input_ids"]  # one call: the batch's cost
+        texts, prompt_lengths = encoded[:len(prompts)], [len(ids) for ids in encoded[len(prompts):]]
         before, after = self.image_prompt() if images is not None else ([], [])
         query = 0 if images is None else self.num_query_tokens
         head = before + [self.placeholder_id] * query + after

@@ -143,6 +143,16 @@ class HFVLMAdapter(VLMAdapter):
         kwargs = {} if images is None else {"images": list(images)}
         return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
 
+    def _target_lengths(self, texts: list[str], chats: list[str]) -> torch.Tensor:
+        """Tokens each target adds to its chat prompt, from the tokenizer alone.
+
+        The processor expands each image placeholder into the image's tokens identically with or
+        without the target, so this difference equals that of the processed lengths; it spares a
+        second pass of the images through the image processor.
+        """
+        encoded = self.processor.tokenizer(texts + chats)["input_ids"]
+        return torch.tensor([len(text) - len(chat) for text, chat in zip(encoded[:len(texts)], encoded[len(texts):])])
+
     def _model_image_sizes(self, processed: dict[str, torch.Tensor], count: int) -> list[tuple[int, int]] | None:
         """(width, height) each image reaches the vision tower at, where the processor's output shows it."""
         if "image_grid_thw" in processed:  # Qwen: patches per side x patch size
@@ -159,8 +169,9 @@ class HFVLMAdapter(VLMAdapter):
         check_items(prompts, targets, images)
         chats = [self.chat_prompt(prompt, images is not None) for prompt in prompts]
         prepared = None if images is None else self.prepare_images(images)
-        full = self._process([chat + self.target_text(target) for chat, target in zip(chats, targets)], prepared)
-        prompt_lengths = self._process(chats, prepared)["attention_mask"].sum(dim=1)
+        texts = [chat + self.target_text(target) for chat, target in zip(chats, targets)]
+        full = self._process(texts, prepared)
+        prompt_lengths = full["attention_mask"].sum(dim=1) - self._target_lengths(texts, chats)
         if images is not None and (model_sizes := self._model_image_sizes(full, len(images))) is not None:
             self.note_resize([image.size for image in images], model_sizes)
         input_ids, attention_mask = full["input_ids"], full["attention_mask"]
