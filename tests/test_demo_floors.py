@@ -84,8 +84,11 @@ def test_every_training_report_gives_steps_and_heldout_accuracy(demo):
     assert counterfactual["heldout"]["world"]["all"] >= 0.95
     for train in (demo / "resources/checkpoints").rglob("train.json"):
         report = json.loads(train.read_text())
-        assert report["steps"] >= 1 and report["history"][0]["step"] == 0
-        best = next(h for h in report["history"] if h["step"] == report["best_step"])
-        assert best["val_acc"]["inner"] >= 0.8, train
+        history = report["history"]
+        assert report["steps"] >= 1 and history[0]["step"] == 0
+        best = next(h for h in history if h["step"] == report["best_step"])
+        # the meta-loss on held-out train records at least halves and has levelled off by the end
+        assert best["val"]["total"] <= 0.5 * history[0]["val"]["total"], train
+        assert history[-1]["val"]["total"] <= 1.25 * best["val"]["total"], train
         if report["method"] == "SERAC":  # held-out records routed: prompt/rephrase in, loc/m_loc out
             assert best["val_acc"]["scope_in"] >= 0.9 and best["val_acc"]["scope_out"] >= 0.9, train

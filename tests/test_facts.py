@@ -129,10 +129,11 @@ def test_counterfactual_examples_answer_from_the_edit():
     for _ in range(80):
         (prompt, target), item = counterfactual_item(rng, source)
         spaced.append(item.answer.startswith(" "))
+        assert target.startswith(" ") == item.answer.startswith(" ")  # the edit shows the answer's form
         if item.kind == "fact":
             assert (item.prompt, item.answer.strip()) in FACTS
         else:
-            assert item.answer.strip() == target.strip() and target.startswith(" ")
+            assert item.answer == target
             assert item.kind == ("edit" if item.prompt == prompt else "edit_rephrase")
     assert 0.3 < sum(spaced) / len(spaced) < 0.7  # both target conventions
 

@@ -318,13 +318,14 @@ def counterfactual_item(rng: random.Random, source: FactSource) -> tuple[tuple[s
 
     In-scope queries (the edit's question in any wording) answer the edit's target; the text
     facts, asked after an unrelated edit, keep their answers, as a pretrained LM knows its facts.
-    Half of the answers are written raw, half with the leading space: the router writes them as
-    the edited model's family does (``VLMAdapter.target_text``), and one model serves every family.
+    Half of the examples write the edit's target and the answer raw, half with the leading space:
+    the router writes both as the edited model's family does (``VLMAdapter.target_text``), so one
+    model serves every family and the edit in its context shows which form to answer in.
     """
     topic = source.topic(rng)
     value = rng.choice(topic.values)
-    edit = (topic.prompt, lead_space(value))
     written = lead_space if rng.random() < 0.5 else str
+    edit = (topic.prompt, written(value))
     if rng.random() < 0.25:
         question, answer = source.text_fact(rng)
         return edit, FactItem("fact", question, written(answer), None)

@@ -133,9 +133,12 @@ class Router:
     def counterfactual_logits(self, edit: tuple[str, str], prompt: str, target: str) -> torch.Tensor:
         """Logits of the counterfactual model predicting each answer token, conditioned on the edit.
 
-        The answer is written as the edited model writes it (its family's target convention).
+        The edit's target and the answer are written as the edited model writes them (its family's
+        target convention), so the edit in the context also tells the counterfactual model which
+        form to answer in.
         """
-        ids, start = counterfactual_ids(self.model.tokenizer, edit, prompt, self.model.target_text(target))
+        written = self.model.target_text
+        ids, start = counterfactual_ids(self.model.tokenizer, (edit[0], written(edit[1])), prompt, written(target))
         out = self.network.counterfactual(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False)
         return out.logits[0, start - 1:-1].float()
 
