@@ -489,3 +489,29 @@ def test_training_raises_the_validation_rewrite_accuracy(trained):
     history = trained["MEND"]["result"].history
     assert history[0]["val_acc"]["inner"] == 0.0  # the random tiny model knows none of the new targets
     assert history[-1]["val_acc"]["inner"] > history[0]["val_acc"]["inner"]
+
+
+@pytest.mark.parametrize("join,written", [("space", " red"), ("raw", "red")])
+def test_serac_writes_the_edit_in_the_edited_models_target_form(monkeypatch, join, written):
+    """The counterfactual model reads the edit's target in the form it must answer in: the edited
+    model's target convention (what its pretraining teaches with both forms)."""
+    import types
+
+    from mmke.methods import serac
+
+    seen = []
+    monkeypatch.setattr(serac, "counterfactual_ids",
+                        lambda tok, edit, prompt, answer: seen.append((edit, answer)) or ([1, 2, 3], 2))
+    class LM:  # a 5-token vocabulary stand-in for both language models
+        def get_output_embeddings(self):
+            return torch.nn.Linear(2, 5)
+
+        def __call__(self, **_):
+            return types.SimpleNamespace(logits=torch.zeros(1, 3, 5))
+
+    model = types.SimpleNamespace(tokenizer=None, device="cpu", model=LM(), logits=None,
+                                  target_text=lambda t: t if join == "space" else t.removeprefix(" "))
+    network = types.SimpleNamespace(counterfactual=LM())
+    router = serac.Router(network, model, [("What colour is the shape?", " red")], soft=False)
+    router.counterfactual_logits(router.edits[0], "What is the colour of the object shown?", " red")
+    assert seen == [(("What colour is the shape?", written), written)]

@@ -162,29 +162,3 @@ def test_counterfactual_rows_are_what_serac_feeds_its_model(tmp_path):
         assert batch["input_ids"][row, :len(ids)].tolist() == ids
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert tokenizer.decode(labelled) == item.answer and labelled == ids[start:]
-
-
-@pytest.mark.parametrize("join,written", [("space", " red"), ("raw", "red")])
-def test_serac_writes_the_edit_in_the_edited_models_target_form(monkeypatch, join, written):
-    """The counterfactual model reads the edit's target in the form it must answer in: the edited
-    model's target convention (what its pretraining teaches with both forms)."""
-    import types
-
-    from mmke.methods import serac
-
-    seen = []
-    monkeypatch.setattr(serac, "counterfactual_ids",
-                        lambda tok, edit, prompt, answer: seen.append((edit, answer)) or ([1, 2, 3], 2))
-    class LM:  # a 5-token vocabulary stand-in for both language models
-        def get_output_embeddings(self):
-            return torch.nn.Linear(2, 5)
-
-        def __call__(self, **_):
-            return types.SimpleNamespace(logits=torch.zeros(1, 3, 5))
-
-    model = types.SimpleNamespace(tokenizer=None, device="cpu", model=LM(), logits=None,
-                                  target_text=lambda t: t if join == "space" else t.removeprefix(" "))
-    network = types.SimpleNamespace(counterfactual=LM())
-    router = serac.Router(network, model, [("What colour is the shape?", " red")], soft=False)
-    router.counterfactual_logits(router.edits[0], "What is the colour of the object shown?", " red")
-    assert seen == [(("What colour is the shape?", written), written)]
