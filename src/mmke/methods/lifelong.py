@@ -49,7 +49,7 @@ class MemoryEdit(Edit):
     def __init__(self, editor: "LifelongEditor", memory: Memory, found: Any, installed: bool):
         super().__init__()
         self._editor, self._memory, self._found, self._installed = editor, memory, found, installed
-        self._index = memory.edits  # this edit is the memory's index-th
+        self._index = memory.edits  # the memory's edit count while this edit is the newest
 
     def revert(self) -> None:
         if self._memory is None:
@@ -86,16 +86,13 @@ class LifelongEditor(Editor):
         if memory is None:
             memory = self._memories[id(model)] = self.install(model)
         found = memory.state()
-        edit = MemoryEdit(self, memory, found, installed)
         try:
             for record in records:
                 self.edit(memory, model, record)
         except BaseException:
-            edit._index = memory.edits
-            edit.revert()
+            MemoryEdit(self, memory, found, installed).revert()
             raise
-        edit._index = memory.edits
-        return edit
+        return MemoryEdit(self, memory, found, installed)
 
     def forget(self, memory: Memory) -> None:
         self._memories = {key: value for key, value in self._memories.items() if value is not memory}

@@ -69,7 +69,9 @@ class LoRAMemory(Memory):
             torch.manual_seed(hp.seed)
             self.tuner = tuner_class(model.model, config, ADAPTER)
         self.model = model
-        self.params = {name: p for name, p in model.model.named_parameters() if f".{ADAPTER}" in name}
+        # what peft made trainable: the adapter matrices (AdaLoRA's rank counters stay fixed)
+        self.params = {name: p for name, p in model.model.named_parameters()
+                       if f".{ADAPTER}" in name and p.requires_grad}
         self.edits = 0
 
     def state(self) -> tuple[dict[str, torch.Tensor], int]:
