@@ -145,3 +145,23 @@ def test_reverting_out_of_order_is_an_error(adapter, eval_records, roots):
         first.revert()
     second.revert()
     first.revert()
+
+
+@pytest.mark.parametrize("method,values,message", [
+    ("LoRA", {"lora_type": "dora"}, "LoRA lora_type must be one of \\['adalora', 'lora'\\], got 'dora'"),
+    ("LoRA", {"kl_factor": 0.5}, "LoRA supports kl_factor 0"),
+    ("GRACE", {"val_init": "warm"}, "GRACE supports .* got \\{'val_init': 'warm'\\}"),
+    ("WISE", {"save_freq": 3, "merge_freq": 4}, "WISE merge_freq \\(4\\) must be a multiple of save_freq \\(3\\)"),
+    ("WISE", {"act_margin": [5.0, 20.0]}, "WISE act_margin is \\[alpha, beta, gamma\\]"),
+])
+def test_settings_the_methods_do_not_implement_are_errors_naming_the_file(method, values, message):
+    path = REPO / f"config/hparams/{method}/tiny-blip2.yaml"
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        read_hparams(path, overrides=values)
+
+
+def test_a_scope_of_several_matrices_cannot_be_hooked(adapter, eval_records, roots):
+    editor = editor_for("GRACE", roots, scope="llm.mlp.last1")
+    with pytest.raises(ValueError, match="GRACE: scope 'llm.mlp.last1' must hold exactly one weight matrix"):
+        editor.apply(adapter, [eval_records[0]])
+    assert not editor._memories and "logits" not in vars(adapter)
