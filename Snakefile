@@ -30,3 +30,4 @@ rule all:
         eval_metrics(),
         summary_tables(),
         plots(),
+        sequential_outputs(),

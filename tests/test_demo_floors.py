@@ -92,3 +92,28 @@ def test_every_training_report_gives_steps_and_heldout_accuracy(demo):
         assert history[-1]["val"]["total"] <= 1.25 * best["val"]["total"], train
         if report["method"] == "SERAC":  # held-out records routed: prompt/rephrase in, loc/m_loc out
             assert best["val_acc"]["scope_in"] >= 0.9 and best["val_acc"]["scope_out"] >= 0.9, train
+
+
+LIFELONG = ("LoRA", "GRACE", "WISE")
+
+
+@pytest.mark.parametrize("model,dataset", COVERED)
+@pytest.mark.parametrize("method", LIFELONG)
+def test_lifelong_editors_edit_one_at_a_time(table, method, model, dataset):
+    row = table[(method, model, dataset)]
+    assert row["rewrite_acc"] >= 0.8, row
+    if method == "GRACE":  # unrelated keys lie outside every radius: the unedited outputs
+        assert row["locality_acc"] >= 0.95 and row["multimodal_locality_acc"] >= 0.95, row
+    if method == "WISE":  # the text locality item is routed to the main memory
+        assert row["locality_acc"] >= 0.95, row
+
+
+def test_sequential_table_keeps_grace_edits_as_they_accumulate(demo):
+    """All 24 E-VQA edits of the tiny BLIP-2 in one group, measured after the last one."""
+    rows = {r["method"]: r for r in csv.DictReader((demo / "results/sequential/tables/summary.csv").open())}
+    assert list(rows) == DEMO["evaluation"]["sequential"]["methods"]
+    assert all(r["model"] == "tiny-blip2" and r["dataset"] == "demo-evqa" and r["n"] == "24" for r in rows.values())
+    grace = rows["GRACE"]
+    assert float(grace["rewrite_acc"]) >= 0.8 and float(grace["locality_acc"]) >= 0.95, grace
+    # fine-tuning one shared set of weights 24 times loses most earlier edits
+    assert float(rows["FT-L"]["rewrite_acc"]) < float(grace["rewrite_acc"])

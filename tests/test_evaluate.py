@@ -113,6 +113,9 @@ def test_schedule_is_validated():
         Schedule("batch", 2)
     with pytest.raises(ValueError, match="n_edits must be >= 1"):
         Schedule("sequential", 0)
+    with pytest.raises(ValueError, match="n_edits must be an integer or 'all', got 'many'"):
+        Schedule("sequential", "many")
+    assert Schedule("sequential", "all").group_size(24) == 24 and Schedule("sequential", 5).group_size(24) == 5
     with pytest.raises(ValueError, match="mode 'single' edits one record at a time; n_edits is 3"):
         Schedule("single", 3)
 

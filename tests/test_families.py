@@ -177,6 +177,18 @@ def test_weight_edit_through_scope_changes_then_restores_bit_for_bit(scope, adap
     assert torch.equal(edit_prompt_logits(adapter, None, record, dataset), before)
 
 
+def test_layer_scopes_name_one_matrix_each_counting_from_either_end(adapter):
+    last1 = list(adapter.editable("llm.mlp.last1"))
+    assert adapter.editable("llm.layers.-1.mlp.in").keys() == adapter.editable("llm.layers.1.mlp.in").keys()
+    assert [*adapter.editable("llm.layers.-1.mlp.in"), *adapter.editable("llm.layers.-1.mlp.out")] == last1
+    qv = list(adapter.editable("llm.attn.qv"))
+    assert len(qv) == 4 and qv == [n for pair in zip(adapter.editable("llm.attn.q"), adapter.editable("llm.attn.v"))
+                                   for n in pair]
+    assert all(name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")) for name in qv)
+    with pytest.raises(KeyError, match="unknown scope 'llm.layers.2.mlp.in'"):
+        adapter.editable("llm.layers.2.mlp.in")
+
+
 def test_mlp_scope_names_the_last_layers_mlp_pair(adapter):
     last1 = adapter.editable("llm.mlp.last1")
     pair = ("fc1.weight", "fc2.weight") if adapter.family == "blip2" else ("mlp.up_proj.weight", "mlp.down_proj.weight")

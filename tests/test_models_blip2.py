@@ -143,7 +143,7 @@ def test_component_scopes_partition_the_model(adapter):
 
 @pytest.mark.parametrize("scope", ["llm.mlp.last3", "mlp", "llm.mlp.last0"])
 def test_unknown_scope_lists_valid_scopes(adapter, scope):
-    with pytest.raises(KeyError, match="valid scopes: llm.mlp.last1, llm.mlp.last2, llm, qformer"):
+    with pytest.raises(KeyError, match="valid scopes: llm.mlp.last1, llm.mlp.last2, llm.attn.q, llm.attn.v, llm.attn.qv, llm.layers.0.mlp.in"):
         adapter.editable(scope)
 
 

@@ -18,7 +18,7 @@ import yaml
 from workflow_copy import REPO, copy_workflow, snakemake_env
 
 PAPER = yaml.safe_load((REPO / "config/mmedit.yaml").read_text())
-METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND"]
+METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND", "LoRA", "GRACE", "WISE"]
 MODELS = ["blip2-opt-2.7b", "minigpt4-vicuna-7b"]
 #: Rules of the paper DAG that run on a GPU (the others run on CPU nodes or the submitting host).
 GPU_RULES = ("baseline", "evaluate_shard", "embed", "pretrain")

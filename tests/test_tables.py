@@ -150,3 +150,13 @@ def test_single_and_sequential_metrics_are_not_stacked(tmp_path):
     assert len(collect([single, explicit])) == 2
     with pytest.raises(ValueError, match=r"different evaluation schedules.*b\.json"):
         collect([single, sequential])
+
+
+def test_a_sequential_table_says_how_its_edits_were_grouped(tmp_path):
+    whole = [metrics_file(tmp_path / f"{m}.json", m, 0.5, evaluation={"mode": "sequential", "n_edits": "all"})
+             for m in ("GRACE", "WISE")]
+    text = to_markdown(collect(whole))
+    assert "Sequential editing: the edits of all n records accumulate" in text
+    groups = metrics_file(tmp_path / "g.json", "FT-L", 0.5, evaluation={"mode": "sequential", "n_edits": 4})
+    assert "the edits of groups of 4 records accumulate" in to_latex(collect([groups]))
+    assert "Sequential" not in to_markdown(collect([metrics_file(tmp_path / "s.json", "base", 0.5)]))

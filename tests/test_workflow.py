@@ -75,6 +75,9 @@ def workdir(tmp_path_factory) -> Path:
     second = {key: value for key, value in first.items() if key != "pretrain"}
     config["models"]["tiny-blip2-b"] = {**second, "path": "resources/tiny/tiny-blip2-b", "tiny": {**first["tiny"], "seed": 1}}
     config["methods"] = list(METHODS)
+    # the second schedule: FT-L also edits the whole E-VQA split of the first model in one group
+    config["evaluation"]["sequential"] = {"n_edits": "all", "methods": ["FT-L", "KE"], "models": ["tiny-blip2"],
+                                          "datasets": ["demo-evqa"]}
     # FT and MEND on the second model would only repeat the first model's jobs; base and IKE run on both
     config["exclude"] = [{"method": method, "model": "tiny-blip2-b"} for method in FIRST_MODEL_ONLY]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -118,6 +121,22 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert report["steps"] == 3 and report["n_train_items"] == 3 * report["settings"]["batch_size"]
     assert (workdir / "resources/world/tiny-blip2/model.safetensors").is_file()
     assert not (workdir / "resources/world/tiny-blip2-b").exists()
+
+
+def test_sequential_schedule_has_its_own_results_and_tables(workdir):
+    """KE is not a method of this config: the sequential list filters the configured combos."""
+    prefix = workdir / "results/sequential"
+    metrics = json.loads((prefix / "eval/FT-L/tiny-blip2/demo-evqa/metrics.json").read_text())
+    assert metrics["evaluation"] == {"mode": "sequential", "n_edits": "all"} and metrics["n"] == 6
+    assert sorted(p.relative_to(prefix).as_posix() for p in (prefix / "eval").rglob("metrics.json")) == [
+        "eval/FT-L/tiny-blip2/demo-evqa/metrics.json"]
+    rows = list(csv.DictReader((prefix / "tables/summary.csv").open()))
+    assert [(r["method"], r["model"], r["dataset"]) for r in rows] == [("FT-L", "tiny-blip2", "demo-evqa")]
+    assert "Sequential editing: the edits of all n records accumulate" in (prefix / "tables/summary.md").read_text()
+    assert (prefix / "plots/demo-evqa.png").stat().st_size > 0
+    single = json.loads((workdir / "results/eval/FT-L/tiny-blip2/demo-evqa/metrics.json").read_text())
+    assert single["evaluation"] == {"mode": "single", "n_edits": 1}
+    assert (workdir / "logs/evaluate_sequential/FT-L/tiny-blip2/demo-evqa.log").exists()
 
 
 def test_sharded_dataset_is_gathered_in_record_order(workdir):

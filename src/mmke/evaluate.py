@@ -35,6 +35,7 @@ KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
 IMAGE_LOC_K = 10  # M-Locality compares top-10 id lists
 BASELINE_STAGE = "baseline"  # the workflow rule that writes a Baseline
+ALL_RECORDS = "all"  # n_edits: the whole dataset is one sequential group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +56,28 @@ class Protocol:
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """How edits meet the model: ``single`` (revert after each record, the benchmark) or
-    ``sequential`` (``n_edits`` edits accumulate, then all of them are measured).
+    ``sequential`` (``n_edits`` edits accumulate, then all of them are measured; ``"all"``: every
+    record of the dataset is one group, the lifelong setting).
 
     Recorded in metrics.json, so sequential figures are never mistaken for single-edit ones.
     """
 
     mode: str = "single"
-    n_edits: int = 1
+    n_edits: int | str = 1
 
     def __post_init__(self) -> None:
         if self.mode not in ("single", "sequential"):
             raise ValueError(f"evaluation mode must be 'single' or 'sequential', got {self.mode!r}")
-        if self.n_edits < 1:
+        if self.n_edits != ALL_RECORDS and (isinstance(self.n_edits, bool) or not isinstance(self.n_edits, int)):
+            raise ValueError(f"evaluation n_edits must be an integer or {ALL_RECORDS!r}, got {self.n_edits!r}")
+        if self.n_edits != ALL_RECORDS and self.n_edits < 1:
             raise ValueError(f"evaluation n_edits must be >= 1, got {self.n_edits}")
         if self.mode == "single" and self.n_edits != 1:
             raise ValueError(f"evaluation mode 'single' edits one record at a time; n_edits is {self.n_edits}")
+
+    def group_size(self, n_records: int) -> int:
+        """Records per group for a dataset of ``n_records`` (at least 1)."""
+        return max(1, n_records) if self.n_edits == ALL_RECORDS else self.n_edits
 
 
 @dataclasses.dataclass
@@ -171,7 +179,7 @@ def evaluate(
     rows: list[dict] = []
     edit_seconds = 0.0
     start = time.perf_counter()
-    size = schedule.n_edits
+    size = schedule.group_size(len(records))
     progress = tqdm(total=len(records), desc=editor.name, unit="edit")
     for group in (records[i:i + size] for i in range(0, len(records), size)):
         edits: list[Edit] = []

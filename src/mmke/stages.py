@@ -139,7 +139,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     records, roots = load_eval_split(dataset)
     skipped = list(records.skipped)
     if shard is not None:
-        records = shard_slice(records, *shard, group=schedule.n_edits)
+        records = shard_slice(records, *shard, group=schedule.group_size(len(records)))
     adapter = load_configured_model(model, device, protocol)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),

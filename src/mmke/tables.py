@@ -79,6 +79,7 @@ def collect(paths: Iterable[str | Path], method_order: Sequence[str] | None = No
     frame = frame.sort_values(["dataset", "model", "method"]).reset_index(drop=True)
     frame["method"] = frame["method"].astype(str)
     frame.attrs["exact_match"] = next(iter(headlines), True)
+    frame.attrs["evaluation"] = json.loads(next(iter(schedules), json.dumps(SINGLE_EDIT)))
     return frame
 
 
@@ -106,8 +107,14 @@ def shown_columns(frame: pd.DataFrame) -> dict[str, list[str]]:
 def table_legend(frame: pd.DataFrame) -> str:
     """What the columns hold, under each table."""
     headline = "exact match" if frame.attrs.get("exact_match", True) else "token accuracy"
-    return (f"Rel., T-Gen.: exact match / token accuracy; M-Gen.: {headline} (protocol.exact_match). "
-            "pre: records whose unedited model answers `pred` (exact match).")
+    legend = (f"Rel., T-Gen.: exact match / token accuracy; M-Gen.: {headline} (protocol.exact_match). "
+              "pre: records whose unedited model answers `pred` (exact match).")
+    schedule = frame.attrs.get("evaluation", SINGLE_EDIT)
+    if schedule["mode"] == "sequential":
+        group = "all n records" if schedule["n_edits"] == "all" else f"groups of {schedule['n_edits']} records"
+        legend += (f" Sequential editing: the edits of {group} accumulate in one model and every record "
+                   "is measured after the group's last edit.")
+    return legend
 
 
 def unknown_facts_notes(frame: pd.DataFrame) -> list[str]:

@@ -66,10 +66,61 @@ def eval_metrics():
     ]
 
 
-def summary_tables():
+# The second schedule (config `evaluation.sequential`): the same combos edited sequentially, with
+# results, tables and plots of their own under SEQUENTIAL_DIR (a table never mixes schedules).
+SEQUENTIAL = config.get("evaluation", {}).get("sequential")
+SEQUENTIAL_DIR = "results/sequential"
+
+
+def single_evaluation():
+    """The `evaluation:` block the single-schedule evaluate jobs run with (loop settings)."""
+    return {key: value for key, value in config.get("evaluation", {}).items() if key != "sequential"}
+
+
+def sequential_evaluation():
+    """The loop settings of the sequential schedule: those of `evaluation:`, edits accumulating."""
+    return single_evaluation() | {"mode": "sequential", "n_edits": SEQUENTIAL.get("n_edits", "all")}
+
+
+def sequential_combos():
+    """The combos of the sequential schedule: its methods (and models, datasets) among combos().
+
+    A filter over the configured combos: a name the config does not run selects nothing, so a
+    copy of the demo config with other methods or models keeps working (config/README.md).
+    """
+    if not SEQUENTIAL:
+        return []
+    keep = {key: SEQUENTIAL.get(key) for key in ("methods", "models", "datasets")}
     return [
-        f"results/tables/summary.{ext}" for ext in ("csv", "md", "tex")
-    ] + ["results/tables/summary_long.csv"]
+        combo
+        for combo in combos()
+        if all(keep[key] is None or name in keep[key] for key, name in zip(keep, combo))
+    ]
+
+
+def sequential_metrics():
+    return [
+        f"{SEQUENTIAL_DIR}/eval/{method}/{model}/{dataset}/metrics.json"
+        for method, model, dataset in sequential_combos()
+    ]
+
+
+def sequential_outputs():
+    """Everything the sequential schedule adds to `rule all` (nothing without one)."""
+    if not sequential_combos():
+        return []
+    datasets = dict.fromkeys(dataset for _, _, dataset in sequential_combos())
+    return (
+        sequential_metrics()
+        + summary_tables(f"{SEQUENTIAL_DIR}/tables")
+        + [f"{SEQUENTIAL_DIR}/plots/{dataset}.png" for dataset in datasets]
+    )
+
+
+def summary_tables(folder="results/tables"):
+    return [f"{folder}/summary.{ext}" for ext in ("csv", "md", "tex")] + [
+        f"{folder}/summary_long.csv"
+    ]
 
 
 def plots():

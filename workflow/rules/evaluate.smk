@@ -15,7 +15,7 @@ rule evaluate:
         model=lambda wc: MODELS[wc.model],
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
-        evaluation=config["evaluation"],
+        evaluation=single_evaluation(),
         device=config.get("device", "auto"),
         resources=lambda wc: list(method_resources(wc)),
         shard=shard_param,
@@ -32,6 +32,21 @@ rule evaluate:
         ENV
     script:
         "../../scripts/evaluate.py"
+
+
+# The sequential schedule: one job per combo (a group of edits cannot be split into shards).
+use rule evaluate as evaluate_sequential with:
+    output:
+        metrics=f"{SEQUENTIAL_DIR}/eval/{{method}}/{{model}}/{{dataset}}/metrics.json",
+        records=f"{SEQUENTIAL_DIR}/eval/{{method}}/{{model}}/{{dataset}}/records.jsonl",
+    wildcard_constraints:
+        dataset=_alternatives(DATASETS),
+    params:
+        evaluation=lambda wc: sequential_evaluation(),
+    log:
+        "logs/evaluate_sequential/{method}/{model}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/evaluate_sequential/{method}/{model}/{dataset}.tsv"
 
 
 use rule evaluate as evaluate_shard with:

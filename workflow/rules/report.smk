@@ -61,3 +61,38 @@ rule plot:
         ENV
     script:
         "../../scripts/plot.py"
+
+
+# The sequential schedule's own tables and plots (config `evaluation.sequential`).
+use rule summary as summary_sequential with:
+    input:
+        sequential_metrics(),
+    output:
+        csv=report(
+            f"{SEQUENTIAL_DIR}/tables/summary.csv",
+            caption="../report/summary_sequential.rst",
+            category="Tables (sequential)",
+        ),
+        md=f"{SEQUENTIAL_DIR}/tables/summary.md",
+        long=f"{SEQUENTIAL_DIR}/tables/summary_long.csv",
+        tex=f"{SEQUENTIAL_DIR}/tables/summary.tex",
+    log:
+        "logs/summary_sequential.log",
+    benchmark:
+        "results/benchmarks/summary_sequential.tsv"
+
+
+use rule plot as plot_sequential with:
+    input:
+        f"{SEQUENTIAL_DIR}/tables/summary.csv",
+    output:
+        report(
+            f"{SEQUENTIAL_DIR}/plots/{{dataset}}.png",
+            caption="../report/plot.rst",
+            category="Plots (sequential)",
+            subcategory="{dataset}",
+        ),
+    log:
+        "logs/plot_sequential/{dataset}.log",
+    benchmark:
+        "results/benchmarks/plot_sequential/{dataset}.tsv"

@@ -24,6 +24,7 @@ from mmke.models.base import VLMAdapter
 BUILTIN_METHOD_MODULES = (
     "mmke.methods.noedit", "mmke.methods.ft", "mmke.methods.ike",
     "mmke.methods.mend", "mmke.methods.serac", "mmke.methods.ke",
+    "mmke.methods.lora", "mmke.methods.grace", "mmke.methods.wise",
 )
 
 METHODS: dict[str, type["Editor"]] = {}

@@ -35,6 +35,9 @@ TARGET_JOINS = ("space", "raw")
 # The MLP weight pair of one decoder layer that MEND/SERAC edit (spec section 4), per layer style:
 # OPT names them fc1/fc2, Llama-style models (Vicuna, Qwen2) up_proj/down_proj.
 MLP_WEIGHT_PAIRS = (("fc1.weight", "fc2.weight"), ("mlp.up_proj.weight", "mlp.down_proj.weight"))
+# The attention query and value projections of one decoder layer (OPT, Llama, Qwen2 alike), where
+# LoRA puts its adapters (EasyEdit's LoRA target_modules q_proj, v_proj).
+ATTENTION_WEIGHTS = {"q": "self_attn.q_proj.weight", "v": "self_attn.v_proj.weight"}
 
 
 @dataclass
@@ -103,7 +106,8 @@ class VLMAdapter(abc.ABC):
         """Scope name -> parameter names as in ``model.named_parameters()``.
 
         Every family offers the same names (``llm.mlp.last1`` .. ``llm.mlp.last{L}``, ``llm``,
-        ``qformer``, ``vision_proj``, ``vision``) so method hparams stay model-independent.
+        ``qformer``, ``vision_proj``, ``vision``, and the single-matrix scopes of
+        :func:`layer_scopes`) so method hparams stay model-independent.
         """
 
     def text_labels(self, batch: Batch) -> torch.LongTensor:
@@ -195,6 +199,32 @@ def mlp_scopes(model: torch.nn.Module, layer_prefixes: Sequence[str]) -> dict[st
         f"llm.mlp.last{n}": [f"{layer}.{weight}" for layer in layer_prefixes[-n:] for weight in pair]
         for n in range(1, len(layer_prefixes) + 1)
     }
+
+
+def layer_scopes(model: torch.nn.Module, layer_prefixes: Sequence[str]) -> dict[str, list[str]]:
+    """The single-matrix scopes the lifelong editors (LoRA, GRACE, WISE) hook, every family alike.
+
+    ``llm.attn.q`` / ``llm.attn.v`` / ``llm.attn.qv``: the attention query and/or value projection
+    weights of every decoder layer. ``llm.layers.{i}.mlp.in`` / ``.mlp.out``: the MLP's input
+    projection (fc1, up_proj) and output projection (fc2, down_proj) of decoder layer ``i``; ``i``
+    counts from 0, or from the end when negative (``-1`` = the last layer), so one hparams file
+    names "layer 18" of a 28-layer model and "the last layer" of a 2-layer one.
+    """
+    names = {name for name, _ in model.named_parameters()}
+    first = layer_prefixes[0]
+    missing = [weight for weight in ATTENTION_WEIGHTS.values() if f"{first}.{weight}" not in names]
+    if missing:
+        raise ValueError(f"{first} lacks the attention weights {missing}")
+    scopes = {f"llm.attn.{key}": [f"{layer}.{weight}" for layer in layer_prefixes]
+              for key, weight in ATTENTION_WEIGHTS.items()}
+    scopes["llm.attn.qv"] = [f"{layer}.{weight}" for layer in layer_prefixes for weight in ATTENTION_WEIGHTS.values()]
+    mlp_in, mlp_out = next(pair for pair in MLP_WEIGHT_PAIRS if all(f"{first}.{w}" in names for w in pair))
+    count = len(layer_prefixes)
+    for index, layer in enumerate(layer_prefixes):
+        for label in (str(index), str(index - count)):
+            scopes[f"llm.layers.{label}.mlp.in"] = [f"{layer}.{mlp_in}"]
+            scopes[f"llm.layers.{label}.mlp.out"] = [f"{layer}.{mlp_out}"]
+    return scopes
 
 
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

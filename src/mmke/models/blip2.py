@@ -21,6 +21,7 @@ from mmke.models.base import (
     VLMAdapter,
     check_items,
     decoder_layer_prefixes,
+    layer_scopes,
     mlp_scopes,
     output_logits,
     params_under,
@@ -138,7 +139,8 @@ class Blip2Adapter(VLMAdapter):
 
     def scopes(self) -> dict[str, list[str]]:
         model = self.model
-        scopes = mlp_scopes(model, decoder_layer_prefixes(model, model.language_model))
+        layers = decoder_layer_prefixes(model, model.language_model)
+        scopes = mlp_scopes(model, layers) | layer_scopes(model, layers)
         scopes["llm"] = params_under(model, "language_model.")
         scopes["qformer"] = params_under(model, "qformer.", "query_tokens")
         scopes["vision_proj"] = params_under(model, "language_projection.")

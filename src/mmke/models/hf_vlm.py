@@ -41,6 +41,7 @@ from mmke.models.base import (
     VLMAdapter,
     check_items,
     decoder_layer_prefixes,
+    layer_scopes,
     mlp_scopes,
     output_logits,
     params_under,
@@ -202,7 +203,7 @@ class HFVLMAdapter(VLMAdapter):
     def scopes(self) -> dict[str, list[str]]:
         model = self.model
         layers = decoder_layer_prefixes(model, model)
-        scopes = mlp_scopes(model, layers)
+        scopes = mlp_scopes(model, layers) | layer_scopes(model, layers)
         language_model = layers[0].rsplit(".layers.", 1)[0]
         scopes["llm"] = params_under(model, f"{language_model}.", "lm_head.")
         projector = self._module_prefix(self.PROJECTOR_MODULES)

@@ -1,0 +1,167 @@
+"""LoRA, GRACE and WISE: memories that accumulate across a sequential group and vanish on revert.
+
+The parametrized method x family test (test_families.py) edits and reverts each of them on every
+family; here: the peft adapters leave no trace, GRACE leaves out-of-radius outputs untouched, WISE
+sends locality items to the main memory, and after N sequential edits the first one still holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmke.data.records import RecordImages, multimodal_locality_prompt
+from mmke.evaluate import Protocol, Schedule, evaluate
+from mmke.hparams import read_hparams
+from mmke.methods.base import make_editor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def editor_for(method: str, roots, **overrides):
+    editor = make_editor(read_hparams(REPO / f"config/hparams/{method}/tiny-blip2.yaml", overrides=overrides))
+    editor.bind_images(roots)
+    return editor
+
+
+def edit_item(adapter, record, roots):
+    images = RecordImages(roots)(record)
+    return adapter.teacher_forced([record.prompt], [record.target], [images["image"]])
+
+
+def unrelated_items(adapter, record, roots):
+    """The record's two locality items (text, image) as the evaluation builds them."""
+    images = RecordImages(roots)(record)
+    text = adapter.teacher_forced([record.loc], [record.loc_ans], None)
+    image = adapter.teacher_forced([multimodal_locality_prompt(record, "trainer")], [record.m_loc_a], [images["m_loc"]])
+    return text, image
+
+
+@torch.no_grad()
+def logits(adapter, batch):
+    return adapter.logits(batch)
+
+
+@pytest.mark.parametrize("lora_type", ["lora", "adalora"])
+def test_lora_injects_into_the_scopes_and_unloading_leaves_the_model_identical(adapter, eval_records, roots, lora_type):
+    record = eval_records[0]
+    state = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    classes = {name: type(module) for name, module in adapter.model.named_modules()}
+    flags = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    targets = {name.removesuffix(".weight") for name in adapter.editable("llm.attn.qv")}
+    before = logits(adapter, edit_item(adapter, record, roots))
+    edit = editor_for("LoRA", roots, lora_type=lora_type).apply(adapter, [record])
+    wrapped = {name for name, module in adapter.model.named_modules() if type(module) is not classes.get(name)}
+    assert targets <= wrapped  # peft's layers sit exactly on q_proj / v_proj
+    assert not torch.equal(logits(adapter, edit_item(adapter, record, roots)), before)
+    edit.revert()
+    assert {name: type(module) for name, module in adapter.model.named_modules()} == classes
+    after = adapter.model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
+    assert {name: p.requires_grad for name, p in adapter.model.named_parameters()} == flags
+    assert not hasattr(adapter.model, "peft_config") and "logits" not in vars(adapter)
+    assert torch.equal(logits(adapter, edit_item(adapter, record, roots)), before)
+
+
+def test_grace_leaves_out_of_radius_outputs_exactly_unedited(adapter, eval_records, roots):
+    record = eval_records[0]
+    items = [edit_item(adapter, record, roots), *unrelated_items(adapter, record, roots)]
+    before = [logits(adapter, batch) for batch in items]
+    editor = editor_for("GRACE", roots, eps=1e-3)
+    edit = editor.apply(adapter, [record])
+    try:
+        after = [logits(adapter, batch) for batch in items]
+    finally:
+        edit.revert()
+    assert not torch.equal(after[0], before[0])  # the edit's own key is within its radius
+    assert all((a == b).all() for a, b in zip(after[1:], before[1:]))  # out of radius: bit for bit
+
+
+def test_grace_same_target_covers_the_query_and_another_target_splits_the_radii(adapter, eval_records, roots):
+    editor = editor_for("GRACE", roots, eps=1e6)  # every query within reach of the first key
+    first, second = eval_records[0], eval_records[1]
+    edits = [editor.apply(adapter, [first])]
+    memory = next(iter(editor._memories.values()))
+    edits.append(editor.apply(adapter, [first]))  # same target: no new key
+    assert len(memory.codebook.keys) == 1
+    other = second if second.target != first.target else eval_records[2]
+    edits.append(editor.apply(adapter, [other]))
+    book = memory.codebook
+    distance = torch.dist(book.keys[0], book.keys[1])
+    assert len(book.keys) == 2 and book.radii[0] < distance / 2 and book.radii[1] == pytest.approx(distance / 2)
+    for edit in reversed(edits):
+        edit.revert()
+
+
+def test_wise_routes_locality_items_to_the_main_memory(adapter, eval_records, roots):
+    record = eval_records[0]
+    text, image = unrelated_items(adapter, record, roots)
+    before = logits(adapter, text)
+    editor = editor_for("WISE", roots)
+    edit = editor.apply(adapter, [record])
+    memory = next(iter(editor._memories.values()))
+    try:
+        logits(adapter, edit_item(adapter, record, roots))
+        assert memory.routes.tolist() == [2]  # the edit's own item: the side memory
+        after = logits(adapter, text)
+        assert memory.routes.tolist() == [0]  # the text locality item: the main memory ...
+    finally:
+        edit.revert()
+    assert torch.equal(after, before)  # ... whose output is the unedited one
+
+
+def test_wise_merges_shards_every_merge_freq_edits(adapter, eval_records, roots):
+    editor = editor_for("WISE", roots, save_freq=1, merge_freq=2)
+    edits = [editor.apply(adapter, [eval_records[0]])]
+    memory = next(iter(editor._memories.values()))
+    assert len(memory.memory.shards) == 1 and memory.memory.merged is None and memory.memory.side is None
+    edits.append(editor.apply(adapter, [eval_records[1]]))
+    assert memory.memory.shards == () and memory.memory.merged is not None
+    edits[1].revert()
+    assert len(memory.memory.shards) == 1 and memory.memory.merged is None  # what edit 2 found
+    edits[0].revert()
+    assert not editor._memories
+
+
+@pytest.mark.parametrize("method", ["GRACE", "WISE"])
+def test_sequential_edits_keep_the_first_edit(adapter, eval_records, roots, baseline, method):
+    """Reliability of edit 1 measured after all N edits of the group (the sequential schedule)."""
+    editor = editor_for(method, roots)
+    state = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    result = evaluate(adapter, editor, eval_records, roots, baseline, Protocol(),
+                      Schedule("sequential", len(eval_records)))
+    assert len(eval_records) >= 4 and result.rows[0]["post"]["rewrite_acc"] == 1.0
+    assert all(torch.equal(adapter.model.state_dict()[name], value) for name, value in state.items())
+    assert not editor._memories
+
+
+def test_reverting_out_of_order_is_an_error(adapter, eval_records, roots):
+    editor = editor_for("GRACE", roots)
+    first = editor.apply(adapter, [eval_records[0]])
+    second = editor.apply(adapter, [eval_records[1]])
+    with pytest.raises(RuntimeError, match="newest first"):
+        first.revert()
+    second.revert()
+    first.revert()
+
+
+@pytest.mark.parametrize("method,values,message", [
+    ("LoRA", {"lora_type": "dora"}, "LoRA lora_type must be one of \\['adalora', 'lora'\\], got 'dora'"),
+    ("LoRA", {"kl_factor": 0.5}, "LoRA supports kl_factor 0"),
+    ("GRACE", {"val_init": "warm"}, "GRACE supports .* got \\{'val_init': 'warm'\\}"),
+    ("WISE", {"save_freq": 3, "merge_freq": 4}, "WISE merge_freq \\(4\\) must be a multiple of save_freq \\(3\\)"),
+    ("WISE", {"act_margin": [5.0, 20.0]}, "WISE act_margin is \\[alpha, beta, gamma\\]"),
+])
+def test_settings_the_methods_do_not_implement_are_errors_naming_the_file(method, values, message):
+    path = REPO / f"config/hparams/{method}/tiny-blip2.yaml"
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        read_hparams(path, overrides=values)
+
+
+def test_a_scope_of_several_matrices_cannot_be_hooked(adapter, eval_records, roots):
+    editor = editor_for("GRACE", roots, scope="llm.mlp.last1")
+    with pytest.raises(ValueError, match="GRACE: scope 'llm.mlp.last1' must hold exactly one weight matrix"):
+        editor.apply(adapter, [eval_records[0]])
+    assert not editor._memories and "logits" not in vars(adapter)
