@@ -10,10 +10,14 @@ file works on a 2-layer tiny model and on BLIP-2 OPT-2.7b alike.
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
+import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -35,6 +39,10 @@ TARGET_JOINS = ("space", "raw")
 # The MLP weight pair of one decoder layer that MEND/SERAC edit (spec section 4), per layer style:
 # OPT names them fc1/fc2, Llama-style models (Vicuna, Qwen2) up_proj/down_proj.
 MLP_WEIGHT_PAIRS = (("fc1.weight", "fc2.weight"), ("mlp.up_proj.weight", "mlp.down_proj.weight"))
+#: The scope holding every language-model parameter. Everything in it lies downstream of the image
+#: features (vision tower + Q-Former + projection, or the family's equivalent), so an edit confined
+#: to it leaves those features unchanged (:meth:`VLMAdapter.downstream_of_features`).
+LANGUAGE_MODEL_SCOPE = "llm"
 
 
 @dataclass
@@ -48,20 +56,82 @@ class Batch:
     input_ids: torch.LongTensor  # [B, T]; image/query positions hold a placeholder id
     attention_mask: torch.LongTensor  # [B, T]
     labels: torch.LongTensor  # [B, T]; -100 everywhere except target tokens
-    pixel_values: torch.Tensor | None  # [B, 3, H, W] for BLIP-2; the processor's layout otherwise
+    pixel_values: torch.Tensor | None  # one entry per image: [N, 3, H, W] for BLIP-2; the processor's layout otherwise
     # Further model inputs some families need next to the pixels (Qwen2-VL's image_grid_thw,
     # LLaVA-OneVision's image_sizes), passed to the model by name.
     image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The rows that carry an image, in the order of the images; None: every row if there are pixels.
+    # A batch may mix image items with text-only ones (the measured items of a record in one forward).
+    image_rows: torch.Tensor | None = None
+    # The image objects the pixels came from, one per image: within VLMAdapter.frozen_image_features
+    # their features are computed once per object and reused (empty: never cached).
+    sources: tuple[object, ...] = ()
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device`` (pixel values keep their dtype; the model casts them)."""
-        return Batch(
+        return dataclasses.replace(
+            self,
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             labels=self.labels.to(device),
             pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
             image_inputs={name: value.to(device) for name, value in self.image_inputs.items()},
         )
+
+
+class IdentityMemo:
+    """At most ``size`` values keyed by object identity, oldest dropped first.
+
+    Each entry keeps its key object alive, so an ``id`` is never reused while it is remembered.
+    Per-record work (an image's pixels, its features) is then done once however often the record's
+    items meet the model.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[int, tuple[object, object]] = OrderedDict()
+
+    def get_many(self, keys: Sequence[object], compute: Callable[[list[object]], Sequence[object]]) -> list[object]:
+        """The value of each key; ``compute`` gets the distinct keys not remembered, in one call."""
+        found = {}
+        for key in keys:
+            entry = self._entries.get(id(key))
+            if entry is not None and entry[0] is key:
+                self._entries.move_to_end(id(key))
+                found[id(key)] = entry[1]
+        missing = list({id(key): key for key in keys if id(key) not in found}.values())
+        if missing:
+            for key, value in zip(missing, compute(missing), strict=True):
+                found[id(key)] = value
+                self._entries[id(key)] = (key, value)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return [found[id(key)] for key in keys]
+
+
+class TextMemo:
+    """Token ids of texts already tokenized (a bounded LRU), so a prompt is tokenized once.
+
+    ``encode`` tokenizes only the texts it has not seen, in one tokenizer call.
+    """
+
+    def __init__(self, tokenize: Callable[[list[str]], list[list[int]]], size: int = 4096):
+        self._tokenize = tokenize
+        self.size = size
+        self._ids: OrderedDict[Hashable, list[int]] = OrderedDict()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        missing = list(dict.fromkeys(text for text in texts if text not in self._ids))
+        if missing:
+            for text, ids in zip(missing, self._tokenize(missing)):
+                self._ids[text] = ids
+        out = []
+        for text in texts:
+            self._ids.move_to_end(text)
+            out.append(self._ids[text])
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return out
 
 
 class VLMAdapter(abc.ABC):
@@ -75,6 +145,15 @@ class VLMAdapter(abc.ABC):
     #: The family's target convention (one of :data:`TARGET_JOINS`); ``protocol.target_join`` in
     #: the config may pick the other one per family (:func:`load_model`).
     target_join: str = "space"
+    #: How many images' features :meth:`frozen_image_features` keeps (a few records' worth).
+    FEATURE_MEMO_SIZE: ClassVar[int] = 64
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Cache each family's ``scopes`` per adapter instance: parameter names never change after
+        loading, and a lookup walks the whole module tree."""
+        super().__init_subclass__(**kwargs)
+        if "scopes" in cls.__dict__:
+            cls.scopes = _cached_scopes(cls.__dict__["scopes"])
 
     @classmethod
     @abc.abstractmethod
@@ -84,8 +163,13 @@ class VLMAdapter(abc.ABC):
 
     @abc.abstractmethod
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
-                       images: Sequence[Image.Image] | None) -> Batch:
-        """Inputs for prompt + target with only the target tokens labelled (spec section 2)."""
+                       images: Sequence[Image.Image | None] | None) -> Batch:
+        """Inputs for prompt + target with only the target tokens labelled (spec section 2).
+
+        ``images`` None: text-only items; a None entry makes that one item text-only, so a
+        record's image and text items share one batch (one forward). Each row is exactly the
+        row it would be alone, right-padded.
+        """
 
     @abc.abstractmethod
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,6 +181,71 @@ class VLMAdapter(abc.ABC):
         ``logits(batch)[positions]`` but without computing the output layer elsewhere: training
         on a few labelled positions then skips most of the vocabulary projection.
         """
+
+    @abc.abstractmethod
+    def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
+        """The language-model inputs of images ``which`` of ``batch`` (indices into its images):
+        the family's vision tower + Q-Former + projection or equivalent, one tensor per image.
+
+        Everything a language-model scope holds lies downstream of these, so while only such
+        scopes change they are computed once per image (:meth:`frozen_image_features`).
+        """
+
+    @contextlib.contextmanager
+    def frozen_image_features(self) -> Iterator[None]:
+        """While open, ``logits`` computes each image object's features once and reuses them.
+
+        The caller promises that no parameter upstream of the features changes meanwhile (the
+        edit is :meth:`downstream_of_features`, or leaves the weights alone); features are taken
+        without gradient, so a vision parameter that requires one is an error. Nested use shares
+        the outer memo. Exact: the same module calls on the same pixels, only fewer of them.
+        """
+        if self._feature_memo is not None:
+            yield
+            return
+        self._feature_memo = IdentityMemo(self.FEATURE_MEMO_SIZE)
+        try:
+            yield
+        finally:
+            self._feature_memo = None
+
+    _feature_memo: IdentityMemo | None = None
+
+    def batch_image_features(self, batch: Batch) -> list[torch.Tensor] | None:
+        """The features of every image of ``batch`` from the memo of :meth:`frozen_image_features`,
+        computing (without gradient) those not seen yet; None when no memo is open or the batch
+        does not name its images (then ``logits`` computes them from the pixels as part of the graph).
+        """
+        memo = self._feature_memo
+        if memo is None or batch.pixel_values is None or not batch.sources:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._upstream_parameters()):
+            raise RuntimeError(f"{self.family}: image features are frozen, but a parameter upstream of them "
+                               "requires a gradient (an edit outside the language model?)")
+        index = {id(source): i for i, source in reversed(list(enumerate(batch.sources)))}  # first row of each
+
+        def compute(missing: list[object]) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return self.image_features(batch, [index[id(source)] for source in missing])
+
+        return memo.get_many(batch.sources, compute)
+
+    def _upstream_parameters(self) -> list[torch.nn.Parameter]:
+        if getattr(self, "_upstream", None) is None:
+            language = set(self.scopes()[LANGUAGE_MODEL_SCOPE])
+            self._upstream = [p for name, p in self.named_parameters().items() if name not in language]
+        return self._upstream
+
+    def downstream_of_features(self, names: Iterable[str]) -> bool:
+        """Whether every named parameter lies downstream of the image features (in the language
+        model), so that changing them leaves the features, and their memo, valid."""
+        return set(names) <= set(self.scopes()[LANGUAGE_MODEL_SCOPE])
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """``model.named_parameters()`` as a dict, built once per adapter (names never change)."""
+        if getattr(self, "_params", None) is None:
+            self._params = dict(self.model.named_parameters())
+        return self._params
 
     @abc.abstractmethod
     def scopes(self) -> dict[str, list[str]]:
@@ -139,12 +288,12 @@ class VLMAdapter(abc.ABC):
         scopes = self.scopes()
         if scope not in scopes:
             raise KeyError(f"unknown scope {scope!r} for {self.family}; valid scopes: {', '.join(scopes)}")
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         return {name: params[name] for name in scopes[scope]}
 
     def snapshot(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Detached clones of only the named parameters: an edit saves what it will touch."""
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         return {name: params[name].detach().clone() for name in names}
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
@@ -152,14 +301,25 @@ class VLMAdapter(abc.ABC):
 
         In-place copy (not reassignment) keeps optimisers and hooks that hold the parameters valid.
         """
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         with torch.no_grad():
             for name, value in snapshot.items():
                 params[name].copy_(value)
 
 
-def check_items(prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None) -> None:
-    """``teacher_forced`` arguments: one target (and image, if any) per prompt, at least one item."""
+def _cached_scopes(scopes: Callable[[VLMAdapter], dict[str, list[str]]]) -> Callable[[VLMAdapter], dict[str, list[str]]]:
+    @functools.wraps(scopes)
+    def cached(self: VLMAdapter) -> dict[str, list[str]]:
+        if getattr(self, "_scopes", None) is None:
+            self._scopes = scopes(self)
+        return {name: list(params) for name, params in self._scopes.items()}  # callers may mutate
+
+    return cached
+
+
+def check_items(prompts: Sequence[str], targets: Sequence[str],
+                images: Sequence[Image.Image | None] | None) -> None:
+    """``teacher_forced`` arguments: one target (and image or None, if any) per prompt, at least one item."""
     if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
         raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
                          f"{'no' if images is None else len(images)} images")
