@@ -46,8 +46,8 @@ def test_retrieval_returns_nearest_by_normalised_dot_product_best_first():
     model = TableModel(vectors)
     retriever = Retriever(model, model.encode(corpus), corpus)
     # normalisation matters: the long vector has the largest raw dot product but a lower cosine
-    assert retriever.nearest("query", 2) == ["nearest", "near"]
-    assert retriever.nearest("query", 10) == ["nearest", "near", "long-but-oblique", "far"]
+    assert retriever.nearest(["query"], 2) == [["nearest", "near"]]
+    assert retriever.nearest(["query"], 10) == [["nearest", "near", "long-but-oblique", "far"]]
 
 
 def test_evaluated_prompt_matches_the_spec_character_for_character():
@@ -104,7 +104,7 @@ def test_embed_stage_with_the_bundled_minilm_finds_an_identical_sentence(tmp_pat
     ike = IKE(IKEHParams(method="IKE", k=1))
     ike.prepare({"embeddings": tmp_path / "e.safetensors", "sentences": tmp_path / "s.json"})
     for sentence in sentences[::5]:
-        [best] = ike.retriever.nearest(sentence, 1)
+        [[best]] = ike.retriever.nearest([sentence], 1)
         assert best == sentence or torch.equal(  # exact duplicates (same question + answer) tie
             embeddings[sentences.index(best)], embeddings[sentences.index(sentence)])
 
