@@ -30,7 +30,7 @@ from mmke import metrics
 from mmke.data.records import EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt
 from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
 from mmke.methods.base import Edit, Editor
-from mmke.models.base import VLMAdapter
+from mmke.models.base import Batch, VLMAdapter
 
 EDIT_METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
 LOCALITY_METRICS = ("locality_acc", "multimodal_locality_acc")
@@ -198,15 +198,7 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     With ``own_rows`` each request's edit is told which rows are its own (edits of several records
     live at once). Rows do not see each other, so the values are those of one call per item.
     """
-    prompts, targets, images, owners = [], [], [], []
-    for index, request in enumerate(requests):
-        for item in request.items:
-            if item.applies(request.record):
-                prompts.append(request.prompt(item.question(request.record, protocol)))
-                targets.append(item.answer(request.record))
-                images.append(None if item.image is None else request.images[item.image])
-                owners.append((index, item))
-    batch = model.teacher_forced(prompts, targets, images)
+    batch, owners = measured_batch(model, protocol, requests)
     edits = {id(request.edit): request.edit for request in requests if request.edit is not None}
     if own_rows:
         for edit in edits.values():
@@ -228,6 +220,21 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
             (top,) = metrics.top_k_predictions(logits[row:row + 1], batch.attention_mask[row:row + 1], item.top_k)
             results[index][item.name] = top.cpu()
     return results
+
+
+def measured_batch(model: VLMAdapter, protocol: Protocol,
+                   requests: Sequence[Request]) -> tuple[Batch, list[tuple[int, Item]]]:
+    """The one teacher-forced batch of every applicable item of every request, and per row the
+    index of its request and its item."""
+    prompts, targets, images, owners = [], [], [], []
+    for index, request in enumerate(requests):
+        for item in request.items:
+            if item.applies(request.record):
+                prompts.append(request.prompt(item.question(request.record, protocol)))
+                targets.append(item.answer(request.record))
+                images.append(None if item.image is None else request.images[item.image])
+                owners.append((index, item))
+    return model.teacher_forced(prompts, targets, images), owners
 
 
 def run_baseline(

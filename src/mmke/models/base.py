@@ -196,9 +196,9 @@ class VLMAdapter(abc.ABC):
         """While open, ``logits`` computes each image object's features once and reuses them.
 
         The caller promises that no parameter upstream of the features changes meanwhile (the
-        edit is :meth:`downstream_of_features`, or leaves the weights alone); features are taken
-        without gradient, so a vision parameter that requires one is an error. Nested use shares
-        the outer memo. Exact: the same module calls on the same pixels, only fewer of them.
+        edit is :meth:`downstream_of_features`, or leaves the weights alone). Features are taken
+        without gradient: nothing upstream of them is trained in here. Nested use shares the
+        outer memo. Exact: the same module calls on the same pixels, only fewer of them.
         """
         if self._feature_memo is not None:
             yield
@@ -219,9 +219,6 @@ class VLMAdapter(abc.ABC):
         memo = self._feature_memo
         if memo is None or batch.pixel_values is None or not batch.sources:
             return None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self._upstream_parameters()):
-            raise RuntimeError(f"{self.family}: image features are frozen, but a parameter upstream of them "
-                               "requires a gradient (an edit outside the language model?)")
         index = {id(source): i for i, source in reversed(list(enumerate(batch.sources)))}  # first row of each
 
         def compute(missing: list[object]) -> list[torch.Tensor]:
@@ -229,12 +226,6 @@ class VLMAdapter(abc.ABC):
                 return self.image_features(batch, [index[id(source)] for source in missing])
 
         return memo.get_many(batch.sources, compute)
-
-    def _upstream_parameters(self) -> list[torch.nn.Parameter]:
-        if getattr(self, "_upstream", None) is None:
-            language = set(self.scopes()[LANGUAGE_MODEL_SCOPE])
-            self._upstream = [p for name, p in self.named_parameters().items() if name not in language]
-        return self._upstream
 
     def downstream_of_features(self, names: Iterable[str]) -> bool:
         """Whether every named parameter lies downstream of the image features (in the language
