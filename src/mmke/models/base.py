@@ -79,59 +79,37 @@ class Batch:
         )
 
 
-class IdentityMemo:
-    """At most ``size`` values keyed by object identity, oldest dropped first.
-
-    Each entry keeps its key object alive, so an ``id`` is never reused while it is remembered.
-    Per-record work (an image's pixels, its features) is then done once however often the record's
+class Memo:
+    """At most ``size`` values, the least recently used dropped first, so per-record work (a
+    prompt's tokens, an image's pixels, its features) is done once however often the record's
     items meet the model.
+
+    ``by_identity``: keyed by object identity (images); each entry keeps its key object alive, so
+    an ``id`` is never reused while it is remembered. Otherwise keyed by equality (texts).
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, by_identity: bool = False):
         self.size = size
-        self._entries: OrderedDict[int, tuple[object, object]] = OrderedDict()
+        self.by_identity = by_identity
+        self._entries: OrderedDict[Hashable, tuple[object, object]] = OrderedDict()
 
     def get_many(self, keys: Sequence[object], compute: Callable[[list[object]], Sequence[object]]) -> list[object]:
         """The value of each key; ``compute`` gets the distinct keys not remembered, in one call."""
+        slot = id if self.by_identity else (lambda key: key)
         found = {}
         for key in keys:
-            entry = self._entries.get(id(key))
-            if entry is not None and entry[0] is key:
-                self._entries.move_to_end(id(key))
-                found[id(key)] = entry[1]
-        missing = list({id(key): key for key in keys if id(key) not in found}.values())
+            entry = self._entries.get(slot(key))
+            if entry is not None and (entry[0] is key or not self.by_identity):
+                self._entries.move_to_end(slot(key))
+                found[slot(key)] = entry[1]
+        missing = list({slot(key): key for key in keys if slot(key) not in found}.values())
         if missing:
             for key, value in zip(missing, compute(missing), strict=True):
-                found[id(key)] = value
-                self._entries[id(key)] = (key, value)
+                found[slot(key)] = value
+                self._entries[slot(key)] = (key, value)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
-        return [found[id(key)] for key in keys]
-
-
-class TextMemo:
-    """Token ids of texts already tokenized (a bounded LRU), so a prompt is tokenized once.
-
-    ``encode`` tokenizes only the texts it has not seen, in one tokenizer call.
-    """
-
-    def __init__(self, tokenize: Callable[[list[str]], list[list[int]]], size: int = 4096):
-        self._tokenize = tokenize
-        self.size = size
-        self._ids: OrderedDict[Hashable, list[int]] = OrderedDict()
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        missing = list(dict.fromkeys(text for text in texts if text not in self._ids))
-        if missing:
-            for text, ids in zip(missing, self._tokenize(missing)):
-                self._ids[text] = ids
-        out = []
-        for text in texts:
-            self._ids.move_to_end(text)
-            out.append(self._ids[text])
-        while len(self._ids) > self.size:
-            self._ids.popitem(last=False)
-        return out
+        return [found[slot(key)] for key in keys]
 
 
 class VLMAdapter(abc.ABC):
@@ -145,8 +123,8 @@ class VLMAdapter(abc.ABC):
     #: The family's target convention (one of :data:`TARGET_JOINS`); ``protocol.target_join`` in
     #: the config may pick the other one per family (:func:`load_model`).
     target_join: str = "space"
-    #: How many images' features :meth:`frozen_image_features` keeps (a few records' worth).
-    FEATURE_MEMO_SIZE: ClassVar[int] = 64
+    #: How many images :meth:`frozen_image_features` (and the pixel memos) keep: a batch of records.
+    FEATURE_MEMO_SIZE: ClassVar[int] = 32
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Cache each family's ``scopes`` per adapter instance: parameter names never change after
@@ -203,13 +181,13 @@ class VLMAdapter(abc.ABC):
         if self._feature_memo is not None:
             yield
             return
-        self._feature_memo = IdentityMemo(self.FEATURE_MEMO_SIZE)
+        self._feature_memo = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
         try:
             yield
         finally:
             self._feature_memo = None
 
-    _feature_memo: IdentityMemo | None = None
+    _feature_memo: Memo | None = None
 
     def batch_image_features(self, batch: Batch) -> list[torch.Tensor] | None:
         """The features of every image of ``batch`` from the memo of :meth:`frozen_image_features`,

@@ -18,8 +18,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalG
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
-    IdentityMemo,
-    TextMemo,
+    Memo,
     VLMAdapter,
     check_items,
     decoder_layer_prefixes,
@@ -47,8 +46,8 @@ class Blip2Adapter(VLMAdapter):
         image_token = model.config.image_token_id
         self.placeholder_id: int = tokenizer.pad_token_id if image_token is None else image_token
         # Per-record work done once: each text is tokenized once, each image preprocessed once.
-        self._tokens = TextMemo(lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"])
-        self._pixels = IdentityMemo(self.FEATURE_MEMO_SIZE)
+        self._tokens = Memo(4096)
+        self._pixels = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -87,7 +86,11 @@ class Blip2Adapter(VLMAdapter):
         return pixels
 
     def _encode(self, text: str) -> list[int]:
-        return self._tokens.encode([text])[0]
+        return self._encode_all([text])[0]
+
+    def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without special tokens; texts seen recently are not tokenized again."""
+        return self._tokens.get_many(texts, lambda new: self.tokenizer(new, add_special_tokens=False)["input_ids"])
 
     def image_prompt(self) -> tuple[list[int], list[int]]:
         """Token ids placed before and after the query positions of an image item.
@@ -106,8 +109,8 @@ class Blip2Adapter(VLMAdapter):
         Text-only items (no image, or a None image) have no image part at all.
         """
         check_items(prompts, targets, images)
-        encoded = self._tokens.encode([prompt + self.target_text(target) for prompt, target in zip(prompts, targets)]
-                                      + list(prompts))  # one tokenizer call for what is new
+        encoded = self._encode_all([prompt + self.target_text(target) for prompt, target in zip(prompts, targets)]
+                                   + list(prompts))  # one tokenizer call for what is new
         texts, prompt_lengths = encoded[:len(prompts)], [len(ids) for ids in encoded[len(prompts):]]
         pictures = [None] * len(prompts) if images is None else list(images)
         with_image = [image is not None for image in pictures]

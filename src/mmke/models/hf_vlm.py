@@ -39,7 +39,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
-    IdentityMemo,
+    Memo,
     VLMAdapter,
     check_items,
     decoder_layer_prefixes,
@@ -114,7 +114,7 @@ class HFVLMAdapter(VLMAdapter):
         self.placeholder_id = model.config.image_token_id  # the processor expands images into these
         if getattr(processor, "chat_template", None) is None:
             raise ValueError(f"{type(processor).__name__} has no chat template; hf_vlm builds prompts with it")
-        self._prepared = IdentityMemo(self.FEATURE_MEMO_SIZE)  # each image resized once (Qwen-VL)
+        self._prepared = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)  # each image resized once (Qwen-VL)
         # image inputs (LLaVA-OneVision's image_sizes) that the family's feature function takes
         self._feature_args = frozenset(inspect.signature(model.model.get_image_features).parameters)
 
