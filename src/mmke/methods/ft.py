@@ -59,11 +59,12 @@ class FineTune(Editor):
         snapshot = model.snapshot(params)
         batch = model.teacher_forced([r.prompt for r in records], [r.target for r in records],
                                      [self.images(r)["image"] for r in records])
-        flags = {name: p.requires_grad for name, p in model.model.named_parameters()}
+        every = model.named_parameters()
+        flags = {name: p.requires_grad for name, p in every.items()}
         # FT-L: every step reads the edit image's features from one computation (FT-V trains them)
         frozen = model.frozen_image_features() if model.downstream_of_features(params) else contextlib.nullcontext()
         try:
-            for name, p in model.model.named_parameters():
+            for name, p in every.items():
                 p.requires_grad_(name in params)
             with frozen:
                 self._optimise(model, params, snapshot, batch)
@@ -71,7 +72,7 @@ class FineTune(Editor):
             model.restore(snapshot)
             raise
         finally:
-            for name, p in model.model.named_parameters():
+            for name, p in every.items():
                 p.requires_grad_(flags[name])
         return Edit(model, snapshot)
 

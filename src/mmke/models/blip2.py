@@ -117,16 +117,14 @@ class Blip2Adapter(VLMAdapter):
         before, after = self.image_prompt() if any(with_image) else ([], [])
         image_head = before + [self.placeholder_id] * self.num_query_tokens + after
         heads = [image_head if has else [] for has in with_image]
-        shape = (len(texts), max(len(head) + len(ids) for head, ids in zip(heads, texts)))
-        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        for row, (head, ids, prompt_length) in enumerate(zip(heads, texts, prompt_lengths)):
-            end = len(head) + len(ids)
-            input_ids[row, :end] = torch.tensor(head + ids, dtype=torch.long)
-            attention_mask[row, :end] = 1
-            start = len(head) + prompt_length
-            labels[row, start:end] = input_ids[row, start:end]
+        ends = [len(head) + len(ids) for head, ids in zip(heads, texts)]
+        width, pad = max(ends), self.tokenizer.pad_token_id
+        input_ids = torch.tensor([head + ids + [pad] * (width - end) for head, ids, end in zip(heads, texts, ends)],
+                                 dtype=torch.long)
+        position = torch.arange(width)
+        attention_mask = (position < torch.tensor(ends)[:, None]).long()
+        starts = torch.tensor([len(head) + length for head, length in zip(heads, prompt_lengths)])
+        labels = input_ids.masked_fill(~attention_mask.bool() | (position < starts[:, None]), IGNORE_INDEX)
         sources = tuple(image for image in pictures if image is not None)
         pixel_values = self.pixel_values(sources) if sources else None
         image_rows = None if all(with_image) or not sources else torch.tensor(with_image)
