@@ -32,11 +32,6 @@ from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import Batch, VLMAdapter
 
-EDIT_METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
-LOCALITY_METRICS = ("locality_acc", "multimodal_locality_acc")
-SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
-#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
-DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
 #: Summary key of the share of records whose unedited model answers ``pred`` (exact match).
 KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
@@ -83,7 +78,14 @@ LOCALITY_ITEMS = (
     Item("multimodal_locality_acc", lambda record, protocol: multimodal_locality_prompt(record, protocol.mloc_template),
          lambda record: record.m_loc_a, "m_loc", top_k=IMAGE_LOC_K, baseline="m_loc"),
 )
+#: What each record is measured on, in records.jsonl order; one more item (its name, question,
+#: answer, image) is one more entry here, measured in the same forward.
 MEASURED_ITEMS = EDIT_ITEMS + LOCALITY_ITEMS
+EDIT_METRICS = tuple(item.name for item in EDIT_ITEMS)
+LOCALITY_METRICS = tuple(item.name for item in LOCALITY_ITEMS)
+SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
+#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
+DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
 #: The baseline's extra item: does the unedited model answer the old answer ``pred`` (exact match)?
 KNOWS_PRED_ITEM = Item("knows_pred", lambda record, protocol: record.prompt, lambda record: lead_space(record.pred),
                        "image")
