@@ -9,11 +9,11 @@ records of one dataset:
 * ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats): one
   fused forward of a record's measured items, the image encoder once per distinct image (per step
   too where the method trains upstream of the features), one forward + backward of the edit item
-  per training step the method takes, and the time inside its side models (SERAC's classifier and
-  counterfactual model, IKE's sentence encoder);
+  per training step the method takes, and the time inside its own models (MEND's and KE's editor
+  networks, SERAC's classifier and counterfactual model, IKE's sentence encoder);
 * ``passes``: per edit, counted with forward hooks on the language model's decoder (``forward``),
-  its output's gradient hook (``backward``), the vision encoder (``image_encoder``) and the side
-  models (``side``).
+  its output's gradient hook (``backward``), the vision encoder (``image_encoder``) and the
+  method's own models (``side``, outermost calls).
 
 It then prints the model passes per edit beside EasyEdit's protocol, as read from its code
 (issue 12). CPU time, so a busy machine does not distort the figures; torch runs ``--threads``.
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import PreTrainedModel
 
 from mmke.data.records import RecordImages
 from mmke.evaluate import (
@@ -85,12 +84,12 @@ def common_module(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
 
 
 def side_modules(editor: Editor) -> list[torch.nn.Module]:
-    """Models an editor runs beside the edited one: the pretrained models of its network (SERAC's
-    classifier and counterfactual LM) and IKE's sentence encoder."""
+    """What an editor runs beside the edited model: every module of its network (MEND's and KE's
+    editor networks, SERAC's classifier and counterfactual LM) and IKE's sentence encoder."""
     network = getattr(editor, "network", None)
-    found = [child for child in network.children() if isinstance(child, PreTrainedModel)] if network else []
     retriever = getattr(editor, "retriever", None)
-    return found + ([retriever.sentence_model] if retriever is not None else [])
+    return ([] if network is None else list(network.modules())) + (
+        [] if retriever is None else [retriever.sentence_model])
 
 
 @contextlib.contextmanager
@@ -101,7 +100,7 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
     model = adapter.model
     decoder = model.get_submodule(adapter.scopes()["llm.mlp.last1"][0].split(".layers.")[0])  # holds the layers
     vision = common_module(model, adapter.scopes()["vision"])
-    starts: dict[int, float] = {}
+    starts: dict[str, float] = {}
 
     def on_decoder(module, args, output):
         counts["forward"] += 1
@@ -109,12 +108,18 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
         if hidden.requires_grad:
             hidden.register_hook(lambda grad: counts.update(["backward"]))
 
+    depth = [0]  # side modules run inside each other: time and count the outermost calls
+
     def side_start(module, args):
-        starts[id(module)] = time.process_time()
+        if depth[0] == 0:
+            starts["side"] = time.process_time()
+        depth[0] += 1
 
     def side_end(module, args, output):
-        counts["side"] += 1
-        side_ms.append((time.process_time() - starts.pop(id(module))) * 1000)
+        depth[0] -= 1
+        if depth[0] == 0:
+            counts["side"] += 1
+            side_ms.append((time.process_time() - starts.pop("side")) * 1000)
 
     handles = [decoder.register_forward_hook(on_decoder),
                vision.register_forward_hook(lambda *_: counts.update(["image_encoder"]))]
@@ -242,6 +247,8 @@ def main() -> None:
                 editor.build(adapter)  # no demo checkpoint: an untrained network costs the same passes
             else:
                 editor.prepare(found)
+            # warm-up: lazy networks built, first-call allocations made
+            evaluate(adapter, editor, records[:1], roots, baseline, protocol, batch_size=args.batch_size)
             counts, side, trained = Counter(), [], set()
             with counted(adapter, editor, counts, side, trained):
                 evaluate(adapter, editor, records, roots, baseline, protocol, batch_size=args.batch_size)

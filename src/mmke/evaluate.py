@@ -258,6 +258,7 @@ def run_baseline(
             requests += [Request(record, imgs, MEASURED_ITEMS, _identity),
                          Request(record, imgs, (KNOWS_PRED_ITEM,), _identity)]
         with model.frozen_image_features():
+            model.prefetch_image_features([image for request in requests for image in request.images.values()])
             results = iter(measure(model, protocol, requests))
         for record in chunk:
             measured, knows = next(results), next(results)
@@ -314,6 +315,7 @@ def evaluate(
         for group in _chunks(records, group_size):
             edits: list[Edit] = []
             with model.frozen_image_features() if frozen else contextlib.nullcontext():
+                model.prefetch_image_features([image for record in group for image in images(record).values()])
                 try:
                     with _timed(seconds, "apply_s"):
                         if together:

@@ -205,6 +205,16 @@ class VLMAdapter(abc.ABC):
 
         return memo.get_many(batch.sources, compute)
 
+    def prefetch_image_features(self, images: Sequence[Image.Image]) -> None:
+        """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, in
+        one encoder call, so a record's (or a batch of records') images cost one pass rather than
+        one per forward that first meets them. Outside it (or if they would not fit): nothing."""
+        distinct = list({id(image): image for image in images}.values())
+        if self._feature_memo is None or not distinct or len(distinct) > self.FEATURE_MEMO_SIZE:
+            return
+        # the pixels and features of these images are what the items' own batches would compute
+        self.batch_image_features(self.teacher_forced([""] * len(distinct), ["."] * len(distinct), distinct))
+
     def downstream_of_features(self, names: Iterable[str]) -> bool:
         """Whether every named parameter lies downstream of the image features (in the language
         model), so that changing them leaves the features, and their memo, valid."""
