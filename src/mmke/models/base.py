@@ -212,8 +212,10 @@ class VLMAdapter(abc.ABC):
         distinct = list({id(image): image for image in images}.values())
         if self._feature_memo is None or not distinct or len(distinct) > self.FEATURE_MEMO_SIZE:
             return
-        # the pixels and features of these images are what the items' own batches would compute
-        self.batch_image_features(self.teacher_forced([""] * len(distinct), ["."] * len(distinct), distinct))
+        # The class's own template, not a live edit's interception of teacher_forced (SERAC's router
+        # registers what it will score): these pixels and features are what the items' batches use.
+        batch = type(self).teacher_forced(self, [""] * len(distinct), ["."] * len(distinct), distinct)
+        self.batch_image_features(batch)
 
     def downstream_of_features(self, names: Iterable[str]) -> bool:
         """Whether every named parameter lies downstream of the image features (in the language
