@@ -38,7 +38,9 @@ TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
 IMAGE_LOC_K = 10  # M-Locality compares top-10 id lists
 BASELINE_STAGE = "baseline"  # the workflow rule that writes a Baseline
 #: Records measured in one forward by default, for the baseline and methods that leave the weights
-#: unchanged (``evaluation.batch_size``); benchmarks/edit_speed.py measured the choice.
+#: unchanged (``evaluation.batch_size``). benchmarks/edit_speed.py on the demo's tiny BLIP-2 and
+#: LLaVA (base, IKE, SERAC; CPU ms/edit at 1, 4, 8, 16): base 6.1, 3.1, 2.6, 2.5 and 10.5, 6.1,
+#: 5.7, 4.6; IKE and SERAC level off from 4. Memory grows with it (the paper config sets 1).
 DEFAULT_BATCH_SIZE = 8
 
 
