@@ -28,7 +28,6 @@ from mmke.metrics import IGNORE_INDEX, shift
 from mmke.models.base import LANGUAGE_MODEL_SCOPE, Batch, VLMAdapter
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FTHParams(HParams):
     scopes: list[str] = dataclasses.field(default_factory=lambda: ["llm.mlp.last1"])

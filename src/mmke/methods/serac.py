@@ -74,7 +74,11 @@ class SERACNetwork(nn.Module):
 
     def scope_logits(self, queries: Sequence[str], edits: Sequence[str]) -> torch.Tensor:
         """[Q, E] scores; positive = the query is in the scope of that edit."""
-        return self.scale * (self.embed(queries) @ self.embed(edits).T) + self.bias
+        return self.similarity(self.embed(queries), self.embed(edits))
+
+    def similarity(self, queries: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        """[Q, E] scores of embedded queries against embedded edits."""
+        return self.scale * (queries @ edits.T) + self.bias
 
 
 class Router:
@@ -117,7 +121,7 @@ class Router:
         if self._edit_vectors is None:
             with torch.no_grad():
                 self._edit_vectors = self.network.embed([prompt for prompt, _ in self.edits])
-        return self.network.scale * (self.network.embed(queries) @ self._edit_vectors.T) + self.network.bias
+        return self.network.similarity(self.network.embed(queries), self._edit_vectors)
 
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The base model's logits, with the counterfactual model's at the answer of routed rows.
