@@ -13,5 +13,6 @@ with redirect_output(snakemake.log[0]):
         snakemake.params.protocol,
         rows_out=snakemake.output.rows,
         tensors_out=snakemake.output.tensors,
+        batch_size=snakemake.params.batch_size,
         device=snakemake.params.device,
     )

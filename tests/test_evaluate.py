@@ -64,7 +64,9 @@ def test_whole_loop_leaves_the_model_bit_for_bit_unchanged(adapter, eval_records
     assert_bit_identical(before, adapter)
 
 
-def test_sequential_edits_accumulate_then_revert_newest_first(adapter, eval_records, roots, baseline, monkeypatch):
+@pytest.mark.parametrize("batch_size,forwards", [(1, [2, 2, 1]), (8, [2, 1])])  # one forward per record / group
+def test_sequential_edits_accumulate_then_revert_newest_first(adapter, eval_records, roots, baseline, monkeypatch,
+                                                              batch_size, forwards):
     original = dict(adapter.model.named_parameters())[PROBE].detach().clone()
     seen: list[float] = []
     logits = adapter.logits
@@ -76,9 +78,8 @@ def test_sequential_edits_accumulate_then_revert_newest_first(adapter, eval_reco
     monkeypatch.setattr(adapter, "logits", spy)
     records = eval_records[:3]  # groups of two: [r0, r1] measured with 2 live edits, [r2] with 1
     result = evaluate(adapter, ShiftEditor(build_hparams(ShiftEditor.hparams_class, {"method": "shift"})),
-                      records, roots, baseline, Protocol(), Schedule("sequential", 2))
-    per_record = len(seen) // 3  # forward passes per measured record
-    assert seen == [2] * (2 * per_record) + [1] * per_record
+                      records, roots, baseline, Protocol(), Schedule("sequential", 2), batch_size=batch_size)
+    assert seen == forwards
     assert len(result.rows) == 3
     assert torch.equal(dict(adapter.model.named_parameters())[PROBE], original)
 

@@ -46,8 +46,8 @@ def test_retrieval_returns_nearest_by_normalised_dot_product_best_first():
     model = TableModel(vectors)
     retriever = Retriever(model, model.encode(corpus), corpus)
     # normalisation matters: the long vector has the largest raw dot product but a lower cosine
-    assert retriever.nearest("query", 2) == ["nearest", "near"]
-    assert retriever.nearest("query", 10) == ["nearest", "near", "long-but-oblique", "far"]
+    assert retriever.nearest(["query"], 2) == [["nearest", "near"]]
+    assert retriever.nearest(["query"], 10) == [["nearest", "near", "long-but-oblique", "far"]]
 
 
 def test_evaluated_prompt_matches_the_spec_character_for_character():
@@ -86,10 +86,11 @@ def test_ike_pre_uses_the_demonstrations_and_locality_the_baseline(adapter, eval
     edit = ike.apply(adapter, [rec])
     assert edit.pre_context.count("New Fact: ") == 4  # k retrieved + the new fact itself
     assert edit.context.count("New Fact: ") == 5  # and the new fact before the question
-    assert seen[:3] == [edit.pre_prompt(rec.prompt), edit.pre_prompt(rec.rephrase), edit.pre_prompt(rec.prompt)]
-    assert seen[3:6] == [edit.prompt(rec.prompt), edit.prompt(rec.rephrase), edit.prompt(rec.prompt)]
-    assert seen[6] == edit.prompt(rec.loc)
-    assert seen[7] == edit.prompt(f"Question: {rec.m_loc_q} Short answer:")
+    # one batch: the five post-edit items under the edit's context, then the three pre-edit ones
+    assert seen[:3] == [edit.prompt(rec.prompt), edit.prompt(rec.rephrase), edit.prompt(rec.prompt)]
+    assert seen[3] == edit.prompt(rec.loc)
+    assert seen[4] == edit.prompt(f"Question: {rec.m_loc_q} Short answer:")
+    assert seen[5:] == [edit.pre_prompt(rec.prompt), edit.pre_prompt(rec.rephrase), edit.pre_prompt(rec.prompt)]
     assert set(row["pre"]) == {f"{m}{d}" for m in ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
                                for d in ("", "_em", "_token")}
     assert 0.0 <= row["post"]["locality_acc"] <= 1.0
@@ -103,7 +104,7 @@ def test_embed_stage_with_the_bundled_minilm_finds_an_identical_sentence(tmp_pat
     ike = IKE(IKEHParams(method="IKE", k=1))
     ike.prepare({"embeddings": tmp_path / "e.safetensors", "sentences": tmp_path / "s.json"})
     for sentence in sentences[::5]:
-        [best] = ike.retriever.nearest(sentence, 1)
+        [[best]] = ike.retriever.nearest([sentence], 1)
         assert best == sentence or torch.equal(  # exact duplicates (same question + answer) tie
             embeddings[sentences.index(best)], embeddings[sentences.index(sentence)])
 
@@ -146,9 +147,9 @@ def test_k0_fact_prefix_is_easyedits_k0_path(adapter, eval_records, roots, basel
     teacher_forced = adapter.teacher_forced
     monkeypatch.setattr(adapter, "teacher_forced", lambda p, t, i: seen.extend(p) or teacher_forced(p, t, i))
     (row,) = evaluate(adapter, ike, [rec], roots, baseline, Protocol()).rows
-    assert seen[:3] == [rec.prompt, rec.rephrase, rec.prompt]
-    assert seen[3:] == [prefix + rec.prompt, prefix + rec.rephrase, prefix + rec.prompt, prefix + rec.loc,
+    assert seen[:5] == [prefix + rec.prompt, prefix + rec.rephrase, prefix + rec.prompt, prefix + rec.loc,
                         prefix + f"Question: {rec.m_loc_q} Short answer:"]
+    assert seen[5:] == [rec.prompt, rec.rephrase, rec.prompt]  # in the same batch
     assert row["pre"] == baseline.accuracy[rec.id]  # the bare question is the unedited model's
 
 

@@ -40,7 +40,8 @@ def test_bad_shard_arguments_are_errors():
 def report(values, digest="abc", edit_s=1.0):
     rows = [{"id": i, "pre": {}, "post": {k: v for k in METRICS}, "knows_pred": float(i % 2)} for i, v in values]
     return {"method": "m", "model": "x", "dataset": "d", "hparams": {}, "hparams_digest": digest, "protocol": {},
-            "n": len(rows), "summary": {}, "timings": {"edit_s": edit_s, "total_s": 2.0, "edits_per_s": 1.0}}, rows
+            "n": len(rows), "summary": {},
+            "timings": {"apply_s": edit_s, "loop_s": 2 * edit_s, "edits_per_s": 1.0, "apply_edits_per_s": 1.0}}, rows
 
 
 def test_merge_recomputes_means_from_rows_not_from_shard_means():
@@ -50,8 +51,9 @@ def test_merge_recomputes_means_from_rows_not_from_shard_means():
     assert merged["n"] == 3 and merged["shards"] == 2
     assert merged["summary"]["rewrite_acc"] == (0.1 + 0.2 + 0.7) / 3
     assert merged["summary"][KNOWS_PRED] == 1 / 3  # record 1 of 0, 1, 2 knew its pred
-    assert merged["timings"]["edit_s"] == 2.0
-    assert merged["timings"]["edits_per_s"] == 1.5
+    assert merged["timings"]["apply_s"] == 2.0 and merged["timings"]["loop_s"] == 4.0
+    assert merged["timings"]["edits_per_s"] == 3 / 4  # the whole loop
+    assert merged["timings"]["apply_edits_per_s"] == 3 / 2  # Editor.apply alone
 
 
 def test_merge_refuses_shards_of_different_runs_and_overlaps():

@@ -509,9 +509,9 @@ def test_serac_writes_the_edit_in_the_edited_models_target_form(monkeypatch, joi
         def __call__(self, **_):
             return types.SimpleNamespace(logits=torch.zeros(1, 3, 5))
 
-    model = types.SimpleNamespace(tokenizer=None, device="cpu", model=LM(), logits=None,
+    model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=0), device="cpu", model=LM(), logits=None,
                                   target_text=lambda t: t if join == "space" else t.removeprefix(" "))
     network = types.SimpleNamespace(counterfactual=LM())
     router = serac.Router(network, model, [("What colour is the shape?", " red")], soft=False)
-    router.counterfactual_logits(router.edits[0], "What is the colour of the object shown?", " red")
+    router.counterfactual_logits([(router.edits[0], "What is the colour of the object shown?", " red")])
     assert seen == [(("What colour is the shape?", written), written)]

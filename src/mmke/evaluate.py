@@ -2,17 +2,24 @@
 
 Pre-edit outputs depend only on model x dataset, so :func:`run_baseline` computes them once and
 every method's :func:`evaluate` reads them (EasyEdit recomputes them per method run). Each record
-is measured on five items (spec §3): the edit prompt, its rephrase and the rephrased image score
-the target tokens; the NQ question and the OK-VQA question compare post-edit top-k predictions
-with the baseline's.
+is measured on the named items of :data:`MEASURED_ITEMS` (spec §3): the edit prompt, its rephrase
+and the rephrased image score the target tokens; the NQ question and the OK-VQA question compare
+post-edit top-k predictions with the baseline's.
+
+No work is done twice: a record's items (and, for methods whose edits leave the weights alone,
+the items of ``batch_size`` records) go through the model in one forward, text-only rows beside
+image rows; a record's images are decoded and preprocessed once; and while an edit leaves the
+image features alone (:meth:`mmke.methods.base.Editor.keeps_image_features`) each image's features
+are computed once. Every row is the row it would be alone, so the values are those of separate calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,19 +30,68 @@ from mmke import metrics
 from mmke.data.records import EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt
 from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
 from mmke.methods.base import Edit, Editor
-from mmke.models.base import VLMAdapter
+from mmke.models.base import Batch, VLMAdapter
 
-EDIT_METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
-LOCALITY_METRICS = ("locality_acc", "multimodal_locality_acc")
-SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
-#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
-DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
 #: Summary key of the share of records whose unedited model answers ``pred`` (exact match).
 KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
 IMAGE_LOC_K = 10  # M-Locality compares top-10 id lists
 BASELINE_STAGE = "baseline"  # the workflow rule that writes a Baseline
 ALL_RECORDS = "all"  # n_edits: the whole dataset is one sequential group
+#: Records measured in one forward by default, for the baseline and methods that leave the weights
+#: unchanged (``evaluation.batch_size``). benchmarks/edit_speed.py on the demo's tiny BLIP-2 and
+#: LLaVA (base, IKE, SERAC; CPU ms/edit at 1, 4, 8, 16): base 6.1, 3.1, 2.6, 2.5 and 10.5, 6.1,
+#: 5.7, 4.6; IKE and SERAC level off from 4. Memory grows with it (the paper config sets 1).
+DEFAULT_BATCH_SIZE = 8
+
+
+def _always(record: EditRecord) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One teacher-forced question a record is measured on (spec §3), named by its records.jsonl key.
+
+    ``top_k`` None: the target tokens are scored (both accuracy definitions). ``top_k`` k: the
+    top-k ids at every position are compared with the unedited model's, kept in the Baseline
+    field ``baseline``. ``applies`` leaves the item out for records that lack it.
+    """
+
+    name: str
+    question: Callable[[EditRecord, Protocol], str]
+    answer: Callable[[EditRecord], str]
+    image: str | None  # which of the record's images ("image", "image_rephrase", "m_loc"); None: text only
+    top_k: int | None = None
+    baseline: str | None = None
+    applies: Callable[[EditRecord], bool] = _always
+
+
+#: Reliability, text generality, image generality: scored on the new target.
+EDIT_ITEMS = (
+    Item("rewrite_acc", lambda record, protocol: record.prompt, lambda record: record.target, "image"),
+    Item("rephrase_acc", lambda record, protocol: record.rephrase, lambda record: record.target, "image"),
+    Item("image_rephrase_acc", lambda record, protocol: record.prompt, lambda record: record.target,
+         "image_rephrase"),
+)
+#: T-Locality (NQ, text only) and M-Locality (OK-VQA): compared with the unedited model.
+LOCALITY_ITEMS = (
+    Item("locality_acc", lambda record, protocol: record.loc, lambda record: record.loc_ans, None,
+         top_k=TEXT_LOC_K, baseline="loc"),
+    Item("multimodal_locality_acc", lambda record, protocol: multimodal_locality_prompt(record, protocol.mloc_template),
+         lambda record: record.m_loc_a, "m_loc", top_k=IMAGE_LOC_K, baseline="m_loc"),
+)
+#: What each record is measured on, in records.jsonl order; one more item (its name, question,
+#: answer, image) is one more entry here, measured in the same forward.
+MEASURED_ITEMS = EDIT_ITEMS + LOCALITY_ITEMS
+EDIT_METRICS = tuple(item.name for item in EDIT_ITEMS)
+LOCALITY_METRICS = tuple(item.name for item in LOCALITY_ITEMS)
+SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
+#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
+DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
+#: The baseline's extra item: does the unedited model answer the old answer ``pred`` (exact match)?
+KNOWS_PRED_ITEM = Item("knows_pred", lambda record, protocol: record.prompt, lambda record: lead_space(record.pred),
+                       "image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,19 +190,94 @@ class EvalResult:
     timings: dict[str, float]
 
 
+@dataclasses.dataclass
+class Request:
+    """Items of one record asked with one prompt transform, under ``edit`` (None: no edit)."""
+
+    record: EditRecord
+    images: dict
+    items: Sequence[Item]
+    prompt: Callable[[str], str]
+    edit: Edit | None = None
+
+
+@torch.no_grad()
+def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
+            own_rows: bool = False) -> list[dict[str, object]]:
+    """Every item of every request in one teacher-forced forward; per request, by item name, the
+    item's scores (``{name: ..., name_em: ..., name_token: ...}``) or its top-k ids ``[T, k]``.
+
+    With ``own_rows`` each request's edit is told which rows are its own (edits of several records
+    live at once). Rows do not see each other, so the values are those of one call per item.
+    """
+    batch, owners = measured_batch(model, protocol, requests)
+    edits = {id(request.edit): request.edit for request in requests if request.edit is not None}
+    if own_rows:
+        for edit in edits.values():
+            edit.measure_rows([row for row, (index, _) in enumerate(owners) if requests[index].edit is edit])
+    try:
+        logits = model.logits(batch)
+    finally:
+        if own_rows:
+            for edit in edits.values():
+                edit.measure_rows(None)
+    results: list[dict[str, object]] = [{} for _ in requests]
+    for index, request in enumerate(requests):
+        rows = [row for row, (owner, item) in enumerate(owners) if owner == index and item.top_k is None]
+        if rows:
+            names = [owners[row][1].name for row in rows]
+            results[index] |= metrics.item_scores(names, logits[rows], batch.labels[rows], protocol.exact_match)
+    for row, (index, item) in enumerate(owners):
+        if item.top_k is not None:
+            (top,) = metrics.top_k_predictions(logits[row:row + 1], batch.attention_mask[row:row + 1], item.top_k)
+            results[index][item.name] = top.cpu()
+    return results
+
+
+def measured_batch(model: VLMAdapter, protocol: Protocol,
+                   requests: Sequence[Request]) -> tuple[Batch, list[tuple[int, Item]]]:
+    """The one teacher-forced batch of every applicable item of every request, and per row the
+    index of its request and its item."""
+    prompts, targets, images, owners = [], [], [], []
+    for index, request in enumerate(requests):
+        for item in request.items:
+            if item.applies(request.record):
+                prompts.append(request.prompt(item.question(request.record, protocol)))
+                targets.append(item.answer(request.record))
+                images.append(None if item.image is None else request.images[item.image])
+                owners.append((index, item))
+    return model.teacher_forced(prompts, targets, images), owners
+
+
 def run_baseline(
-    model: VLMAdapter, records: Sequence[EditRecord], roots: ImageRoots, protocol: Protocol
+    model: VLMAdapter, records: Sequence[EditRecord], roots: ImageRoots, protocol: Protocol,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Baseline:
-    """Pre-edit accuracies and locality predictions, computed once per model x dataset."""
+    """Pre-edit accuracies and locality predictions, computed once per model x dataset.
+
+    ``batch_size`` records are measured in one forward (the values do not depend on it).
+    """
+    _check_batch_size(batch_size)
     images = RecordImages(roots)
     baseline = Baseline(protocol, {}, {}, {}, {}, model.target_join)
-    for record in tqdm(records, desc="baseline", unit="record"):
-        imgs = images(record)
-        baseline.accuracy[record.id] = _edit_accuracies(model, record, imgs, protocol, _identity)
-        baseline.loc[record.id], baseline.m_loc[record.id] = _locality_predictions(
-            model, record, imgs, protocol, _identity
-        )
-        baseline.knows_pred[record.id] = _knows_pred(model, record, imgs)
+    progress = tqdm(total=len(records), desc="baseline", unit="record")
+    for chunk in _chunks(records, batch_size):
+        requests = []
+        for record in chunk:
+            imgs = images(record)
+            requests += [Request(record, imgs, MEASURED_ITEMS, _identity),
+                         Request(record, imgs, (KNOWS_PRED_ITEM,), _identity)]
+        with model.frozen_image_features():
+            model.prefetch_image_features([image for request in requests for image in request.images.values()])
+            results = iter(measure(model, protocol, requests))
+        for record in chunk:
+            measured, knows = next(results), next(results)
+            for item in LOCALITY_ITEMS:
+                getattr(baseline, item.baseline)[record.id] = measured.pop(item.name)
+            baseline.accuracy[record.id] = measured
+            baseline.knows_pred[record.id] = knows[f"{KNOWS_PRED_ITEM.name}_em"]
+        progress.update(len(chunk))
+    progress.close()
     return baseline
 
 
@@ -158,6 +289,7 @@ def evaluate(
     baseline: Baseline,
     protocol: Protocol,
     schedule: Schedule = Schedule(),
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> EvalResult:
     """Edit, measure, revert: one record at a time, or ``schedule.n_edits`` records at a time.
 
@@ -165,6 +297,12 @@ def evaluate(
     after another to the same model and measures every record of the group only after the last
     edit (the final group may be shorter); the edits are reverted newest first, so each snapshot
     puts back exactly what its own edit found.
+
+    ``batch_size`` records are measured in one forward wherever their rows see the same weights:
+    in single mode for methods whose edits leave the weights unchanged (their edits of those
+    records are live at once, each on its own rows), and within a sequential group. The values
+    do not depend on it. Timings: ``loop_s`` covers apply + measure + revert (``edits_per_s`` is
+    records per loop second), ``apply_s`` only ``Editor.apply`` (``apply_edits_per_s``).
     """
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")
@@ -174,58 +312,93 @@ def evaluate(
     missing = [record.id for record in records if record.id not in baseline.accuracy]
     if missing:
         raise KeyError(f"records {missing} have no baseline entry (baseline of another dataset?)")
-    images = RecordImages(roots)
-    editor.bind_images(roots)
+    _check_batch_size(batch_size)
+    together = schedule.mode == "single" and editor.weights_unchanged
+    group_size = batch_size if together else schedule.group_size(len(records))
+    images = RecordImages(roots, memo=max(group_size, 1))
+    editor.bind_images(images)
+    frozen = editor.keeps_image_features(model)
     rows: list[dict] = []
-    edit_seconds = 0.0
-    start = time.perf_counter()
-    size = schedule.group_size(len(records))
+    seconds = {"loop_s": 0.0, "apply_s": 0.0}
     progress = tqdm(total=len(records), desc=editor.name, unit="edit")
-    for group in (records[i:i + size] for i in range(0, len(records), size)):
-        edits: list[Edit] = []
-        try:
-            for record in group:
-                tick = time.perf_counter()
-                edits.append(editor.apply(model, [record]))
-                edit_seconds += time.perf_counter() - tick
-                if schedule.mode == "sequential" and edits[-1].in_context:
-                    raise ValueError(f"method {editor.name} edits the prompt, not the weights: "
-                                     "its edits cannot accumulate (use evaluation mode 'single')")
-            for record, edit in zip(group, edits):
-                rows.append(_measure(model, record, images(record), protocol, edit, baseline))
-                progress.update()
-        finally:
-            for edit in reversed(edits):
-                edit.revert()
+    with _timed(seconds, "loop_s"):
+        for group in _chunks(records, group_size):
+            edits: list[Edit] = []
+            with model.frozen_image_features() if frozen else contextlib.nullcontext():
+                model.prefetch_image_features([image for record in group for image in images(record).values()])
+                try:
+                    with _timed(seconds, "apply_s"):
+                        if together:
+                            edits = editor.apply_each(model, group)
+                        else:
+                            for record in group:
+                                edits.append(editor.apply(model, [record]))
+                                if schedule.mode == "sequential" and edits[-1].in_context:
+                                    raise ValueError(f"method {editor.name} edits the prompt, not the weights: its "
+                                                     "edits cannot accumulate (use evaluation mode 'single')")
+                    pairs = list(zip(group, edits))
+                    for chunk in _chunks(pairs, batch_size):
+                        rows += _measure(model, chunk, images, protocol, baseline, own_rows=together)
+                        progress.update(len(chunk))
+                finally:
+                    for edit in reversed(edits):
+                        edit.revert()
     progress.close()
-    total = time.perf_counter() - start
-    summary = summarize(rows)
-    timings = {
-        "total_s": total,
-        "edit_s": edit_seconds,
-        "edits_per_s": len(rows) / edit_seconds if edit_seconds > 0 else float("inf"),
-    }
-    return EvalResult(rows, summary, timings)
+    timings = {**seconds, **rates(len(rows), seconds)}
+    return EvalResult(rows, summarize(rows), timings)
 
 
-def _measure(
-    model: VLMAdapter, record: EditRecord, imgs: dict, protocol: Protocol, edit: Edit, baseline: Baseline
-) -> dict:
-    """One records.jsonl row: pre- and post-edit values of a record under a live edit.
+def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images: RecordImages,
+             protocol: Protocol, baseline: Baseline, own_rows: bool) -> list[dict]:
+    """records.jsonl rows: pre- and post-edit values of records under their live edits.
 
     Pre-edit values come from the baseline, except for in-context edits, whose pre-edit scores
     use the edit's own context (spec §4: IKE's demonstrations followed by the bare question).
     Locality always compares with the baseline's predictions of the unedited, context-free model.
     """
-    if edit.in_context:
-        pre = _edit_accuracies(model, record, imgs, protocol, edit.pre_prompt)
-    else:
-        pre = baseline.accuracy[record.id]
-    post = _edit_accuracies(model, record, imgs, protocol, edit.prompt)
-    loc, m_loc = _locality_predictions(model, record, imgs, protocol, edit.prompt)
-    post["locality_acc"] = metrics.locality_agreement(baseline.loc[record.id], loc)
-    post["multimodal_locality_acc"] = metrics.locality_agreement(baseline.m_loc[record.id], m_loc)
-    return {"id": record.id, "pre": pre, "post": post, "knows_pred": baseline.knows_pred[record.id]}
+    requests = []
+    for record, edit in pairs:
+        imgs = images(record)
+        requests.append(Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit))
+        if edit.in_context:
+            requests.append(Request(record, imgs, EDIT_ITEMS, edit.pre_prompt, edit))
+    results = iter(measure(model, protocol, requests, own_rows=own_rows))
+    rows = []
+    for record, edit in pairs:
+        post = next(results)
+        pre = next(results) if edit.in_context else baseline.accuracy[record.id]
+        for item in LOCALITY_ITEMS:
+            post[item.name] = metrics.locality_agreement(getattr(baseline, item.baseline)[record.id], post[item.name])
+        rows.append({"id": record.id, "pre": pre, "post": post, "knows_pred": baseline.knows_pred[record.id]})
+    return rows
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[key]``."""
+    tick = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] += time.perf_counter() - tick
+
+
+#: metrics.json's rates and the seconds each divides the record count by (also after a sharded gather).
+RATES = {"edits_per_s": "loop_s", "apply_edits_per_s": "apply_s"}
+
+
+def rates(count: int, seconds: dict[str, float]) -> dict[str, float]:
+    """``edits_per_s`` (whole loop) and ``apply_edits_per_s`` (``Editor.apply`` only) of ``count`` records."""
+    return {rate: count / seconds[key] if seconds[key] > 0 else float("inf") for rate, key in RATES.items()}
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    return (items[i:i + size] for i in range(0, len(items), size))
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"evaluation batch_size must be >= 1, got {batch_size}")
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, float]:
@@ -236,42 +409,6 @@ def summarize(rows: Sequence[dict]) -> dict[str, float]:
     summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS + DEFINITION_METRICS)
     summary[KNOWS_PRED] = metrics.mean_metrics(rows, ["knows_pred"])["knows_pred"]
     return summary
-
-
-@torch.no_grad()
-def _edit_accuracies(
-    model: VLMAdapter, record: EditRecord, imgs: dict, protocol: Protocol, prompt: Callable[[str], str]
-) -> dict[str, float]:
-    """Reliability, text generality and image generality in one batch of three items.
-
-    Each under both accuracy definitions and the protocol's headline (:func:`mmke.metrics.item_scores`).
-    """
-    batch = model.teacher_forced(
-        [prompt(record.prompt), prompt(record.rephrase), prompt(record.prompt)],
-        [record.target] * 3,
-        [imgs["image"], imgs["image"], imgs["image_rephrase"]],
-    )
-    return metrics.item_scores(EDIT_METRICS, model.logits(batch), batch.labels, protocol.exact_match)
-
-
-@torch.no_grad()
-def _knows_pred(model: VLMAdapter, record: EditRecord, imgs: dict) -> float:
-    """1.0 if the model answers the record's old answer ``pred`` exactly (edit prompt + image)."""
-    batch = model.teacher_forced([record.prompt], [lead_space(record.pred)], [imgs["image"]])
-    return metrics.per_item_accuracy(model.logits(batch), batch.labels, exact_match=True).item()
-
-
-@torch.no_grad()
-def _locality_predictions(
-    model: VLMAdapter, record: EditRecord, imgs: dict, protocol: Protocol, prompt: Callable[[str], str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 ids of the NQ item and top-10 ids of the OK-VQA item, at every position."""
-    text = model.teacher_forced([prompt(record.loc)], [record.loc_ans], None)
-    (loc,) = metrics.top_k_predictions(model.logits(text), text.attention_mask, TEXT_LOC_K)
-    question = prompt(multimodal_locality_prompt(record, protocol.mloc_template))
-    vision = model.teacher_forced([question], [record.m_loc_a], [imgs["m_loc"]])
-    (m_loc,) = metrics.top_k_predictions(model.logits(vision), vision.attention_mask, IMAGE_LOC_K)
-    return loc.cpu(), m_loc.cpu()
 
 
 def _identity(text: str) -> str:

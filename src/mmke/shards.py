@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from mmke.evaluate import summarize
+from mmke.evaluate import RATES, rates, summarize
 
 T = TypeVar("T")
 
@@ -61,9 +61,8 @@ def merge_reports(reports: Sequence[dict], rows: Sequence[Sequence[dict]], sourc
     for report in reports:
         for key, value in report.get("timings", {}).items():
             timings[key] = timings.get(key, 0.0) + value
-    edit_s = timings.get("edit_s", 0.0)
-    if "edits_per_s" in timings:
-        timings["edits_per_s"] = len(merged_rows) / edit_s if edit_s > 0 else float("inf")
+    if set(RATES.values()) <= set(timings):  # rates are recomputed from the summed seconds
+        timings |= rates(len(merged_rows), timings)
     merged = {
         **first,
         "n": len(merged_rows),

@@ -22,7 +22,7 @@ import transformers
 
 import mmke
 from mmke.data.records import ImageRoots, RecordImages, Records, load_records
-from mmke.evaluate import Baseline, Protocol, Schedule, evaluate, run_baseline
+from mmke.evaluate import DEFAULT_BATCH_SIZE, Baseline, Protocol, Schedule, evaluate, run_baseline
 from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
 from mmke.io import broken_model_message, read_json, read_jsonl, write_json, write_jsonl
@@ -85,10 +85,11 @@ def recorded_protocol(protocol: Mapping[str, Any], adapter: VLMAdapter) -> dict[
 
 
 def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out: str | Path,
-                   tensors_out: str | Path, device: str = "auto") -> Baseline:
+                   tensors_out: str | Path, device: str = "auto", batch_size: int | None = None) -> Baseline:
+    """Pre-edit outputs; ``batch_size`` (``evaluation.batch_size``, None: the default) records per forward."""
     records, roots = load_eval_split(dataset)
     adapter = load_configured_model(model, device, protocol)
-    baseline = run_baseline(adapter, records, roots, Protocol(**protocol))
+    baseline = run_baseline(adapter, records, roots, Protocol(**protocol), batch_size or DEFAULT_BATCH_SIZE)
     baseline.save(rows_out, tensors_out)
     return baseline
 
@@ -127,12 +128,15 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
                    shard: tuple[int, int] | None = None) -> dict:
     """Edit + measure one method x model x dataset; ``names`` holds the three config keys.
 
-    ``evaluation`` is the config's single/sequential schedule (default: single edits).
+    ``evaluation`` is the config's single/sequential schedule (default: single edits) and
+    ``batch_size``, the records measured in one forward (:func:`mmke.evaluate.evaluate`).
     ``shard=(index, count)`` measures only that contiguous block of the eval split (see
     :mod:`mmke.shards`); :func:`gather_stage` merges the blocks into the unsharded result.
     """
     start = time.perf_counter()
-    schedule = Schedule(**(evaluation or {}))
+    settings = dict(evaluation or {})
+    batch_size = settings.pop("batch_size", None) or DEFAULT_BATCH_SIZE
+    schedule = Schedule(**settings)
     hparams = read_hparams(hparams_path, expect_method=names["method"])
     editor = make_editor(hparams)
     editor.prepare(resources or {})
@@ -143,7 +147,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     adapter = load_configured_model(model, device, protocol)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
-                      Protocol(**protocol), schedule)
+                      Protocol(**protocol), schedule, batch_size)
     write_jsonl(records_out, result.rows)
     report = {
         **{key: names[key] for key in ("method", "model", "dataset")},
@@ -153,7 +157,8 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         "hparams": dataclasses.asdict(hparams),
         "hparams_digest": digest(hparams),
         "protocol": recorded_protocol(protocol, adapter),
-        "evaluation": dataclasses.asdict(schedule),
+        "evaluation": dataclasses.asdict(schedule),  # what the values depend on; batch_size is not
+        "batch_size": batch_size,
         "versions": {"mmke": mmke.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "timings": {"load_s": load_s, **result.timings},

@@ -11,6 +11,7 @@ rule baseline:
         model=lambda wc: MODELS[wc.model],
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
+        batch_size=config["evaluation"].get("batch_size"),
         device=config.get("device", "auto"),
     log:
         "logs/baseline/{model}/{dataset}.log",

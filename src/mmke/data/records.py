@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,17 +99,33 @@ class Records(list):
 
 
 class RecordImages:
-    """Loads the three images of a record from their roots (never outside them)."""
+    """Loads the three images of a record from their roots (never outside them).
 
-    def __init__(self, roots: ImageRoots):
+    With ``memo`` > 0 the images of the last ``memo`` records are kept, so a record's images are
+    decoded once however many steps (edit, measurement) read them; the same objects come back,
+    which also lets the model adapter reuse their pixels and features.
+    """
+
+    def __init__(self, roots: ImageRoots, memo: int = 0):
         self.roots = roots
+        self.memo = memo
+        self._recent: OrderedDict[int, tuple[EditRecord, dict[str, object]]] = OrderedDict()
 
     def __call__(self, record: EditRecord) -> dict[str, object]:
-        return {
+        entry = self._recent.get(record.id)
+        if entry is not None and entry[0] == record:
+            self._recent.move_to_end(record.id)
+            return dict(entry[1])
+        images = {
             "image": load_rgb(self.roots.resolve("image", record.image)),
             "image_rephrase": load_rgb(self.roots.resolve("image_rephrase", record.image_rephrase)),
             "m_loc": load_rgb(self.roots.resolve("m_loc", record.m_loc)),
         }
+        if self.memo > 0:
+            self._recent[record.id] = (record, images)
+            while len(self._recent) > self.memo:
+                self._recent.popitem(last=False)
+        return dict(images)
 
 
 def multimodal_locality_prompt(record: EditRecord, template: str = "trainer") -> str:

@@ -50,6 +50,14 @@ class Edit:
         """The text pre-edit scores are taken on, for in-context edits (identity otherwise)."""
         return text
 
+    def measure_rows(self, rows: Sequence[int] | None) -> None:
+        """Only ``rows`` of the batches scored next belong to this edit; None: every row.
+
+        The evaluation loop says so when the edits of several records are live at once and
+        measured in one batch (methods whose edits leave the weights unchanged). Weight edits and
+        prompt edits need nothing here: the weights are shared, the prompt is in the row's text.
+        """
+
     def revert(self) -> None:
         if self._model is not None and self._snapshot:
             self._model.restore(dict(self._snapshot))
@@ -61,6 +69,10 @@ class Editor(abc.ABC):
 
     name: ClassVar[str]
     hparams_class: ClassVar[type[HParams]] = HParams
+    #: True for methods whose edits leave the model's weights as they are (the unedited model, a
+    #: prompt, a model beside the frozen one): the edits of several records can then be live at once,
+    #: each measured on its own rows of one batch (:meth:`apply_each`, :meth:`Edit.measure_rows`).
+    weights_unchanged: ClassVar[bool] = False
 
     def __init__(self, hparams: HParams):
         if not isinstance(hparams, self.hparams_class):
@@ -68,13 +80,14 @@ class Editor(abc.ABC):
         self.hparams = hparams
         self._images: RecordImages | None = None
 
-    def bind_images(self, roots: ImageRoots) -> None:
+    def bind_images(self, roots: ImageRoots | RecordImages) -> None:
         """Say where the records' images live; the evaluation loop calls this before any edit.
 
         Records carry image paths relative to their dataset's roots, and an editor that trains on
-        the edit item (FT, MEND) needs the pixels.
+        the edit item (FT, MEND) needs the pixels. The loop passes its own loader, so a record's
+        images are decoded once for the edit and the measurement.
         """
-        self._images = RecordImages(roots)
+        self._images = roots if isinstance(roots, RecordImages) else RecordImages(roots)
 
     def images(self, record: EditRecord) -> dict[str, Image.Image]:
         """The record's ``image``, ``image_rephrase`` and ``m_loc`` images."""
@@ -88,6 +101,21 @@ class Editor(abc.ABC):
     @abc.abstractmethod
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         """Edit ``model`` so it gives each record's target; return the handle that undoes it."""
+
+    def apply_each(self, model: VLMAdapter, records: Sequence[EditRecord]) -> list[Edit]:
+        """One independent edit per record, all live at once: only for :attr:`weights_unchanged`
+        methods. Each edit is what ``apply(model, [record])`` gives; a method may share work
+        across the records (IKE embeds all queries in one call)."""
+        if not self.weights_unchanged:
+            raise TypeError(f"{self.name} changes the weights: its edits of several records cannot be live at once")
+        return [self.apply(model, [record]) for record in records]
+
+    def keeps_image_features(self, model: VLMAdapter) -> bool:
+        """Whether the model's image features stay those of the unedited model under this method's
+        edits, so the evaluation loop may compute them once per image
+        (:meth:`VLMAdapter.frozen_image_features`). Methods that change weights say so from their
+        scopes (:meth:`VLMAdapter.downstream_of_features`)."""
+        return self.weights_unchanged
 
 
 def register_method(cls: type[Editor]) -> type[Editor]:

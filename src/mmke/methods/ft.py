@@ -14,6 +14,7 @@ Scopes are adapter names, never module paths, so one hparams file fits the tiny 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
@@ -24,10 +25,7 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor, register_method
 from mmke.metrics import IGNORE_INDEX, shift
-from mmke.models.base import Batch, VLMAdapter
-
-#: The adapter scope holding every language-model parameter; FT-L must stay inside it, FT-V outside.
-LANGUAGE_MODEL_SCOPE = "llm"
+from mmke.models.base import LANGUAGE_MODEL_SCOPE, Batch, VLMAdapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +58,20 @@ class FineTune(Editor):
         snapshot = model.snapshot(params)
         batch = model.teacher_forced([r.prompt for r in records], [r.target for r in records],
                                      [self.images(r)["image"] for r in records])
-        flags = {name: p.requires_grad for name, p in model.model.named_parameters()}
+        every = model.named_parameters()
+        flags = {name: p.requires_grad for name, p in every.items()}
+        # FT-L: every step reads the edit image's features from one computation (FT-V trains them)
+        frozen = model.frozen_image_features() if model.downstream_of_features(params) else contextlib.nullcontext()
         try:
-            for name, p in model.model.named_parameters():
+            for name, p in every.items():
                 p.requires_grad_(name in params)
-            self._optimise(model, params, snapshot, batch)
+            with frozen:
+                self._optimise(model, params, snapshot, batch)
         except BaseException:
             model.restore(snapshot)
             raise
         finally:
-            for name, p in model.model.named_parameters():
+            for name, p in every.items():
                 p.requires_grad_(flags[name])
         return Edit(model, snapshot)
 
@@ -88,6 +90,9 @@ class FineTune(Editor):
                     for name, p in params.items():
                         p.copy_(torch.clamp(p, min=original[name] - bound, max=original[name] + bound))
         optimiser.zero_grad(set_to_none=True)  # free the gradients; the edit keeps only the weights
+
+    def keeps_image_features(self, model: VLMAdapter) -> bool:
+        return model.downstream_of_features(self._parameters(model))
 
     def _parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
         language = set(model.scopes()[LANGUAGE_MODEL_SCOPE])

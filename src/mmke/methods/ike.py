@@ -102,11 +102,11 @@ class Retriever:
         self.embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         self.sentences = list(sentences)
 
-    def nearest(self, query: str, k: int) -> list[str]:
-        vector = torch.nn.functional.normalize(encode(self.sentence_model, [query]), dim=-1)
-        scores = (vector @ self.embeddings.T)[0]
-        top = torch.topk(scores, k=min(k, len(self.sentences)), sorted=True).indices
-        return [self.sentences[i] for i in top.tolist()]
+    def nearest(self, queries: Sequence[str], k: int) -> list[list[str]]:
+        """The ``k`` nearest sentences of each query; the queries are embedded in one call."""
+        vectors = torch.nn.functional.normalize(encode(self.sentence_model, queries), dim=-1)
+        top = torch.topk(vectors @ self.embeddings.T, k=min(k, len(self.sentences)), dim=-1, sorted=True).indices
+        return [[self.sentences[i] for i in row] for row in top.tolist()]
 
 
 class InContextEdit(Edit):
@@ -141,6 +141,7 @@ class InContextEdit(Edit):
 class IKE(Editor):
     name = "IKE"
     hparams_class = IKEHParams
+    weights_unchanged = True  # the edit is a context before the question
     hparams: IKEHParams
     retriever: Retriever | None = None
 
@@ -159,13 +160,17 @@ class IKE(Editor):
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         if len(records) != 1:
             raise ValueError(f"IKE edits one record at a time, got {len(records)}")
-        (record,) = records
+        return self.apply_each(model, records)[0]
+
+    def apply_each(self, model: VLMAdapter, records: Sequence[EditRecord]) -> list[Edit]:
+        """One context per record; the retrieval queries of all records are embedded in one call."""
         if not self.hparams.retrieves:
-            return InContextEdit.fact_prefix(record, self.hparams.prefix_template)
+            return [InContextEdit.fact_prefix(record, self.hparams.prefix_template) for record in records]
         if self.retriever is None:
             raise RuntimeError("IKE: prepare(resources) must load the embeddings before editing")
-        query = query_sentence(record)
-        return InContextEdit.retrieved(record, [*self.retriever.nearest(query, self.hparams.k), query])
+        queries = [query_sentence(record) for record in records]
+        found = self.retriever.nearest(queries, self.hparams.k)
+        return [InContextEdit.retrieved(record, [*demos, query]) for record, demos, query in zip(records, found, queries)]
 
 
 def _raw(text: str) -> str:

@@ -117,6 +117,9 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
     def edited_parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
         return model.editable(self.hparams.scope)
 
+    def keeps_image_features(self, model: VLMAdapter) -> bool:
+        return model.downstream_of_features(self.edited_parameters(model))
+
     @abc.abstractmethod
     def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
         """Weight change per edited parameter name; the edited weight is ``W - delta``."""

@@ -16,6 +16,7 @@ from mmke.models.base import VLMAdapter
 @register_method
 class NoEdit(Editor):
     name = "base"
+    weights_unchanged = True
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         return Edit()

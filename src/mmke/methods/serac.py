@@ -74,16 +74,27 @@ class SERACNetwork(nn.Module):
 
     def scope_logits(self, queries: Sequence[str], edits: Sequence[str]) -> torch.Tensor:
         """[Q, E] scores; positive = the query is in the scope of that edit."""
-        return self.scale * (self.embed(queries) @ self.embed(edits).T) + self.bias
+        return self.similarity(self.embed(queries), self.embed(edits))
+
+    def similarity(self, queries: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        """[Q, E] scores of embedded queries against embedded edits."""
+        return self.scale * (queries @ edits.T) + self.bias
 
 
 class Router:
-    """While live, ``model.logits`` routes each registered batch between base and counterfactual."""
+    """While live, ``model.logits`` routes each registered batch between base and counterfactual.
+
+    Routers nest: each one's base logits are those of the router (or model) it was installed
+    over, and it routes only the rows it owns (:meth:`SERACEdit.measure_rows`), so the edits of
+    several records can be measured in one batch, each row against its own record's edit.
+    """
 
     def __init__(self, network: SERACNetwork, model: VLMAdapter, edits: Sequence[tuple[str, str]], soft: bool):
         self.network, self.model, self.edits, self.soft = network, model, list(edits), soft
         self.base_logits = model.logits
         self.texts: dict[int, tuple[Batch, list[str], list[str]]] = {}
+        self.rows: list[int] | None = None  # the rows this router routes; None: all
+        self._edit_vectors: torch.Tensor | None = None
         vocab = network.counterfactual.get_output_embeddings().out_features
         base_vocab = model.model.get_output_embeddings().out_features
         if vocab != base_vocab:
@@ -99,48 +110,74 @@ class Router:
         self.register(Item(batch, list(prompts), list(targets)))
         return batch
 
+    def scope_scores(self, queries: Sequence[str]) -> torch.Tensor:
+        """[Q, E] scope logits of the queries against the stored edits.
+
+        At evaluation (hard routing) the stored edits are embedded once per edit, not per call;
+        training (soft) embeds them each time, so the loss reaches the classifier through them.
+        """
+        if self.soft:
+            return self.network.scope_logits(queries, [prompt for prompt, _ in self.edits])
+        if self._edit_vectors is None:
+            with torch.no_grad():
+                self._edit_vectors = self.network.embed([prompt for prompt, _ in self.edits])
+        return self.network.similarity(self.network.embed(queries), self._edit_vectors)
+
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The base model's logits, with the counterfactual model's at the answer of routed rows.
 
         Only the positions that predict a row's answer tokens are replaced: there the two models
-        read the same answer tokens, whichever target convention the family uses.
+        read the same answer tokens, whichever target convention the family uses. The routed rows
+        go through the counterfactual model in one batch.
         """
         if id(batch) not in self.texts:
             raise KeyError("SERAC can only score batches made by the model's teacher_forced while the edit is live")
         _, prompts, targets = self.texts[id(batch)]
         base = self.base_logits(batch)
-        scores = self.network.scope_logits(prompts, [prompt for prompt, _ in self.edits])
-        best_score, best = scores.max(dim=1)
-        rows = []
-        for row, (prompt, target) in enumerate(zip(prompts, targets)):
-            if not self.soft and best_score[row] <= 0:
-                rows.append(base[row])
-                continue
-            cf = self.counterfactual_logits(self.edits[best[row]], prompt, target)
-            where = torch.nonzero(batch.labels[row] != IGNORE_INDEX).flatten() - 1  # predict the answer
-            if len(where) != cf.shape[0]:
-                raise ValueError(f"SERAC: the edited model labels {len(where)} answer tokens of {target!r}, the "
-                                 f"counterfactual model reads {cf.shape[0]}: their tokenizers must agree")
-            text = cf
-            if self.soft:
-                weight = best_score[row]
-                text = torch.logaddexp(F.logsigmoid(weight) + cf.log_softmax(-1),
-                                       F.logsigmoid(-weight) + base[row, where].log_softmax(-1))
-            rows.append(base[row].index_copy(0, where, text.to(base.dtype)))
+        owned = list(range(len(prompts))) if self.rows is None else self.rows
+        rows = list(base.unbind(0))
+        if owned:
+            best_score, best = self.scope_scores([prompts[row] for row in owned]).max(dim=1)
+            routed = [(row, best[i], best_score[i]) for i, row in enumerate(owned) if self.soft or best_score[i] > 0]
+            answers = self.counterfactual_logits([(self.edits[edit], prompts[row], targets[row])
+                                                  for row, edit, _ in routed])
+            for (row, _, weight), cf in zip(routed, answers):
+                where = torch.nonzero(batch.labels[row] != IGNORE_INDEX).flatten() - 1  # predict the answer
+                if len(where) != cf.shape[0]:
+                    raise ValueError(f"SERAC: the edited model labels {len(where)} answer tokens of {targets[row]!r}, "
+                                     f"the counterfactual model reads {cf.shape[0]}: their tokenizers must agree")
+                text = cf
+                if self.soft:
+                    text = torch.logaddexp(F.logsigmoid(weight) + cf.log_softmax(-1),
+                                           F.logsigmoid(-weight) + base[row, where].log_softmax(-1))
+                rows[row] = base[row].index_copy(0, where, text.to(base.dtype))
         logits = torch.stack(rows)
         return logits if positions is None else logits[positions]
 
-    def counterfactual_logits(self, edit: tuple[str, str], prompt: str, target: str) -> torch.Tensor:
-        """Logits of the counterfactual model predicting each answer token, conditioned on the edit.
+    def counterfactual_logits(self, queries: Sequence[tuple[tuple[str, str], str, str]]) -> list[torch.Tensor]:
+        """Per (edit, prompt, target): the counterfactual model's logits predicting each answer token,
+        conditioned on the edit; all queries in one right-padded batch.
 
         The edit's target and the answer are written as the edited model writes them (its family's
         target convention), so the edit in the context also tells the counterfactual model which
         form to answer in.
         """
-        written = self.model.target_text
-        ids, start = counterfactual_ids(self.model.tokenizer, (edit[0], written(edit[1])), prompt, written(target))
-        out = self.network.counterfactual(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False)
-        return out.logits[0, start - 1:-1].float()
+        if not queries:
+            return []
+        written, tokenizer = self.model.target_text, self.model.tokenizer
+        built = [counterfactual_ids(tokenizer, (edit[0], written(edit[1])), prompt, written(target))
+                 for edit, prompt, target in queries]
+        width = max(len(ids) for ids, _ in built)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids = torch.full((len(built), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(built), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(built):
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, :len(ids)] = 1
+        device = self.model.device
+        out = self.network.counterfactual(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                          use_cache=False).logits
+        return [out[row, start - 1:len(ids) - 1].float() for row, (ids, start) in enumerate(built)]
 
 
 def counterfactual_ids(tokenizer, edit: tuple[str, str], prompt: str, answer: str) -> tuple[list[int], int]:
@@ -160,21 +197,30 @@ def counterfactual_ids(tokenizer, edit: tuple[str, str], prompt: str, answer: st
 
 @contextlib.contextmanager
 def routing(model: VLMAdapter, router: Router) -> Iterator[Router]:
-    """Install the router on this adapter instance (not its class); remove it on exit."""
+    """Install the router on this adapter instance (not its class); on exit put back what was
+    there before (the class's methods, or the router it was installed over)."""
+    installed = {name: model.__dict__[name] for name in ("logits", "teacher_forced") if name in model.__dict__}
     original = model.teacher_forced
     model.logits = router.logits
     model.teacher_forced = lambda prompts, targets, images: router.teacher_forced(original, prompts, targets, images)
     try:
         yield router
     finally:
-        del model.logits
-        del model.teacher_forced
+        for name in ("logits", "teacher_forced"):
+            if name in installed:
+                setattr(model, name, installed[name])
+            else:
+                delattr(model, name)
 
 
 class SERACEdit(Edit):
-    def __init__(self, stack: contextlib.ExitStack):
+    def __init__(self, stack: contextlib.ExitStack, router: Router):
         super().__init__()
         self._stack = stack
+        self._router = router
+
+    def measure_rows(self, rows: Sequence[int] | None) -> None:
+        self._router.rows = None if rows is None else list(rows)
 
     def revert(self) -> None:
         self._stack.close()
@@ -184,6 +230,7 @@ class SERACEdit(Edit):
 class SERAC(MetaEditor):
     name = "SERAC"
     hparams_class = SERACHParams
+    weights_unchanged = True  # edits live in a memory beside the frozen model
 
     def make_network(self, model: VLMAdapter) -> SERACNetwork:
         hp = self.hparams
@@ -261,6 +308,7 @@ class SERAC(MetaEditor):
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         network = self.ready(model)
+        router = Router(network, model, [(r.prompt, r.target) for r in records], soft=False)
         stack = contextlib.ExitStack()
-        stack.enter_context(routing(model, Router(network, model, [(r.prompt, r.target) for r in records], soft=False)))
-        return SERACEdit(stack)
+        stack.enter_context(routing(model, router))
+        return SERACEdit(stack, router)

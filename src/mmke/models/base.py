@@ -10,10 +10,14 @@ file works on a 2-layer tiny model and on BLIP-2 OPT-2.7b alike.
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
+import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -38,6 +42,10 @@ MLP_WEIGHT_PAIRS = (("fc1.weight", "fc2.weight"), ("mlp.up_proj.weight", "mlp.do
 # The attention query and value projections of one decoder layer (OPT, Llama, Qwen2 alike), where
 # LoRA puts its adapters (EasyEdit's LoRA target_modules q_proj, v_proj).
 ATTENTION_WEIGHTS = {"q": "self_attn.q_proj.weight", "v": "self_attn.v_proj.weight"}
+#: The scope holding every language-model parameter. Everything in it lies downstream of the image
+#: features (vision tower + Q-Former + projection, or the family's equivalent), so an edit confined
+#: to it leaves those features unchanged (:meth:`VLMAdapter.downstream_of_features`).
+LANGUAGE_MODEL_SCOPE = "llm"
 
 
 @dataclass
@@ -51,20 +59,60 @@ class Batch:
     input_ids: torch.LongTensor  # [B, T]; image/query positions hold a placeholder id
     attention_mask: torch.LongTensor  # [B, T]
     labels: torch.LongTensor  # [B, T]; -100 everywhere except target tokens
-    pixel_values: torch.Tensor | None  # [B, 3, H, W] for BLIP-2; the processor's layout otherwise
+    pixel_values: torch.Tensor | None  # one entry per image: [N, 3, H, W] for BLIP-2; the processor's layout otherwise
     # Further model inputs some families need next to the pixels (Qwen2-VL's image_grid_thw,
     # LLaVA-OneVision's image_sizes), passed to the model by name.
     image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The rows that carry an image, in the order of the images; None: every row if there are pixels.
+    # A batch may mix image items with text-only ones (the measured items of a record in one forward).
+    image_rows: torch.Tensor | None = None
+    # The image objects the pixels came from, one per image: within VLMAdapter.frozen_image_features
+    # their features are computed once per object and reused (empty: never cached).
+    sources: tuple[object, ...] = ()
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device`` (pixel values keep their dtype; the model casts them)."""
-        return Batch(
+        return dataclasses.replace(
+            self,
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             labels=self.labels.to(device),
             pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
             image_inputs={name: value.to(device) for name, value in self.image_inputs.items()},
         )
+
+
+class Memo:
+    """At most ``size`` values, the least recently used dropped first, so per-record work (a
+    prompt's tokens, an image's pixels, its features) is done once however often the record's
+    items meet the model.
+
+    ``by_identity``: keyed by object identity (images); each entry keeps its key object alive, so
+    an ``id`` is never reused while it is remembered. Otherwise keyed by equality (texts).
+    """
+
+    def __init__(self, size: int, by_identity: bool = False):
+        self.size = size
+        self.by_identity = by_identity
+        self._entries: OrderedDict[Hashable, tuple[object, object]] = OrderedDict()
+
+    def get_many(self, keys: Sequence[object], compute: Callable[[list[object]], Sequence[object]]) -> list[object]:
+        """The value of each key; ``compute`` gets the distinct keys not remembered, in one call."""
+        slot = id if self.by_identity else (lambda key: key)
+        found = {}
+        for key in keys:
+            entry = self._entries.get(slot(key))
+            if entry is not None and (entry[0] is key or not self.by_identity):
+                self._entries.move_to_end(slot(key))
+                found[slot(key)] = entry[1]
+        missing = list({slot(key): key for key in keys if slot(key) not in found}.values())
+        if missing:
+            for key, value in zip(missing, compute(missing), strict=True):
+                found[slot(key)] = value
+                self._entries[slot(key)] = (key, value)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return [found[slot(key)] for key in keys]
 
 
 class VLMAdapter(abc.ABC):
@@ -78,6 +126,15 @@ class VLMAdapter(abc.ABC):
     #: The family's target convention (one of :data:`TARGET_JOINS`); ``protocol.target_join`` in
     #: the config may pick the other one per family (:func:`load_model`).
     target_join: str = "space"
+    #: How many images :meth:`frozen_image_features` (and the pixel memos) keep: a batch of records.
+    FEATURE_MEMO_SIZE: ClassVar[int] = 32
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Cache each family's ``scopes`` per adapter instance: parameter names never change after
+        loading, and a lookup walks the whole module tree."""
+        super().__init_subclass__(**kwargs)
+        if "scopes" in cls.__dict__:
+            cls.scopes = _cached_scopes(cls.__dict__["scopes"])
 
     @classmethod
     @abc.abstractmethod
@@ -87,8 +144,13 @@ class VLMAdapter(abc.ABC):
 
     @abc.abstractmethod
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
-                       images: Sequence[Image.Image] | None) -> Batch:
-        """Inputs for prompt + target with only the target tokens labelled (spec section 2)."""
+                       images: Sequence[Image.Image | None] | None) -> Batch:
+        """Inputs for prompt + target with only the target tokens labelled (spec section 2).
+
+        ``images`` None: text-only items; a None entry makes that one item text-only, so a
+        record's image and text items share one batch (one forward). Each row is exactly the
+        row it would be alone, right-padded.
+        """
 
     @abc.abstractmethod
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,6 +162,74 @@ class VLMAdapter(abc.ABC):
         ``logits(batch)[positions]`` but without computing the output layer elsewhere: training
         on a few labelled positions then skips most of the vocabulary projection.
         """
+
+    @abc.abstractmethod
+    def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
+        """The language-model inputs of images ``which`` of ``batch`` (indices into its images):
+        the family's vision tower + Q-Former + projection or equivalent, one tensor per image.
+
+        Everything a language-model scope holds lies downstream of these, so while only such
+        scopes change they are computed once per image (:meth:`frozen_image_features`).
+        """
+
+    @contextlib.contextmanager
+    def frozen_image_features(self) -> Iterator[None]:
+        """While open, ``logits`` computes each image object's features once and reuses them.
+
+        The caller promises that no parameter upstream of the features changes meanwhile (the
+        edit is :meth:`downstream_of_features`, or leaves the weights alone). Features are taken
+        without gradient: nothing upstream of them is trained in here. Nested use shares the
+        outer memo. Exact: the same module calls on the same pixels, only fewer of them.
+        """
+        if self._feature_memo is not None:
+            yield
+            return
+        self._feature_memo = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
+        try:
+            yield
+        finally:
+            self._feature_memo = None
+
+    _feature_memo: Memo | None = None
+
+    def batch_image_features(self, batch: Batch) -> list[torch.Tensor] | None:
+        """The features of every image of ``batch`` from the memo of :meth:`frozen_image_features`,
+        computing (without gradient) those not seen yet; None when no memo is open or the batch
+        does not name its images (then ``logits`` computes them from the pixels as part of the graph).
+        """
+        memo = self._feature_memo
+        if memo is None or batch.pixel_values is None or not batch.sources:
+            return None
+        index = {id(source): i for i, source in reversed(list(enumerate(batch.sources)))}  # first row of each
+
+        def compute(missing: list[object]) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return self.image_features(batch, [index[id(source)] for source in missing])
+
+        return memo.get_many(batch.sources, compute)
+
+    def prefetch_image_features(self, images: Sequence[Image.Image]) -> None:
+        """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, in
+        one encoder call, so a record's (or a batch of records') images cost one pass rather than
+        one per forward that first meets them. Outside it (or if they would not fit): nothing."""
+        distinct = list({id(image): image for image in images}.values())
+        if self._feature_memo is None or not distinct or len(distinct) > self.FEATURE_MEMO_SIZE:
+            return
+        # The class's own template, not a live edit's interception of teacher_forced (SERAC's router
+        # registers what it will score): these pixels and features are what the items' batches use.
+        batch = type(self).teacher_forced(self, [""] * len(distinct), ["."] * len(distinct), distinct)
+        self.batch_image_features(batch)
+
+    def downstream_of_features(self, names: Iterable[str]) -> bool:
+        """Whether every named parameter lies downstream of the image features (in the language
+        model), so that changing them leaves the features, and their memo, valid."""
+        return set(names) <= set(self.scopes()[LANGUAGE_MODEL_SCOPE])
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """``model.named_parameters()`` as a dict, built once per adapter (names never change)."""
+        if getattr(self, "_params", None) is None:
+            self._params = dict(self.model.named_parameters())
+        return self._params
 
     @abc.abstractmethod
     def scopes(self) -> dict[str, list[str]]:
@@ -143,12 +273,12 @@ class VLMAdapter(abc.ABC):
         scopes = self.scopes()
         if scope not in scopes:
             raise KeyError(f"unknown scope {scope!r} for {self.family}; valid scopes: {', '.join(scopes)}")
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         return {name: params[name] for name in scopes[scope]}
 
     def snapshot(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Detached clones of only the named parameters: an edit saves what it will touch."""
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         return {name: params[name].detach().clone() for name in names}
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
@@ -156,14 +286,25 @@ class VLMAdapter(abc.ABC):
 
         In-place copy (not reassignment) keeps optimisers and hooks that hold the parameters valid.
         """
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         with torch.no_grad():
             for name, value in snapshot.items():
                 params[name].copy_(value)
 
 
-def check_items(prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None) -> None:
-    """``teacher_forced`` arguments: one target (and image, if any) per prompt, at least one item."""
+def _cached_scopes(scopes: Callable[[VLMAdapter], dict[str, list[str]]]) -> Callable[[VLMAdapter], dict[str, list[str]]]:
+    @functools.wraps(scopes)
+    def cached(self: VLMAdapter) -> dict[str, list[str]]:
+        if getattr(self, "_scopes", None) is None:
+            self._scopes = scopes(self)
+        return {name: list(params) for name, params in self._scopes.items()}  # callers may mutate
+
+    return cached
+
+
+def check_items(prompts: Sequence[str], targets: Sequence[str],
+                images: Sequence[Image.Image | None] | None) -> None:
+    """``teacher_forced`` arguments: one target (and image or None, if any) per prompt, at least one item."""
     if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
         raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and "
                          f"{'no' if images is None else len(images)} images")

@@ -18,6 +18,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalG
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
+    Memo,
     VLMAdapter,
     check_items,
     decoder_layer_prefixes,
@@ -45,6 +46,9 @@ class Blip2Adapter(VLMAdapter):
         # valid for `model(...)` too. Checkpoints saved before image_token_index existed lack it.
         image_token = model.config.image_token_id
         self.placeholder_id: int = tokenizer.pad_token_id if image_token is None else image_token
+        # Per-record work done once: each text is tokenized once, each image preprocessed once.
+        self._tokens = Memo(4096)
+        self._pixels = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -71,14 +75,23 @@ class Blip2Adapter(VLMAdapter):
         return cls(model, tokenizer, image_processor, device)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """BLIP eval processing: RGB, bicubic resize to the configured size, rescale, CLIP mean/std."""
-        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """BLIP eval processing: RGB, bicubic resize to the configured size, rescale, CLIP mean/std.
+
+        The processor treats each image on its own, so an image object seen recently (the same
+        record's image in its edit and its measured items) is processed once and reused.
+        """
+        pixels = torch.stack(self._pixels.get_many(
+            images, lambda missing: list(self.image_processor(images=missing, return_tensors="pt")["pixel_values"])))
         height, width = pixels.shape[-2:]
         self.note_resize([image.size for image in images], [(width, height)] * len(images))
         return pixels
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._encode_all([text])[0]
+
+    def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without special tokens; texts seen recently are not tokenized again."""
+        return self._tokens.get_many(texts, lambda new: self.tokenizer(new, add_special_tokens=False)["input_ids"])
 
     def image_prompt(self) -> tuple[list[int], list[int]]:
         """Token ids placed before and after the query positions of an image item.
@@ -89,51 +102,65 @@ class Blip2Adapter(VLMAdapter):
         return [], []
 
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
-                       images: Sequence[Image.Image] | None) -> Batch:
+                       images: Sequence[Image.Image | None] | None) -> Batch:
         """``[before][query positions][after][prompt + target tokens][pad]``, only targets labelled.
 
         Text is tokenized without special tokens (no BOS) and right-padded, and the prompt length
         is that of the prompt tokenized alone, exactly as EasyEdit computes ``prompts_len``.
-        Text-only items have no image part at all.
+        Text-only items (no image, or a None image) have no image part at all.
         """
         check_items(prompts, targets, images)
-        encoded = self.tokenizer([prompt + self.target_text(target) for prompt, target in zip(prompts, targets)]
-                                 + list(prompts), add_special_tokens=False)["input_ids"]  # one call: the batch's cost
+        encoded = self._encode_all([prompt + self.target_text(target) for prompt, target in zip(prompts, targets)]
+                                   + list(prompts))  # one tokenizer call for what is new
         texts, prompt_lengths = encoded[:len(prompts)], [len(ids) for ids in encoded[len(prompts):]]
-        before, after = self.image_prompt() if images is not None else ([], [])
-        query = 0 if images is None else self.num_query_tokens
-        head = before + [self.placeholder_id] * query + after
-        shape = (len(texts), len(head) + max(len(ids) for ids in texts))
-        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, prompt_length) in enumerate(zip(texts, prompt_lengths)):
-            end = len(head) + len(ids)
-            input_ids[row, :end] = torch.tensor(head + ids, dtype=torch.long)
-            attention_mask[row, :end] = 1
-            start = len(head) + prompt_length
-            labels[row, start:end] = input_ids[row, start:end]
-        pixel_values = None if images is None else self.pixel_values(images)
-        return Batch(input_ids, attention_mask, labels, pixel_values).to(self.device)
+        pictures = [None] * len(prompts) if images is None else list(images)
+        with_image = [image is not None for image in pictures]
+        before, after = self.image_prompt() if any(with_image) else ([], [])
+        image_head = before + [self.placeholder_id] * self.num_query_tokens + after
+        heads = [image_head if has else [] for has in with_image]
+        ends = [len(head) + len(ids) for head, ids in zip(heads, texts)]
+        width, pad = max(ends), self.tokenizer.pad_token_id
+        input_ids = torch.tensor([head + ids + [pad] * (width - end) for head, ids, end in zip(heads, texts, ends)],
+                                 dtype=torch.long)
+        position = torch.arange(width)
+        attention_mask = (position < torch.tensor(ends)[:, None]).long()
+        starts = torch.tensor([len(head) + length for head, length in zip(heads, prompt_lengths)])
+        labels = input_ids.masked_fill(~attention_mask.bool() | (position < starts[:, None]), IGNORE_INDEX)
+        sources = tuple(image for image in pictures if image is not None)
+        pixel_values = self.pixel_values(sources) if sources else None
+        image_rows = None if all(with_image) or not sources else torch.tensor(with_image)
+        return Batch(input_ids, attention_mask, labels, pixel_values, image_rows=image_rows,
+                     sources=sources).to(self.device)
+
+    def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
+        """The projected Q-Former outputs ``[num_query_tokens, D]`` of the chosen images."""
+        pixels = batch.pixel_values.to(self.device)[list(which)]
+        return list(self._project_images(pixels).unbind(0))
+
+    def _project_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixels, interpolate_pos_encoding=True, return_dict=True).pooler_output
 
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Language-model logits over image prompt + text positions, as EasyEdit/LAVIS compute them.
 
-        The projected Q-Former outputs are spliced between the embedded ``image_prompt`` parts
-        rather than scattered into placeholder positions, which is what EasyEdit does and does not
-        depend on the placeholder id.
+        The projected Q-Former outputs are written over the query positions of the image rows,
+        between the embedded ``image_prompt`` parts, which is what EasyEdit's concatenation gives
+        and does not depend on the placeholder id. Within ``frozen_image_features`` they come from
+        the memo, computed once per image.
         """
         batch = batch.to(self.device)
         language_model = self.model.language_model
         if batch.pixel_values is None:
             inputs = {"input_ids": batch.input_ids}
         else:
-            image = self.model.get_image_features(batch.pixel_values, interpolate_pos_encoding=True, return_dict=True)
+            cached = self.batch_image_features(batch)
+            image = self._project_images(batch.pixel_values) if cached is None else torch.stack(cached)
             embeds = language_model.get_input_embeddings()(batch.input_ids)
             start = len(self.image_prompt()[0])
-            end = start + self.num_query_tokens
-            inputs = {"inputs_embeds": torch.cat([embeds[:, :start], image.pooler_output.to(embeds.dtype),
-                                                  embeds[:, end:]], dim=1)}
+            rows = (torch.arange(len(embeds), device=self.device) if batch.image_rows is None
+                    else torch.nonzero(batch.image_rows.to(self.device)).flatten())
+            columns = torch.arange(start, start + self.num_query_tokens, device=self.device)
+            inputs = {"inputs_embeds": embeds.index_put((rows[:, None], columns[None, :]), image.to(embeds.dtype))}
         hidden = language_model.base_model(**inputs, attention_mask=batch.attention_mask, use_cache=False)
         return output_logits(language_model, hidden.last_hidden_state, positions)
 

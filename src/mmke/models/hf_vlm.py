@@ -33,11 +33,13 @@ from typing import ClassVar
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig, ProcessorMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
+    Memo,
     VLMAdapter,
     check_items,
     decoder_layer_prefixes,
@@ -113,6 +115,9 @@ class HFVLMAdapter(VLMAdapter):
         self.placeholder_id = model.config.image_token_id  # the processor expands images into these
         if getattr(processor, "chat_template", None) is None:
             raise ValueError(f"{type(processor).__name__} has no chat template; hf_vlm builds prompts with it")
+        self._prepared = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)  # each image resized once (Qwen-VL)
+        # image inputs (LLaVA-OneVision's image_sizes) that the family's feature function takes
+        self._feature_args = frozenset(inspect.signature(model.model.get_image_features).parameters)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -137,7 +142,7 @@ class HFVLMAdapter(VLMAdapter):
     def prepare_images(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         """The family's published preprocessing before the processor: Qwen-VL's smart resize."""
         if self.model.config.model_type in QWEN_VL_MODEL_TYPES:
-            return [fetch_image(image) for image in images]
+            return self._prepared.get_many(images, lambda missing: [fetch_image(image) for image in missing])
         return list(images)
 
     def _process(self, texts: list[str], images: Sequence[Image.Image] | None) -> dict[str, torch.Tensor]:
@@ -165,28 +170,59 @@ class HFVLMAdapter(VLMAdapter):
         return None  # tiled layouts (LLaVA-OneVision): no single size to report
 
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str],
-                       images: Sequence[Image.Image] | None) -> Batch:
-        """Chat prompt + target per item, right-padded; only the target tokens are labelled."""
+                       images: Sequence[Image.Image | None] | None) -> Batch:
+        """Chat prompt + target per item, right-padded; only the target tokens are labelled.
+
+        A None image makes its item a text-only user turn; the processor expands only the image
+        turns' placeholders, so mixed batches hold each row as it would be alone.
+        """
         check_items(prompts, targets, images)
-        chats = [self.chat_prompt(prompt, images is not None) for prompt in prompts]
-        prepared = None if images is None else self.prepare_images(images)
+        pictures = [None] * len(prompts) if images is None else list(images)
+        chats = [self.chat_prompt(prompt, image is not None) for prompt, image in zip(prompts, pictures)]
+        sources = tuple(image for image in pictures if image is not None)
+        prepared = self.prepare_images(sources) if sources else None
         texts = [chat + self.target_text(target) for chat, target in zip(chats, targets)]
         full = self._process(texts, prepared)
         prompt_lengths = full["attention_mask"].sum(dim=1) - self._target_lengths(texts, chats)
-        if images is not None and (model_sizes := self._model_image_sizes(full, len(images))) is not None:
-            self.note_resize([image.size for image in images], model_sizes)
+        if sources and (model_sizes := self._model_image_sizes(full, len(sources))) is not None:
+            self.note_resize([image.size for image in sources], model_sizes)
         input_ids, attention_mask = full["input_ids"], full["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         for row, length in enumerate(prompt_lengths.tolist()):
             labels[row, :length] = IGNORE_INDEX
         image_inputs = {key: value for key, value in full.items() if key not in self.BATCH_KEYS}
-        return Batch(input_ids, attention_mask, labels, full.get("pixel_values"), image_inputs).to(self.device)
+        return Batch(input_ids, attention_mask, labels, full.get("pixel_values"), image_inputs,
+                     sources=sources).to(self.device)
+
+    def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
+        """The model's own ``get_image_features`` (vision tower + projector) on the chosen images:
+        the embeddings its forward scatters into each image's tokens, one tensor per image."""
+        which = list(which)
+        pixels = batch.pixel_values.to(self.device)
+        kwargs = {}
+        if "image_grid_thw" in batch.image_inputs:  # Qwen-VL: every image's patches in one flat tensor
+            grid = batch.image_inputs["image_grid_thw"].to(self.device)
+            pixels = torch.cat([pixels.split(grid.prod(-1).tolist())[i] for i in which])
+            kwargs["image_grid_thw"] = grid[which]
+        else:
+            pixels = pixels[which]
+            kwargs = {key: value.to(self.device)[which] for key, value in batch.image_inputs.items()
+                      if key in self._feature_args}
+        output = self.model.model.get_image_features(pixel_values=pixels.to(self.model.dtype), **kwargs)
+        return list(output.pooler_output)
 
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's own forward: it places the image features at the image tokens."""
+        """The model's own forward: it places the image features at the image tokens.
+
+        Within ``frozen_image_features`` the features come from the memo and reach the forward
+        as its ``mm_encoder_outputs``, in place of the pixels.
+        """
         batch = batch.to(self.device)
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.image_inputs}
-        if batch.pixel_values is not None:
+        cached = self.batch_image_features(batch)
+        if cached is not None:
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=cached)}
+        elif batch.pixel_values is not None:
             inputs["pixel_values"] = batch.pixel_values.to(self.model.dtype)
         hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
         return output_logits(self.model, hidden, positions)

@@ -1,0 +1,229 @@
+"""The edit loop's shortcuts give the values of the slow path.
+
+Image features computed once per image, a record's items in one forward (text rows beside image
+rows), records batched where the weights do not change: each is checked against recomputation,
+separate calls, or batch size 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from conftest import REPO
+from mmke.data.records import RecordImages
+from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluate, measure, run_baseline
+from mmke.hparams import build_hparams, read_hparams
+from mmke.methods.base import get_method, make_editor
+from mmke.models import load_model
+from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
+from mmke.models.tiny_aux import build_tiny_aux
+from mmke.stages import embed_stage
+
+
+def editor(method: str, **values):
+    cls = get_method(method)
+    return cls(build_hparams(cls.hparams_class, {"method": method, **values}))
+
+
+def no_feature_memo(adapter, monkeypatch) -> None:
+    """The slow path: every forward computes the image features from the pixels."""
+    monkeypatch.setattr(adapter, "frozen_image_features", contextlib.nullcontext)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {"blip2": build_tiny_blip2(root / "blip2", image_size=32),
+            "minigpt4": build_tiny_minigpt4(root / "minigpt4", image_size=32),
+            "llava": build_tiny_llava(root / "llava", image_size=32),
+            "qwen2vl": build_tiny_qwen2vl(root / "qwen2vl", image_size=32)}
+
+
+@pytest.fixture
+def family_adapters(family_dirs):
+    """A fresh adapter per family (no memo carried over from another test)."""
+    return {family: (lambda family=family, path=path: load_model(
+                family if family in ("blip2", "minigpt4") else "hf_vlm", path,
+                image_size=32 if family in ("blip2", "minigpt4") else None))
+            for family, path in family_dirs.items()}
+
+
+FAMILIES = ["blip2", "minigpt4", "llava", "qwen2vl"]
+
+
+def record_items(record, images):
+    """A record's five measured items, as (prompts, targets, images)."""
+    protocol = Protocol()
+    return ([item.question(record, protocol) for item in MEASURED_ITEMS],
+            [item.answer(record) for item in MEASURED_ITEMS],
+            [None if item.image is None else images[item.image] for item in MEASURED_ITEMS])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memoised_image_features_give_the_recomputed_logits(family, family_adapters, eval_records, roots):
+    adapter = family_adapters[family]()
+    record = eval_records[0]
+    images = RecordImages(roots)(record)
+    prompts, targets, pictures = record_items(record, images)
+    batch = adapter.teacher_forced(prompts, targets, pictures)
+    with torch.no_grad():
+        recomputed = adapter.logits(batch)
+        with adapter.frozen_image_features():
+            first = adapter.logits(batch)
+            calls = []
+            features = adapter.image_features
+            adapter.image_features = lambda b, which: calls.append(which) or features(b, which)
+            again = adapter.logits(adapter.teacher_forced(prompts, targets, pictures))
+            del adapter.image_features
+    torch.testing.assert_close(first, recomputed, atol=1e-6, rtol=0)
+    assert torch.equal(again, first)
+    assert calls == []  # the second forward computed no image feature
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_records_items_in_one_forward_equal_separate_calls(family, family_adapters, eval_records, roots):
+    """Text-only row beside image rows: each row's logits and labels are those of its own call."""
+    adapter = family_adapters[family]()
+    record = eval_records[1]
+    prompts, targets, pictures = record_items(record, RecordImages(roots)(record))
+    with torch.no_grad():
+        fused = adapter.teacher_forced(prompts, targets, pictures)
+        fused_logits = adapter.logits(fused)
+        for row, (prompt, target, picture) in enumerate(zip(prompts, targets, pictures)):
+            alone = adapter.teacher_forced([prompt], [target], None if picture is None else [picture])
+            length = alone.input_ids.shape[1]
+            assert torch.equal(fused.input_ids[row, :length], alone.input_ids[0])
+            assert torch.equal(fused.labels[row, :length], alone.labels[0])
+            assert (fused.attention_mask[row, length:] == 0).all()
+            torch.testing.assert_close(fused_logits[row, :length], adapter.logits(alone)[0], atol=1e-5, rtol=0)
+
+
+def test_fused_measurement_scores_equal_the_per_item_scores(adapter, eval_records, roots):
+    from mmke import metrics
+
+    protocol = Protocol()
+    for record in eval_records:
+        images = RecordImages(roots)(record)
+        (fused,) = measure(adapter, protocol, [Request(record, images, MEASURED_ITEMS, lambda text: text)])
+        with torch.no_grad():
+            for item in MEASURED_ITEMS:
+                picture = None if item.image is None else [images[item.image]]
+                batch = adapter.teacher_forced([item.question(record, protocol)], [item.answer(record)], picture)
+                logits = adapter.logits(batch)
+                if item.top_k is None:
+                    alone = metrics.item_scores([item.name], logits, batch.labels, protocol.exact_match)
+                    assert {key: fused[key] for key in alone} == alone
+                else:
+                    (top,) = metrics.top_k_predictions(logits, batch.attention_mask, item.top_k)
+                    assert torch.equal(fused[item.name], top)
+
+
+@pytest.mark.parametrize("method,values", [("FT-L", {"scopes": ["llm.mlp.last2"], "num_steps": 4, "lr": 1e-2}),
+                                           ("FT-V", {"scopes": ["qformer"], "num_steps": 2, "lr": 1e-2})])
+def test_ft_with_image_features_once_equals_recomputing_them(method, values, tiny_blip2_dir, eval_records, roots,
+                                                              baseline, monkeypatch):
+    fast = load_model("blip2", tiny_blip2_dir, image_size=32)
+    slow = load_model("blip2", tiny_blip2_dir, image_size=32)
+    no_feature_memo(slow, monkeypatch)
+    fast_rows = evaluate(fast, editor(method, **values), eval_records, roots, baseline, Protocol()).rows
+    slow_rows = evaluate(slow, editor(method, **values), eval_records, roots, baseline, Protocol()).rows
+    assert fast_rows == slow_rows
+    record = eval_records[0]
+    images = RecordImages(roots)(record)
+    edits = [editor(method, **values) for _ in range(2)]
+    for model, edit in zip((fast, slow), edits):
+        edit.bind_images(roots)
+    logits = []
+    for model, edit in zip((fast, slow), edits):
+        live = edit.apply(model, [record])
+        with torch.no_grad():
+            logits.append(model.logits(model.teacher_forced([record.rephrase], [record.target], [images["image"]])))
+        live.revert()
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-6, rtol=0)
+
+
+def test_which_edits_keep_the_image_features(adapter):
+    assert editor("FT-L", scopes=["llm.mlp.last1"]).keeps_image_features(adapter)
+    assert not editor("FT-V", scopes=["qformer"]).keeps_image_features(adapter)
+    assert editor("base").keeps_image_features(adapter) and editor("base").weights_unchanged
+    assert not get_method("MEND").weights_unchanged and get_method("SERAC").weights_unchanged
+    assert adapter.downstream_of_features(adapter.scopes()["llm"])
+    assert not adapter.downstream_of_features(adapter.scopes()["vision_proj"])
+    with pytest.raises(TypeError, match="FT-L changes the weights"):
+        editor("FT-L").apply_each(adapter, [])
+
+
+def test_baseline_in_batches_equals_one_record_at_a_time(adapter, eval_records, roots):
+    one = run_baseline(adapter, eval_records, roots, Protocol(), batch_size=1)
+    three = run_baseline(adapter, eval_records, roots, Protocol(), batch_size=3)
+    assert one.accuracy == three.accuracy and one.knows_pred == three.knows_pred
+    for field in ("loc", "m_loc"):
+        assert getattr(one, field).keys() == getattr(three, field).keys()
+        assert all(torch.equal(getattr(one, field)[i], getattr(three, field)[i]) for i in getattr(one, field))
+
+
+@pytest.fixture(scope="module")
+def serac_parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serac")
+    return build_tiny_aux("classifier", root / "classifier"), build_tiny_aux("counterfactual", root / "counterfactual")
+
+
+def batchable_editor(method, adapter, tmp_path, demo_evqa, serac_parts):
+    if method == "base":
+        return editor("base")
+    if method == "IKE":
+        embed_stage({"kind": "evqa", "train": demo_evqa["train"], "image_root": demo_evqa["images"]},
+                    "all-MiniLM-L6-v2", tmp_path / "e.safetensors", tmp_path / "s.json", device="cpu")
+        ike = editor("IKE", k=3)
+        ike.prepare({"embeddings": tmp_path / "e.safetensors", "sentences": tmp_path / "s.json"})
+        return ike
+    values = read_hparams(REPO / "config/hparams/SERAC/tiny-blip2.yaml").__dict__
+    serac = make_editor(build_hparams(get_method("SERAC").hparams_class,
+                                      {**values, "classifier": str(serac_parts[0]),
+                                       "counterfactual": str(serac_parts[1])}))
+    serac.build(adapter)  # untrained: it routes some rows, which is what batching must keep per record
+    return serac
+
+
+@pytest.mark.parametrize("method", ["base", "IKE", "SERAC"])
+def test_records_in_batches_equal_batch_size_one(method, adapter, eval_records, roots, baseline, tmp_path, demo_evqa,
+                                                 serac_parts):
+    edit = batchable_editor(method, adapter, tmp_path, demo_evqa, serac_parts)
+    assert edit.weights_unchanged
+    one = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=1)
+    three = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3)
+    assert one.rows == three.rows
+    assert one.summary == three.summary
+    assert "logits" not in adapter.__dict__  # SERAC's nested routers all came off
+
+
+def test_serac_routes_each_row_by_its_own_records_edit(adapter, eval_records, roots, serac_parts, tmp_path, demo_evqa):
+    """Two live edits measured in one batch: each row is scored as under its own edit alone."""
+    serac = batchable_editor("SERAC", adapter, tmp_path, demo_evqa, serac_parts)
+    serac.bind_images(roots)
+    protocol = Protocol()
+    records = eval_records[:2]
+    images = [RecordImages(roots)(record) for record in records]
+    alone = []
+    for record, imgs in zip(records, images):
+        live = serac.apply(adapter, [record])
+        alone += measure(adapter, protocol, [Request(record, imgs, EDIT_ITEMS, live.prompt, live)])
+        live.revert()
+    edits = serac.apply_each(adapter, records)
+    together = measure(adapter, protocol, [Request(record, imgs, EDIT_ITEMS, live.prompt, live)
+                                           for record, imgs, live in zip(records, images, edits)], own_rows=True)
+    for live in reversed(edits):
+        live.revert()
+    assert together == alone
+
+
+def test_scopes_are_looked_up_once_per_adapter(adapter, monkeypatch):
+    first = adapter.scopes()
+    walks = []
+    named_modules = adapter.model.named_modules
+    monkeypatch.setattr(adapter.model, "named_modules", lambda *a, **k: walks.append(1) or named_modules(*a, **k))
+    first["llm"].clear()  # a caller's copy: the adapter's own lists are untouched
+    assert adapter.scopes()["llm"] and walks == []
