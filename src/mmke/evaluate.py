@@ -4,7 +4,7 @@ Pre-edit outputs depend only on model x dataset, so :func:`run_baseline` compute
 every method's :func:`evaluate` reads them (EasyEdit recomputes them per method run). Each record
 is measured on five items (spec §3): the edit prompt, its rephrase and the rephrased image score
 the target tokens; the NQ question and the OK-VQA question compare post-edit top-k predictions
-with the baseline's.
+with the baseline's. A record with portability questions (VLKEB) scores them as a sixth item.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ LOCALITY_METRICS = ("locality_acc", "multimodal_locality_acc")
 SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
 #: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
 DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
+#: VLKEB's portability: questions whose answer follows from the edit, on the edit image. Summarized
+#: (headline and both definitions) over the records that have them; absent where none has.
+PORTABILITY_METRIC = "portability_acc"
+PORTABILITY_METRICS = (PORTABILITY_METRIC, *metrics.definition_keys(PORTABILITY_METRIC))
 #: Summary key of the share of records whose unedited model answers ``pred`` (exact match).
 KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
@@ -134,7 +138,8 @@ def run_baseline(
     baseline = Baseline(protocol, {}, {}, {}, {}, model.target_join)
     for record in tqdm(records, desc="baseline", unit="record"):
         imgs = images(record)
-        baseline.accuracy[record.id] = _edit_accuracies(model, record, imgs, protocol, _identity)
+        baseline.accuracy[record.id] = (_edit_accuracies(model, record, imgs, protocol, _identity)
+                                        | _portability(model, record, imgs, protocol, _identity))
         baseline.loc[record.id], baseline.m_loc[record.id] = _locality_predictions(
             model, record, imgs, protocol, _identity
         )
@@ -210,10 +215,12 @@ def _measure(
     Locality always compares with the baseline's predictions of the unedited, context-free model.
     """
     if edit.in_context:
-        pre = _edit_accuracies(model, record, imgs, protocol, edit.pre_prompt)
+        pre = (_edit_accuracies(model, record, imgs, protocol, edit.pre_prompt)
+               | _portability(model, record, imgs, protocol, edit.pre_prompt))
     else:
         pre = baseline.accuracy[record.id]
-    post = _edit_accuracies(model, record, imgs, protocol, edit.prompt)
+    post = _edit_accuracies(model, record, imgs, protocol, edit.prompt) | _portability(
+        model, record, imgs, protocol, edit.prompt)
     loc, m_loc = _locality_predictions(model, record, imgs, protocol, edit.prompt)
     post["locality_acc"] = metrics.locality_agreement(baseline.loc[record.id], loc)
     post["multimodal_locality_acc"] = metrics.locality_agreement(baseline.m_loc[record.id], m_loc)
@@ -221,12 +228,16 @@ def _measure(
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, float]:
-    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`).
+    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`);
+    portability over the records that have it, and only if any has.
 
     The sharded gather recomputes it from the concatenated rows with this same function.
     """
     summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS + DEFINITION_METRICS)
     summary[KNOWS_PRED] = metrics.mean_metrics(rows, ["knows_pred"])["knows_pred"]
+    ported = [row["post"] for row in rows if PORTABILITY_METRIC in row["post"]]
+    if ported:
+        summary |= metrics.mean_metrics(ported, PORTABILITY_METRICS)
     return summary
 
 
@@ -244,6 +255,24 @@ def _edit_accuracies(
         [imgs["image"], imgs["image"], imgs["image_rephrase"]],
     )
     return metrics.item_scores(EDIT_METRICS, model.logits(batch), batch.labels, protocol.exact_match)
+
+
+@torch.no_grad()
+def _portability(
+    model: VLMAdapter, record: EditRecord, imgs: dict, protocol: Protocol, prompt: Callable[[str], str]
+) -> dict[str, float]:
+    """VLKEB's portability: each question of ``record.portability`` + its answer, teacher-forced on
+    the *edit* image with labels on the answer; the mean over the questions (VLKEB asks one).
+
+    Empty for a record without portability questions.
+    """
+    if not record.portability:
+        return {}
+    questions, answers = zip(*record.portability)
+    batch = model.teacher_forced([prompt(q) for q in questions], list(answers), [imgs["image"]] * len(questions))
+    scores = metrics.both_accuracies(model.logits(batch), batch.labels)
+    em, token = (scores[definition].mean().item() for definition in metrics.DEFINITIONS)
+    return dict(zip(PORTABILITY_METRICS, (em if protocol.exact_match else token, em, token)))
 
 
 @torch.no_grad()
