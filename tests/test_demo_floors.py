@@ -103,6 +103,9 @@ def test_every_base_model_knows_the_consequences_of_the_colour(demo):
 
 
 def test_a_perfect_colour_edit_carries_its_one_hop_consequence_further_than_the_base(table):
-    base, edited = table[("base", "tiny-blip2", "demo-vlkeb")], table[("FT-L", "tiny-blip2", "demo-vlkeb")]
+    """FT-V changes what the language model sees, so the metal question about the same picture
+    follows (83% of the records in the demo); FT-L's last-layer edit reaches the colour question's
+    answer position only, and ports nothing (docs/world.md, "Consequences")."""
+    base, edited = table[("base", "tiny-blip2", "demo-vlkeb")], table[("FT-V", "tiny-blip2", "demo-vlkeb")]
     assert base["pre"] >= 0.9 and edited["rewrite_acc"] == 1.0  # a known colour, perfectly edited
-    assert edited["portability_acc"] > base["portability_acc"], (base, edited)
+    assert edited["portability_acc"] >= base["portability_acc"] + 0.5, (base, edited)
