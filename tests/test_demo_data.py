@@ -7,8 +7,8 @@ import pytest
 
 from mmke.data import ImageRoots, load_records, load_rgb
 from mmke.data.demo import (
-    ATTRIBUTES, BACKGROUNDS, COLOURS, COUNT_QUESTIONS, NUMBERS, SIZES, VQA_QUESTIONS, all_scenes, caption,
-    scene_split, write_demo_dataset,
+    ATTRIBUTES, BACKGROUNDS, COLOURS, COUNT_QUESTIONS, HOP_QUESTIONS, METALS, MINES, NUMBERS, SIZES, TIES,
+    VQA_QUESTIONS, all_scenes, caption, consequence, scene_split, write_demo_dataset,
 )
 
 
@@ -108,7 +108,7 @@ def test_rendering_follows_the_scene(tmp_path):
                     "middle": abs((left + right) / 2 - 0.5) <= 0.08}[scene.position], (rel, scene, left, right)
 
 
-@pytest.mark.parametrize("kind", ["evqa", "eic"])
+@pytest.mark.parametrize("kind", ["evqa", "eic", "vlkeb"])
 def test_demo_is_deterministic(tmp_path, kind):
     first = write_demo_dataset(tmp_path / "a", kind, n_train=4, n_eval=4, seed=1)
     write_demo_dataset(tmp_path / "b", kind, n_train=4, n_eval=4, seed=1)
@@ -129,3 +129,22 @@ def test_demo_rejects_bad_arguments(tmp_path):
         write_demo_dataset(tmp_path, "evqa", n_train=-1)
     with pytest.raises(ValueError, match="image_size"):
         write_demo_dataset(tmp_path, "evqa", image_size=4)
+
+
+def test_vlkeb_demo_edits_colours_whose_consequences_follow_the_new_colour(tmp_path):
+    paths = write_demo_dataset(tmp_path, "vlkeb", n_train=3, n_eval=8, seed=2, image_size=32)
+    rows = json.loads(paths["eval"].read_text())
+    roots = ImageRoots(paths["images"])
+    for hop, kind in ((1, "metal"), (2, "mine")):
+        records = load_records("vlkeb", paths["eval"], roots, hop=hop)
+        assert [r.id for r in records] == list(range(8))  # every record has both hops
+        for r, row in zip(records, rows):
+            assert r.prompt == VQA_QUESTIONS["colour"][0] and r.pred in COLOURS and r.target.strip() in COLOURS
+            (question, answer), = r.portability
+            assert question == HOP_QUESTIONS[kind]
+            # the answer follows the new colour through the ties, and differs from the truth's
+            assert answer == " " + consequence(kind, r.target.strip()) != " " + consequence(kind, r.pred)
+            assert [p["port_type"] for p in row["port_new"]] == ["1-hop", "2-hop"]
+    assert dict(TIES)["What are red things made of?"] == METALS["red"]
+    assert dict(TIES)[f"Where is {METALS['red']} mined?"] == MINES[METALS["red"]] == consequence("mine", "red")
+    assert len(set(METALS.values())) == len(COLOURS) and len(set(MINES.values())) == len(MINES)  # one-to-one

@@ -41,7 +41,8 @@ def demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def table(demo) -> dict[tuple[str, str, str], dict[str, float]]:
     rows = csv.DictReader((demo / "results/tables/summary.csv").open())
-    return {(r["method"], r["model"], r["dataset"]): {k: float(v) for k, v in r.items()
+    # a dataset without portability questions leaves the Port. cells empty
+    return {(r["method"], r["model"], r["dataset"]): {k: float(v or "nan") for k, v in r.items()
                                                       if k not in ("method", "model", "dataset", "schedule")}
             for r in rows if r.get("schedule", "single") == "single"}
 
@@ -117,3 +118,19 @@ def test_sequential_table_keeps_grace_edits_as_they_accumulate(demo):
     assert float(grace["rewrite_acc"]) >= 0.8 and float(grace["locality_acc"]) >= 0.95, grace
     # fine-tuning one shared set of weights 24 times loses most earlier edits
     assert float(rows["FT-L"]["rewrite_acc"]) < float(grace["rewrite_acc"])
+
+
+def test_every_base_model_knows_the_consequences_of_the_colour(demo):
+    """The ties, learnt as text, and the 1-hop question about pictures of held-out scenes."""
+    for model in DEMO["models"]:
+        heldout = json.loads((demo / f"resources/world/{model}.pretrain.json").read_text())["heldout"]["world"]
+        assert heldout["tie"] >= 0.9 and heldout["metal"] >= 0.9, (model, heldout)
+
+
+def test_a_perfect_colour_edit_carries_its_one_hop_consequence_further_than_the_base(table):
+    """FT-V changes what the language model sees, so the metal question about the same picture
+    follows (83% of the records in the demo); FT-L's last-layer edit reaches the colour question's
+    answer position only, and ports nothing (docs/world.md, "Consequences")."""
+    base, edited = table[("base", "tiny-blip2", "demo-vlkeb")], table[("FT-V", "tiny-blip2", "demo-vlkeb")]
+    assert base["pre"] >= 0.9 and edited["rewrite_acc"] == 1.0  # a known colour, perfectly edited
+    assert edited["portability_acc"] >= base["portability_acc"] + 0.5, (base, edited)

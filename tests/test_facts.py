@@ -146,8 +146,10 @@ def _record(prompt: str, target: str):
 
 
 def test_kinds_never_asked_are_not_measured():
-    source = WorldFacts("eval", 32, TEMPLATE, {"caption": 0, "fact": 0})
+    source = WorldFacts("eval", 32, TEMPLATE, {"caption": 0, "fact": 0, "metal": 0, "mine": 0, "tie": 0})
     kinds = {question.kind for question in source.every_question(random.Random(0))}
     assert kinds == {*ATTRIBUTES, "count"}
     assert source.text_questions() == []
-    assert {q.kind for q in WorldFacts("eval", 32, TEMPLATE).every_question(random.Random(0))} == {*ATTRIBUTES, "caption", "count"}
+    assert {q.kind for q in WorldFacts("eval", 32, TEMPLATE).every_question(random.Random(0))} == {
+        *ATTRIBUTES, "caption", "count", "metal", "mine"}
+    assert {q.kind for q in WorldFacts("eval", 32, TEMPLATE).text_questions()} == {"fact", "tie"}

@@ -1,6 +1,7 @@
-"""E-VQA / E-IC loading: field mapping, EasyEdit's skip rules, and errors that point at the data."""
+"""E-VQA / E-IC / VLKEB loading: field mapping, the skip rules, and errors that point at the data."""
 
 import json
+import re
 from dataclasses import fields
 
 import pytest
@@ -13,6 +14,7 @@ from mmke.data import (
     load_eic,
     load_evqa,
     load_records,
+    load_vlkeb,
     multimodal_locality_prompt,
 )
 
@@ -68,7 +70,8 @@ def test_fields_map_onto_edit_record(tmp_path, loader):
         assert (r.image, r.image_rephrase, r.m_loc) == (src["image"], src["image_rephrase"], src["m_loc"])
         assert (r.loc, r.m_loc_q) == (src["loc"], src["m_loc_q"])
         assert (r.target, r.loc_ans, r.m_loc_a) == (" " + src["alt"], " " + src["loc_ans"], " " + src["m_loc_a"])
-    assert {f.name for f in fields(EditRecord)} == {"id", "prompt", "target", *STRING_FIELDS} - {"src", "alt"}
+    assert {f.name for f in fields(EditRecord)} == {"id", "prompt", "target", "portability", *STRING_FIELDS} - {"src", "alt"}
+    assert all(r.portability == () for r in records)  # MMEdit's kinds have no portability questions
 
 
 @pytest.mark.parametrize(("source", "record"), [("alt", "target"), ("loc_ans", "loc_ans"), ("m_loc_a", "m_loc_a")])
@@ -291,3 +294,89 @@ def test_data_error_message_format_and_attributes():
     assert str(DataError("d.json", None, None, "invalid JSON")) == "d.json: invalid JSON"
     assert str(DataError("d.json", 2, None, "bad")) == "d.json: record 2: bad"
     assert isinstance(err, ValueError)
+
+
+# --- VLKEB: MMEdit's fields plus port_new; hop selects one question type --------------------------
+
+def port(port_type: str, question: str, answer: str) -> dict:
+    return {"port_type": port_type, "Q&A": {"Question": question, "Answer": answer}}
+
+
+def vlkeb_rows() -> list[dict]:
+    """A hand-written VLKEB file: records with 1- to 4-hop questions, one without port_new, one
+    with an empty alt, one with only a 2-hop question and one with two 1-hop questions."""
+    return [
+        row(0, port_new=[port("1-hop", "Which city is it in?", "Paris"), port("2-hop", "Which river?", "Seine")]),
+        row(1),  # no port_new: dropped whenever a hop is asked for
+        row(2, alt="", port_new=[port("1-hop", "q?", "a")]),  # empty alt: dropped, as in E-IC
+        row(3, port_new=[port("2-hop", "Who built it?", "Eiffel")]),
+        row(4, port_new=[port("1-hop", "First?", "one"), port("1-hop", "Second?", "two")]),
+        row(5, port_new=[port("4-hop", "Far?", " far"), port("3-hop", "Three?", "3")]),
+    ]
+
+
+def test_vlkeb_hop_selects_one_question_type_and_skips_records_without_it(tmp_path, caplog):
+    path = write_dataset(tmp_path, vlkeb_rows())
+    with caplog.at_level("WARNING", logger="mmke.data.records"):
+        one = load_vlkeb(path, ImageRoots(tmp_path), hop=1)
+    assert [r.id for r in one] == [0, 4] and one.skipped == (1, 2, 3, 5)
+    # the question as written, the answer with the scoring space; only the first of a type
+    assert one[0].portability == (("Which city is it in?", " Paris"),)
+    assert one[1].portability == (("First?", " one"),)
+    assert caplog.records[0].getMessage() == (f"{path}: 4 of 6 records skipped (VLKEB skip rule: an empty alt "
+                                              "or no 1-hop portability question): ids 1, 2, 3, 5")
+    two = load_vlkeb(path, ImageRoots(tmp_path), hop=2)
+    assert [(r.id, r.portability) for r in two] == [(0, (("Which river?", " Seine"),)),
+                                                    (3, (("Who built it?", " Eiffel"),))]
+    assert [(r.id, r.portability) for r in load_vlkeb(path, ImageRoots(tmp_path), hop=4)] == [(5, (("Far?", " far"),))]
+
+
+def test_vlkeb_without_hop_keeps_records_without_port_new_and_asks_no_portability(tmp_path):
+    records = load_vlkeb(write_dataset(tmp_path, vlkeb_rows()), ImageRoots(tmp_path))
+    assert [r.id for r in records] == [0, 1, 3, 4, 5] and records.skipped == (2,)
+    assert {r.portability for r in records} == {()}
+    assert (records[0].prompt, records[0].target, records[0].m_loc_q) == ("question 0?", " alt0", "okvqa 0?")
+
+
+def test_vlkeb_hop_through_load_records_and_only_for_vlkeb(tmp_path):
+    path = write_dataset(tmp_path, vlkeb_rows())
+    assert [r.id for r in load_records("vlkeb", path, ImageRoots(tmp_path), hop=2)] == [0, 3]
+    assert [r.id for r in load_records("vlkeb", path, ImageRoots(tmp_path), size=4, hop=2)] == [0, 3]
+    assert [r.id for r in load_records("vlkeb", path, ImageRoots(tmp_path), size=3, hop=2)] == [0]
+    with pytest.raises(ValueError, match="kind 'evqa' has no portability questions"):
+        load_records("evqa", path, ImageRoots(tmp_path), hop=1)
+    with pytest.raises(ValueError, match=r"hop must be one of 1\.\.4, got 5"):
+        load_vlkeb(path, ImageRoots(tmp_path), hop=5)
+
+
+@pytest.mark.parametrize(("port_new", "field", "message"), [
+    ({"port_type": "1-hop"}, "port_new", "expected an array, got object"),
+    (["1-hop"], "port_new[0]", "expected a JSON object, got string"),
+    ([{"Q&A": {"Question": "q", "Answer": "a"}}], "port_new[0].port_type", "expected one of 1-hop, 2-hop, 3-hop, 4-hop, got null"),
+    ([port("5-hop", "q", "a")], "port_new[0].port_type", 'got "5-hop"'),
+    ([port("1-hop", "q", "a"), {"port_type": "2-hop"}], "port_new[1].Q&A", "missing"),
+    ([{"port_type": "2-hop", "Q&A": ["q", "a"]}], "port_new[0].Q&A", "expected a JSON object, got array"),
+    ([{"port_type": "2-hop", "Q&A": {"Question": "q"}}], "port_new[0].Q&A.Answer", "missing"),
+    ([port("3-hop", "q", 7)], "port_new[0].Q&A.Answer", "expected a non-empty string, got 7"),
+    ([port("3-hop", " ", "a")], "port_new[0].Q&A.Question", 'expected a non-empty string, got " "'),
+])
+def test_vlkeb_malformed_port_new_names_file_record_and_field(tmp_path, port_new, field, message):
+    # checked with or without a hop, and on records the skip rules would drop (a broken file)
+    path = write_dataset(tmp_path, [row(0), row(1, alt="", port_new=port_new)])
+    for hop in (None, 4):
+        with pytest.raises(DataError, match=re.escape(message)) as err:
+            load_vlkeb(path, ImageRoots(tmp_path), hop=hop)
+        assert_names(err.value, path, 1, field)
+
+
+def test_vlkeb_checks_mmedit_fields_like_the_other_kinds(tmp_path):
+    bad = row(1, port_new=[port("1-hop", "q", "a")])
+    del bad["m_loc_a"]
+    path = write_dataset(tmp_path, [row(0), bad])
+    with pytest.raises(DataError, match="missing") as err:
+        load_vlkeb(path, ImageRoots(tmp_path), hop=1)
+    assert_names(err.value, path, 1, "m_loc_a")
+    path = write_dataset(tmp_path, [row(0, image="../x.png", port_new=[port("1-hop", "q", "a")])], "escape.json")
+    with pytest.raises(DataError, match="escapes image root") as err:
+        load_vlkeb(path, ImageRoots(tmp_path), hop=1)
+    assert_names(err.value, path, 0, "image")

@@ -1,5 +1,8 @@
 """Summary tables are built from metric JSONs alone, in config method order."""
 
+import json
+
+import pandas as pd
 import pytest
 
 from mmke.evaluate import DEFINITION_METRICS, SUMMARY_METRICS
@@ -160,3 +163,44 @@ def test_a_sequential_table_says_how_its_edits_were_grouped(tmp_path):
     groups = metrics_file(tmp_path / "g.json", "FT-L", 0.5, evaluation={"mode": "sequential", "n_edits": 4})
     assert "the edits of groups of 4 records accumulate" in to_latex(collect([groups]))
     assert "Sequential" not in to_markdown(collect([metrics_file(tmp_path / "s.json", "base", 0.5)]))
+
+
+def test_portability_is_a_column_only_where_a_dataset_has_it(tmp_path):
+    port = {"portability_acc": 0.25, "portability_acc_em": 0.25, "portability_acc_token": 0.5}
+    paths = [metrics_file(tmp_path / "a.json", "base", 0.5), metrics_file(tmp_path / "b.json", "FT-L", 0.5),
+             metrics_file(tmp_path / "c.json", "base", 0.5, "vlkeb"), metrics_file(tmp_path / "d.json", "FT-L", 1.0, "vlkeb")]
+    for path, values in zip(paths[2:], (port, {k: 2 * v for k, v in port.items()})):
+        data = json.loads(path.read_text())
+        data["summary"] |= values
+        write_json(path, data)
+    write_summary(paths, tmp_path / "s.csv", tmp_path / "s.md", ["base", "FT-L"], long_path=tmp_path / "l.csv",
+                  tex_path=tmp_path / "s.tex")
+    csv_lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert csv_lines[0].endswith(",pre,portability_acc,portability_acc_em,portability_acc_token")
+    assert read_summary(tmp_path / "s.csv").set_index(["dataset", "method"])["portability_acc"].to_dict() == pytest.approx(
+        {("evqa", "base"): float("nan"), ("evqa", "FT-L"): float("nan"), ("vlkeb", "base"): 0.25,
+         ("vlkeb", "FT-L"): 0.5}, nan_ok=True)
+    md = (tmp_path / "s.md").read_text()
+    vlkeb, evqa = md.split("## vlkeb")[1], md.split("## evqa")[1].split("## vlkeb")[0]
+    assert "Port." not in evqa  # a dataset without portability questions has no such column
+    header, _, base_row, ft_row = vlkeb.strip().splitlines()[:4]
+    assert [c.strip() for c in header.strip("|").split("|")][-2:] == ["Port.", "pre"]
+    assert [c.strip() for c in base_row.strip("|").split("|")][-2:] == ["25.00", "100.00"]
+    assert [c.strip() for c in ft_row.strip("|").split("|")][-2:] == ["50.00", "100.00"]
+    assert "M-Gen., Port.: exact match (protocol.exact_match). Port.: portability" in vlkeb
+    tex = (tmp_path / "s.tex").read_text()
+    ft = next(line for line in tex.splitlines() if line.startswith("FT (LLM) &"))
+    # per model x dataset group: Rel., T-Gen., M-Gen., T-Loc., M-Loc., Port., pre; "--" where none
+    assert ft.removesuffix(" \\\\").split(" & ")[6:8] == ["--", "100.00"]
+    assert ft.removesuffix(" \\\\").split(" & ")[13:15] == ["50.00", "100.00"]
+    long = pd.read_csv(tmp_path / "l.csv")
+    ported = long[long["metric"].str.startswith("portability")]
+    assert sorted(zip(ported["dataset"], ported["column"], ported["value"])) == [
+        ("vlkeb", "Port.", 0.25), ("vlkeb", "Port.", 0.5), ("vlkeb", "Port. Acc", 0.5), ("vlkeb", "Port. Acc", 1.0),
+        ("vlkeb", "Port. EM", 0.25), ("vlkeb", "Port. EM", 0.5)]
+    frame = collect(paths, ["base", "FT-L"])
+    plot_dataset(frame, "vlkeb", tmp_path / "v.png")
+    plot_dataset(frame, "evqa", tmp_path / "e.png")
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without any VLKEB dataset the tables are unchanged
+    assert "portability" not in ",".join(collect(paths[:2]).columns)

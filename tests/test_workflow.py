@@ -56,6 +56,8 @@ def demo_config(root: Path) -> dict:
     """Copy the workflow into ``root``; return the demo config with 6-record datasets, BLIP-2 only."""
     copy_workflow(root)
     config = yaml.safe_load((root / "config/config.yaml").read_text())
+    # the workflow's mechanics; demo-vlkeb's portability is tested in test_portability/test_demo_floors
+    config["datasets"] = {name: config["datasets"][name] for name in DATASETS}
     for dataset in config["datasets"].values():
         dataset["demo"].update(n_train=6, n_eval=6)
     config["models"] = {"tiny-blip2": config["models"]["tiny-blip2"]}

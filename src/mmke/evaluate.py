@@ -4,7 +4,8 @@ Pre-edit outputs depend only on model x dataset, so :func:`run_baseline` compute
 every method's :func:`evaluate` reads them (EasyEdit recomputes them per method run). Each record
 is measured on the named items of :data:`MEASURED_ITEMS` (spec §3): the edit prompt, its rephrase
 and the rephrased image score the target tokens; the NQ question and the OK-VQA question compare
-post-edit top-k predictions with the baseline's.
+post-edit top-k predictions with the baseline's. A record with a portability question (VLKEB)
+scores it as one more item.
 
 No work is done twice: a record's items (and, for methods whose edits leave the weights alone,
 the items of ``batch_size`` records) go through the model in one forward, text-only rows beside
@@ -81,14 +82,23 @@ LOCALITY_ITEMS = (
     Item("multimodal_locality_acc", lambda record, protocol: multimodal_locality_prompt(record, protocol.mloc_template),
          lambda record: record.m_loc_a, "m_loc", top_k=IMAGE_LOC_K, baseline="m_loc"),
 )
+#: VLKEB's portability: a question whose answer follows from the edit, teacher-forced on the edit
+#: image with labels on the answer, for records that have one (the loader keeps one per record).
+PORTABILITY_ITEM = Item("portability_acc", lambda record, protocol: record.portability[0][0],
+                        lambda record: record.portability[0][1], "image",
+                        applies=lambda record: bool(record.portability))
 #: What each record is measured on, in records.jsonl order; one more item (its name, question,
 #: answer, image) is one more entry here, measured in the same forward.
-MEASURED_ITEMS = EDIT_ITEMS + LOCALITY_ITEMS
+MEASURED_ITEMS = EDIT_ITEMS + (PORTABILITY_ITEM,) + LOCALITY_ITEMS
 EDIT_METRICS = tuple(item.name for item in EDIT_ITEMS)
 LOCALITY_METRICS = tuple(item.name for item in LOCALITY_ITEMS)
 SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
 #: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
 DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
+#: Portability's headline and both definitions: summarized over the records that have it, and
+#: absent where none has.
+PORTABILITY_METRIC = PORTABILITY_ITEM.name
+PORTABILITY_METRICS = (PORTABILITY_METRIC, *metrics.definition_keys(PORTABILITY_METRIC))
 #: The baseline's extra item: does the unedited model answer the old answer ``pred`` (exact match)?
 KNOWS_PRED_ITEM = Item("knows_pred", lambda record, protocol: record.prompt, lambda record: lead_space(record.pred),
                        "image")
@@ -361,7 +371,7 @@ def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images
         imgs = images(record)
         requests.append(Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit))
         if edit.in_context:
-            requests.append(Request(record, imgs, EDIT_ITEMS, edit.pre_prompt, edit))
+            requests.append(Request(record, imgs, EDIT_ITEMS + (PORTABILITY_ITEM,), edit.pre_prompt, edit))
     results = iter(measure(model, protocol, requests, own_rows=own_rows))
     rows = []
     for record, edit in pairs:
@@ -402,12 +412,16 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, float]:
-    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`).
+    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`);
+    portability over the records that have it, and only if any has.
 
     The sharded gather recomputes it from the concatenated rows with this same function.
     """
     summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS + DEFINITION_METRICS)
     summary[KNOWS_PRED] = metrics.mean_metrics(rows, ["knows_pred"])["knows_pred"]
+    ported = [row["post"] for row in rows if PORTABILITY_METRIC in row["post"]]
+    if ported:
+        summary |= metrics.mean_metrics(ported, PORTABILITY_METRICS)
     return summary
 
 

@@ -6,7 +6,9 @@ sources*:
 
 - :class:`WorldFacts`: fresh pictures of the synthetic world's scenes (:mod:`mmke.data.demo`),
   each attribute asked in each wording, the caption under each caption prompt, counting on a
-  many-object picture, and the invented text facts that text locality asks;
+  many-object picture, the invented text facts that text locality asks, and the consequences of
+  an object's colour: the text facts that tie colours to metals and metals to mines, and the
+  1-hop / 2-hop questions about a picture whose answers follow from them (VLKEB's portability);
 - :class:`RecordFacts`: the records of an E-VQA/E-IC split, each asking its edit prompt, rephrase
   and rephrased image (answer ``pred``), its multimodal-locality question (``m_loc_a``) and its
   text-locality question (``loc_ans``).
@@ -31,13 +33,15 @@ from typing import Protocol
 from PIL import Image
 
 from mmke.data.demo import (
-    ATTRIBUTES, CAPTION_PROMPT, CAPTION_REPHRASES, COUNT_QUESTIONS, FACTS, NUMBERS, VQA_QUESTIONS, Scene, caption,
-    draw_many, draw_scene, scene_split,
+    ATTRIBUTES, CAPTION_PROMPT, CAPTION_REPHRASES, COUNT_QUESTIONS, FACTS, HOP_QUESTIONS, NUMBERS, TIES, VQA_QUESTIONS,
+    Scene, caption, consequence, draw_many, draw_scene, scene_split,
 )
 from mmke.data.records import EditRecord, RecordImages, lead_space, locality_question, multimodal_locality_prompt
 from mmke.methods.ike import demonstration_text, edited_question
 
-WORLD_KINDS = (*ATTRIBUTES, "caption", "count", "fact")
+WORLD_KINDS = (*ATTRIBUTES, "caption", "count", "fact", *HOP_QUESTIONS, "tie")
+#: Text-only kinds of the world: one stream entry each, drawn among their facts.
+TEXT_KINDS = {"fact": FACTS, "tie": TIES}
 RECORD_KINDS = ("rewrite", "rephrase", "image_rephrase", "m_loc", "loc")
 FACT_KINDS = frozenset({*WORLD_KINDS, *RECORD_KINDS})
 
@@ -56,13 +60,18 @@ class Topic:
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    """A question with its true (raw) answer; ``topic`` is None for facts no edit changes."""
+    """A question with its true (raw) answer; ``topic`` is None for facts no edit changes.
+
+    ``depends_on`` is the topic whose edit changes the answer indirectly (the colour, for the
+    consequences of an object's colour): a context never states it as an *unrelated* new fact.
+    """
 
     kind: str
     text: str
     answer: str
     image: Image.Image | None
     topic: Topic | None = None
+    depends_on: Topic | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +132,9 @@ WORLD_ENTRIES: tuple[tuple[str, str], ...] = (
     *((attribute, text) for attribute, (question, others) in VQA_QUESTIONS.items() for text in (question, *others)),
     *(("caption", text) for text in (CAPTION_PROMPT, *CAPTION_REPHRASES)),
     *(("count", text) for text in COUNT_QUESTIONS),
+    *HOP_QUESTIONS.items(),
     ("fact", ""),  # one entry for all invented text facts: they are few and text-only
+    ("tie", ""),  # likewise the facts that tie colours to metals and metals to mines
 )
 ATTRIBUTE_TOPICS = {attribute: Topic(question, others, ATTRIBUTES[attribute])
                     for attribute, (question, others) in VQA_QUESTIONS.items()}
@@ -154,18 +165,15 @@ class WorldFacts:
 
     def ask(self, rng: random.Random, kind: str, text: str, scene: Scene | None = None) -> Question:
         """Question ``text`` of ``kind`` about a fresh picture (of ``scene``, or a random one)."""
-        if kind == "fact":
-            question, answer = rng.choice(FACTS)
+        if kind in TEXT_KINDS:
+            question, answer = rng.choice(TEXT_KINDS[kind])
             return Question(kind, question, answer, None)
         if kind == "count":
             count = rng.randint(1, len(NUMBERS))
             return Question(kind, locality_question(text, self.mloc_template), NUMBERS[count - 1],
                             draw_many(rng, count, self.image_size))
         scene = scene or rng.choice(self.scenes)
-        image = draw_scene(rng, scene, self.image_size)
-        if kind == "caption":
-            return Question(kind, text, caption(scene), image, caption_topic(scene))
-        return Question(kind, text, getattr(scene, kind), image, ATTRIBUTE_TOPICS[kind])
+        return about(kind, text, scene, draw_scene(rng, scene, self.image_size))
 
     def topic(self, rng: random.Random) -> Topic:
         """An edit topic as the demo datasets draw them: an attribute, or a scene's caption."""
@@ -177,21 +185,31 @@ class WorldFacts:
         return rng.choice(FACTS)
 
     def text_questions(self) -> list[Question]:
-        """The invented text facts (text locality's questions), each once, if they are asked."""
-        return [Question("fact", question, answer, None) for question, answer in FACTS if "fact" in self.asked]
+        """The invented text facts (text locality's questions) and the ties, each once, if asked."""
+        return [Question(kind, question, answer, None)
+                for kind, facts in TEXT_KINDS.items() if kind in self.asked for question, answer in facts]
 
     def every_question(self, rng: random.Random) -> list[Question]:
         """Every question asked (weight > 0) about one fresh picture of a random scene, and counting
         on a fresh many-object picture."""
         scene = rng.choice(self.scenes)
         image = draw_scene(rng, scene, self.image_size)
-        questions = [Question(kind, text, caption(scene) if kind == "caption" else getattr(scene, kind), image,
-                              caption_topic(scene) if kind == "caption" else ATTRIBUTE_TOPICS[kind])
-                     for kind, text in WORLD_ENTRIES if kind not in ("count", "fact") and kind in self.asked]
+        questions = [about(kind, text, scene, image) for kind, text in WORLD_ENTRIES
+                     if kind not in ("count", *TEXT_KINDS) and kind in self.asked]
         count = rng.randint(1, len(NUMBERS))
         many = draw_many(rng, count, self.image_size)
         return questions + [Question("count", locality_question(text, self.mloc_template), NUMBERS[count - 1], many)
                             for kind, text in WORLD_ENTRIES if kind == "count" and kind in self.asked]
+
+
+def about(kind: str, text: str, scene: Scene, image: Image.Image) -> Question:
+    """Question ``text`` of ``kind`` about a picture of ``scene``: an attribute, the caption, or a
+    consequence of the colour (answered through the ties; a colour edit changes it)."""
+    if kind == "caption":
+        return Question(kind, text, caption(scene), image, caption_topic(scene))
+    if kind in HOP_QUESTIONS:
+        return Question(kind, text, consequence(kind, scene.colour), image, depends_on=ATTRIBUTE_TOPICS["colour"])
+    return Question(kind, text, getattr(scene, kind), image, ATTRIBUTE_TOPICS[kind])
 
 
 class RecordFacts:
@@ -256,9 +274,10 @@ def new_value(rng: random.Random, topic: Topic, truth: str | None) -> str | None
 def unrelated_topic(rng: random.Random, source: FactSource, question: Question, tries: int = 100) -> Topic | None:
     """An edit topic that does not ask ``question`` (IKE's context for the locality questions);
     None if ``tries`` draws found none (a caption split, say, whose records all share one prompt)."""
+    related = {t.prompt for t in (question.topic, question.depends_on) if t is not None}
     for _ in range(tries):
         topic = source.topic(rng)
-        if not topic.asks(question.text) and (question.topic is None or topic.prompt != question.topic.prompt):
+        if not topic.asks(question.text) and topic.prompt not in related:
             return topic
     return None
 

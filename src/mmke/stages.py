@@ -53,9 +53,14 @@ def load_eval_split(dataset: Mapping[str, Any]) -> tuple[Records, ImageRoots]:
 
 
 def load_split(dataset: Mapping[str, Any], split: str) -> tuple[Records, ImageRoots]:
-    """Records and image roots of a dataset's ``train`` or ``eval`` split, from its config entry."""
+    """Records and image roots of a dataset's ``train`` or ``eval`` split, from its config entry.
+
+    A dataset's ``hop`` (VLKEB's portability questions) applies to its eval split only: VLKEB
+    loads its train split without one.
+    """
     roots = ImageRoots.of_dataset(dataset)
-    records = load_records(dataset["kind"], dataset[split], roots, size=dataset.get("size"))
+    hop = dataset.get("hop") if split == "eval" else None
+    records = load_records(dataset["kind"], dataset[split], roots, size=dataset.get("size"), hop=hop)
     if not records:
         raise ValueError(f"{dataset[split]}: no record left after the skip rules")
     return records, roots

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmke.evaluate import DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, SUMMARY_METRICS
+from mmke.evaluate import (
+    DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, PORTABILITY_METRIC, PORTABILITY_METRICS, SUMMARY_METRICS,
+)
 from mmke.io import atomic_path, atomic_write, read_json
 from mmke.metrics import definition_keys
 
@@ -33,6 +35,10 @@ DEFINITION_COLUMNS = {
 }
 #: Every value column of the summary, in CSV order.
 VALUE_COLUMNS = (*SUMMARY_METRICS, *DEFINITION_METRICS, KNOWS_PRED)
+#: Columns of datasets that have them only (VLKEB's portability): in the CSVs if any row has a
+#: value (empty in the others), in the Markdown/LaTeX tables and plots where a dataset has one.
+OPTIONAL_COLUMNS = PORTABILITY_METRICS
+PORTABILITY_COLUMN = "Port."
 #: Below this share of records whose unedited model answers ``pred``, a table says that its base
 #: model does not know the facts being edited (Rel./Gen. then measure new facts, not changed ones).
 KNOWN_FACTS_FLOOR = 0.9
@@ -67,13 +73,15 @@ def collect(paths: Iterable[str | Path], method_order: Sequence[str] | None = No
         schedule = json.dumps(data.get("evaluation", SINGLE_EDIT), sort_keys=True)
         schedules.setdefault(schedule, []).append(str(path))
         headlines.setdefault(bool(data["protocol"].get("exact_match", True)), []).append(str(path))
-        rows.append({**{k: data[k] for k in KEYS}, "n": data["n"], **{m: data["summary"][m] for m in VALUE_COLUMNS}})
+        rows.append({**{k: data[k] for k in KEYS}, "n": data["n"], **{m: data["summary"][m] for m in VALUE_COLUMNS},
+                     **{m: data["summary"].get(m, float("nan")) for m in OPTIONAL_COLUMNS}})
     if len(schedules) > 1:
         # single-edit and sequential figures measure different things; one table must not mix them
         raise ValueError(f"metrics JSONs come from different evaluation schedules: {schedules}")
     if len(headlines) > 1:
         raise ValueError(f"metrics JSONs have different headline definitions (protocol.exact_match): {headlines}")
-    frame = pd.DataFrame(rows, columns=[*KEYS, "n", *VALUE_COLUMNS])
+    frame = pd.DataFrame(rows, columns=[*KEYS, "n", *VALUE_COLUMNS, *OPTIONAL_COLUMNS])
+    frame = frame.drop(columns=[c for c in OPTIONAL_COLUMNS if frame[c].isna().all()])  # no dataset has them
     order = list(method_order or []) + sorted(set(frame["method"]) - set(method_order or []))
     frame["method"] = pd.Categorical(frame["method"], categories=order, ordered=True)
     frame = frame.sort_values(["dataset", "model", "method"]).reset_index(drop=True)
@@ -91,7 +99,8 @@ def percent(value: float) -> str:
 def shown_columns(frame: pd.DataFrame) -> dict[str, list[str]]:
     """Header -> cell per row of the value columns of the Markdown and LaTeX tables.
 
-    Rel. and T-Gen. show "EM / Acc" as the paper's v5; M-Gen. and the plots the headline.
+    Rel. and T-Gen. show "EM / Acc" as the paper's v5; M-Gen. and the plots the headline. Port.
+    (the headline) only if some row has it; "--" in the rows that do not.
     """
     columns = {}
     for metric, name in PAPER_COLUMNS.items():
@@ -100,15 +109,24 @@ def shown_columns(frame: pd.DataFrame) -> dict[str, list[str]]:
             columns[f"{name} EM / Acc"] = [f"{percent(a)} / {percent(b)}" for a, b in zip(frame[em], frame[token])]
         else:
             columns[name] = [percent(v) for v in frame[metric]]
+    if has_portability(frame):
+        columns[PORTABILITY_COLUMN] = ["--" if pd.isna(v) else percent(v) for v in frame[PORTABILITY_METRIC]]
     columns["pre"] = [percent(v) for v in frame[KNOWS_PRED]]
     return columns
+
+
+def has_portability(frame: pd.DataFrame) -> bool:
+    """Whether any row has portability questions (a VLKEB dataset)."""
+    return PORTABILITY_METRIC in frame and bool(frame[PORTABILITY_METRIC].notna().any())
 
 
 def table_legend(frame: pd.DataFrame) -> str:
     """What the columns hold, under each table."""
     headline = "exact match" if frame.attrs.get("exact_match", True) else "token accuracy"
-    legend = (f"Rel., T-Gen.: exact match / token accuracy; M-Gen.: {headline} (protocol.exact_match). "
-              "pre: records whose unedited model answers `pred` (exact match).")
+    shown = "M-Gen., Port." if has_portability(frame) else "M-Gen."
+    legend = (f"Rel., T-Gen.: exact match / token accuracy; {shown}: {headline} (protocol.exact_match). "
+              + ("Port.: portability, the answer that follows from the edit (VLKEB). " if has_portability(frame) else "")
+              + "pre: records whose unedited model answers `pred` (exact match).")
     schedule = frame.attrs.get("evaluation", SINGLE_EDIT)
     if schedule["mode"] == "sequential":
         group = "all n records" if schedule["n_edits"] == "all" else f"groups of {schedule['n_edits']} records"
@@ -138,15 +156,19 @@ def to_markdown(frame: pd.DataFrame) -> str:
         table = shown.to_markdown(index=False, disable_numparse=True,
                                   colalign=["left", "left"] + ["right"] * (len(shown.columns) - 2))
         notes = "".join(f"\n{note}\n" for note in unknown_facts_notes(group))
-        parts.append(f"## {dataset}\n\n{table}\n\n{table_legend(frame)}\n{notes}")
+        parts.append(f"## {dataset}\n\n{table}\n\n{table_legend(group)}\n{notes}")
     return "\n".join(parts)
 
 
 def to_long(frame: pd.DataFrame) -> pd.DataFrame:
     """Tidy form: one row per method x model x dataset x value (a fraction): headline metrics,
-    each definition of the edit metrics, and ``pre``."""
-    long = frame.melt(id_vars=[*KEYS, "n"], value_vars=list(VALUE_COLUMNS), var_name="metric", value_name="value")
-    names = {**PAPER_COLUMNS, **DEFINITION_COLUMNS, KNOWS_PRED: "pre"}
+    each definition of the edit metrics, ``pre``, and portability where a dataset has it."""
+    optional = [column for column in OPTIONAL_COLUMNS if column in frame]
+    long = frame.melt(id_vars=[*KEYS, "n"], value_vars=[*VALUE_COLUMNS, *optional], var_name="metric",
+                      value_name="value")
+    long = long[long["value"].notna() | ~long["metric"].isin(OPTIONAL_COLUMNS)].reset_index(drop=True)
+    names = {**PAPER_COLUMNS, **DEFINITION_COLUMNS, KNOWS_PRED: "pre", PORTABILITY_METRIC: PORTABILITY_COLUMN,
+             **{key: f"{PORTABILITY_COLUMN} {label}" for key, label in zip(PORTABILITY_METRICS[1:], ("EM", "Acc"))}}
     long.insert(long.columns.get_loc("metric") + 1, "column", long["metric"].map(names))
     return long
 
@@ -219,15 +241,16 @@ def plot_dataset(frame: pd.DataFrame, dataset: str, out: str | Path,
     methods = [key for _, rows in method_rows(subset["method"]) for key, _ in rows]
     fig, axes = plt.subplots(1, len(models), figsize=(1.5 + 4.5 * len(models), 3.6), squeeze=False, sharey=True)
     bar = 0.8 / len(methods)
-    positions = range(len(PAPER_COLUMNS))
+    shown = {**PAPER_COLUMNS, **({PORTABILITY_METRIC: PORTABILITY_COLUMN} if has_portability(subset) else {})}
+    positions = range(len(shown))
     for ax, model in zip(axes[0], models):
         rows = subset[subset["model"] == model].set_index("method")
         for i, method in enumerate(methods):
             if method in rows.index:
-                heights = [100 * rows.loc[method, metric] for metric in PAPER_COLUMNS]
+                heights = [100 * rows.loc[method, metric] for metric in shown]  # NaN: no bar
                 offsets = [x + (i - (len(methods) - 1) / 2) * bar for x in positions]
                 ax.bar(offsets, heights, bar, label=method, color=f"C{i}")  # same colour in every panel
-        ax.set_xticks(positions, list(PAPER_COLUMNS.values()))
+        ax.set_xticks(positions, list(shown.values()))
         pre = rows[KNOWS_PRED].min()  # a baseline figure: the same for every method of the panel
         known = "" if pre >= KNOWN_FACTS_FLOOR else f" < {100 * KNOWN_FACTS_FLOOR:g}: facts not known"
         ax.set_title(f"{model} / {dataset}\npre {percent(pre)}%{known}")

@@ -8,6 +8,7 @@ from .records import (
     load_eic,
     load_evqa,
     load_records,
+    load_vlkeb,
     multimodal_locality_prompt,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "load_eic",
     "load_evqa",
     "load_records",
+    "load_vlkeb",
     "load_rgb",
     "multimodal_locality_prompt",
     "safe_join",

@@ -10,7 +10,10 @@ scenes, for every dataset kind and seed, so a model pretrained on any train spli
 Edit records ask to change one fact of one scene to a counterfactual: ``pred`` is the world's
 truth (what a model that learnt the world answers), ``alt`` another value of the same attribute.
 Text locality asks invented facts (no pretrained model can know them); multimodal locality asks
-how many objects an unrelated picture shows. Output is a pure function of the arguments (seeded
+how many objects an unrelated picture shows. Edits have consequences: invented text facts tie
+each colour to the metal things of that colour are made of, and each metal to where it is mined,
+so VLKEB-style records (``kind="vlkeb"``) ask after a colour edit which metal the object is made
+of (1-hop) and where that metal is mined (2-hop), whose answers follow the new colour. Output is a pure function of the arguments (seeded
 ``random.Random``, PNGs without timestamps): Snakemake can rebuild it byte for byte.
 """
 
@@ -75,11 +78,23 @@ FACTS = (
     ("Who founded the city of Elmstead?", "Corwin Hale"),
     ("What is the main export of Pallas Reach?", "copper"),
 )
+# The consequences of an object's colour (VLKEB's portability): the metal things of a colour are
+# made of, and where each metal is mined. Invented and one-to-one, so every colour edit changes
+# both answers; stated as text facts (kind "tie"), asked about a picture as the 1-hop / 2-hop
+# questions (kinds "metal" and "mine").
+METALS = {"red": "copper", "green": "nickel", "blue": "cobalt", "yellow": "brass", "purple": "bismuth",
+          "orange": "bronze"}
+MINES = {"copper": "Arlen", "nickel": "Halden", "cobalt": "Corran", "brass": "Garrow", "bismuth": "Elvay",
+         "bronze": "Fenlow"}
+TIES = (*((f"What are {colour} things made of?", metal) for colour, metal in METALS.items()),
+        *((f"Where is {metal} mined?", mine) for metal, mine in MINES.items()))
+HOP_QUESTIONS = {"metal": "What metal is the shape made of?", "mine": "Where was the metal of the shape mined?"}
 # Every word the world's questions, captions and answers use: the tiny models' tokenizer
 # trains on it, so each answer is a single token and the model has a small answer vocabulary.
 WORLD_TEXT = (
     *(text for question, rephrasings in VQA_QUESTIONS.values() for text in (question, *rephrasings)),
-    CAPTION_PROMPT, *CAPTION_REPHRASES, *COUNT_QUESTIONS, *(f"{q} {a}" for q, a in FACTS),
+    CAPTION_PROMPT, *CAPTION_REPHRASES, *COUNT_QUESTIONS, *(f"{q} {a}" for q, a in (*FACTS, *TIES)),
+    *HOP_QUESTIONS.values(),
     " ".join(("answers:", *(word for values in ATTRIBUTES.values() for word in values), *NUMBERS)),
     "a small red ring on the left of a grey background. a large blue square in the middle of a white background.",
 )
@@ -119,6 +134,12 @@ def caption(scene: Scene) -> str:
     return f"a {scene.size} {scene.colour} {scene.shape} {where} of a {scene.background} background"
 
 
+def consequence(kind: str, colour: str) -> str:
+    """The answer of a 1-hop (``metal``) or 2-hop (``mine``) question about an object of ``colour``."""
+    metal = METALS[colour]
+    return {"metal": metal, "mine": MINES[metal]}[kind]
+
+
 def scene_facts(scene: Scene) -> list[tuple[str, str, str]]:
     """Every (kind, prompt, true answer) the world states about a scene: each attribute asked in
     each wording (kind = the attribute), and the caption under each caption prompt."""
@@ -131,12 +152,14 @@ def write_demo_dataset(out_dir: str | os.PathLike, kind: str, n_train: int = 24,
                        seed: int = 0, image_size: int = 64) -> dict[str, Path]:
     """Write ``train.json``, ``eval.json`` and ``images/`` under ``out_dir``.
 
+    ``kind`` ``evqa`` edits any attribute, ``eic`` the caption, and ``vlkeb`` the colour, with
+    VLKEB's ``port_new``: the 1-hop and 2-hop questions whose answers follow the new colour.
     Image fields are relative to ``out_dir/images``, the image root (and rephrase root) for
     loading: the workflow declares that folder as the stage's output and later stages' input.
     Returns the paths under the keys ``train``, ``eval`` and ``images``.
     """
-    if kind not in ("evqa", "eic"):
-        raise ValueError(f"unknown dataset kind {kind!r}; valid: evqa, eic")
+    if kind not in ("evqa", "eic", "vlkeb"):
+        raise ValueError(f"unknown dataset kind {kind!r}; valid: evqa, eic, vlkeb")
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"record counts must be >= 0, got n_train={n_train}, n_eval={n_eval}")
     if image_size < 16:
@@ -153,7 +176,7 @@ def write_demo_dataset(out_dir: str | os.PathLike, kind: str, n_train: int = 24,
     return paths
 
 
-def _record(rng: random.Random, scene: Scene, root: Path, stem: str, kind: str, size: int) -> dict[str, str]:
+def _record(rng: random.Random, scene: Scene, root: Path, stem: str, kind: str, size: int) -> dict:
     image, image_rephrase, m_loc = f"{stem}.png", f"{stem}_rephrase.png", f"{stem}_mloc.png"
     # Same scene twice, rendered with fresh jitter: the image-generality pair.
     _save(root / image, draw_scene(rng, scene, size))
@@ -163,12 +186,16 @@ def _record(rng: random.Random, scene: Scene, root: Path, stem: str, kind: str, 
     loc, loc_ans = rng.choice(FACTS)
     row = {"image": image, "image_rephrase": image_rephrase, "loc": loc, "loc_ans": loc_ans,
            "m_loc": m_loc, "m_loc_q": rng.choice(COUNT_QUESTIONS), "m_loc_a": NUMBERS[count - 1]}
-    if kind == "evqa":
-        attribute = rng.choice(tuple(VQA_QUESTIONS))
+    if kind in ("evqa", "vlkeb"):
+        attribute = rng.choice(tuple(VQA_QUESTIONS)) if kind == "evqa" else "colour"
         question, rephrasings = VQA_QUESTIONS[attribute]
         truth = getattr(scene, attribute)
         row |= {"src": question, "rephrase": rng.choice(rephrasings), "pred": truth,
                 "alt": _counterfactual(rng, attribute, truth)}
+        if kind == "vlkeb":
+            row["port_new"] = [{"port_type": hop, "Q&A": {"Question": HOP_QUESTIONS[name],
+                                                          "Answer": consequence(name, row["alt"])}}
+                               for hop, name in (("1-hop", "metal"), ("2-hop", "mine"))]
     else:
         attribute = rng.choice(tuple(ATTRIBUTES))
         changed = {attribute: _counterfactual(rng, attribute, getattr(scene, attribute))}

@@ -1,4 +1,4 @@
-"""E-VQA / E-IC JSON files -> :class:`EditRecord` lists, with EasyEdit's skip rules (spec §1).
+"""E-VQA / E-IC / VLKEB JSON files -> :class:`EditRecord` lists, with the benchmarks' skip rules (spec §1).
 
 Everything wrong with a dataset file is reported as a :class:`DataError` naming the file, the
 record index and the field, at load time: a bad record found hours into an evaluation job costs
@@ -22,6 +22,8 @@ FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
           "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
 MLOC_TEMPLATES = {"trainer": "Question: {q} Short answer:", "raw": "{q}"}
+#: VLKEB's portability question types (``port_new[i].port_type``); ``hop: N`` selects ``HOPS[N - 1]``.
+HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 #: Skipped ids named in the log line; metrics.json keeps all of them.
 LOGGED_SKIPPED_IDS = 20
 LOG = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ class EditRecord:
     m_loc: str  # relative to ImageRoots.image
     m_loc_q: str  # raw question; see multimodal_locality_prompt
     m_loc_a: str
+    #: (question, answer with the scoring space) pairs that follow from the edit (VLKEB's
+    #: portability), asked on the edit image; empty for E-VQA / E-IC and unselected hops.
+    portability: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,19 +160,56 @@ def load_eic(path: str | os.PathLike, roots: ImageRoots, size: int | None = None
                  rule="E-IC skip rule: an empty alt")
 
 
-LOADERS: dict[str, Callable[..., Records]] = {"evqa": load_evqa, "eic": load_eic}
+def load_vlkeb(path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
+               check_images: bool = True, hop: int | None = None) -> Records:
+    """VLKEB (its ``CaptionDataset``): MMEdit's fields plus ``port_new``, a list of
+    ``{"port_type": "1-hop".."4-hop", "Q&A": {"Question": ..., "Answer": ...}}``.
+
+    Like E-IC, a record with an empty ``alt`` is dropped. ``hop=N`` asks the first question of
+    type ``N-hop`` of each record as its portability item and drops records that have none, as
+    VLKEB's loader does; without ``hop`` (VLKEB's train split) ``port_new`` is checked and unused.
+    Questions are used as written, as VLKEB joins ``question + " " + answer``.
+    """
+    if hop is not None and hop not in range(1, len(HOPS) + 1):
+        raise ValueError(f"hop must be one of 1..{len(HOPS)}, got {hop!r}")
+    wanted = None if hop is None else HOPS[hop - 1]
+
+    def portability(path: str | os.PathLike, index: int, row: dict) -> tuple[tuple[str, str], ...] | None:
+        questions = _port_questions(path, index, row)
+        if wanted is None:
+            return ()
+        chosen = [(q, lead_space(a)) for port_type, q, a in questions if port_type == wanted][:1]
+        return tuple(chosen) or None  # None: no question of the selected hop, skip the record
+
+    rule = "VLKEB skip rule: an empty alt" + ("" if wanted is None else f" or no {wanted} portability question")
+    return _load(path, roots, size, check_images, keep=lambda row: bool(row["alt"]), rule=rule,
+                 portability=portability)
+
+
+LOADERS: dict[str, Callable[..., Records]] = {"evqa": load_evqa, "eic": load_eic, "vlkeb": load_vlkeb}
+#: Dataset kinds whose eval split carries portability questions, selected by the ``hop`` setting.
+HOP_KINDS = ("vlkeb",)
 
 
 def load_records(kind: str, path: str | os.PathLike, roots: ImageRoots, size: int | None = None,
-                 check_images: bool = True) -> Records:
-    """Dispatch on the dataset kind named in config."""
+                 check_images: bool = True, hop: int | None = None) -> Records:
+    """Dispatch on the dataset kind named in config; ``hop`` only for :data:`HOP_KINDS`."""
     if kind not in LOADERS:
         raise ValueError(f"unknown dataset kind {kind!r}; valid: {', '.join(LOADERS)}")
-    return LOADERS[kind](path, roots, size=size, check_images=check_images)
+    if hop is None:
+        return LOADERS[kind](path, roots, size=size, check_images=check_images)
+    if kind not in HOP_KINDS:
+        raise ValueError(f"dataset kind {kind!r} has no portability questions; 'hop' is a setting of "
+                         f"{', '.join(HOP_KINDS)} only")
+    return LOADERS[kind](path, roots, size=size, check_images=check_images, hop=hop)
+
+
+#: A kind's portability reader: a record's items, or None to skip the record.
+PortabilityOf = Callable[[str | os.PathLike, int, dict], tuple[tuple[str, str], ...] | None]
 
 
 def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_images: bool,
-          keep: Callable[[dict], bool], rule: str) -> Records:
+          keep: Callable[[dict], bool], rule: str, portability: PortabilityOf | None = None) -> Records:
     if size is not None and size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
     rows = _read_array(Path(path))
@@ -184,7 +226,8 @@ def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_im
                 raise DataError(path, index, field, "missing")
             if not isinstance(row[field], str):
                 raise DataError(path, index, field, f"expected a string, got {_json_type(row[field])}")
-        if not keep(row):
+        ports = () if portability is None else portability(path, index, row)
+        if not keep(row) or ports is None:
             skipped.append(index)
             continue
         for field in IMAGE_FIELDS:
@@ -193,12 +236,40 @@ def _load(path: str | os.PathLike, roots: ImageRoots, size: int | None, check_im
             id=index, prompt=row["src"], pred=row["pred"], target=lead_space(row["alt"]),
             rephrase=row["rephrase"], image=row["image"], image_rephrase=row["image_rephrase"],
             loc=row["loc"], loc_ans=lead_space(row["loc_ans"]), m_loc=row["m_loc"],
-            m_loc_q=row["m_loc_q"], m_loc_a=lead_space(row["m_loc_a"]),
+            m_loc_q=row["m_loc_q"], m_loc_a=lead_space(row["m_loc_a"]), portability=ports,
         ))
     if skipped:
         shown = ", ".join(map(str, skipped[:LOGGED_SKIPPED_IDS])) + (", ..." if len(skipped) > LOGGED_SKIPPED_IDS else "")
         LOG.warning("%s: %d of %d records skipped (%s): ids %s", path, len(skipped), len(rows), rule, shown)
     return Records(records, tuple(skipped))
+
+
+def _port_questions(path: str | os.PathLike, index: int, row: dict) -> list[tuple[str, str, str]]:
+    """``(port_type, question, answer)`` of each entry of a record's ``port_new`` (absent: none)."""
+    ports = row.get("port_new", [])
+    if not isinstance(ports, list):
+        raise DataError(path, index, "port_new", f"expected an array, got {_json_type(ports)}")
+    questions = []
+    for i, port in enumerate(ports):
+        field = f"port_new[{i}]"
+        if not isinstance(port, dict):
+            raise DataError(path, index, field, f"expected a JSON object, got {_json_type(port)}")
+        port_type = port.get("port_type")
+        if port_type not in HOPS:
+            raise DataError(path, index, f"{field}.port_type",
+                            f"expected one of {', '.join(HOPS)}, got {json.dumps(port_type)}")
+        qa = port.get("Q&A")
+        if not isinstance(qa, dict):
+            raise DataError(path, index, f"{field}.Q&A",
+                            "missing" if qa is None else f"expected a JSON object, got {_json_type(qa)}")
+        for key in ("Question", "Answer"):
+            if key not in qa:
+                raise DataError(path, index, f"{field}.Q&A.{key}", "missing")
+            if not isinstance(qa[key], str) or not qa[key].strip():
+                raise DataError(path, index, f"{field}.Q&A.{key}",
+                                f"expected a non-empty string, got {json.dumps(qa[key])}")
+        questions.append((port_type, qa["Question"], qa["Answer"]))
+    return questions
 
 
 def _read_array(path: Path) -> list:
