@@ -22,16 +22,13 @@ from tqdm import tqdm
 from mmke import metrics
 from mmke.data.records import EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt
 from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
+# The metric names and the summary live in a torch-free module (table and gather jobs read them).
+from mmke.metric_keys import (  # noqa: F401 (re-exported)
+    DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, LOCALITY_METRICS, SUMMARY_METRICS, summarize,
+)
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import VLMAdapter
 
-EDIT_METRICS = ("rewrite_acc", "rephrase_acc", "image_rephrase_acc")
-LOCALITY_METRICS = ("locality_acc", "multimodal_locality_acc")
-SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
-#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
-DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
-#: Summary key of the share of records whose unedited model answers ``pred`` (exact match).
-KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
 IMAGE_LOC_K = 10  # M-Locality compares top-10 id lists
 BASELINE_STAGE = "baseline"  # the workflow rule that writes a Baseline
@@ -218,16 +215,6 @@ def _measure(
     post["locality_acc"] = metrics.locality_agreement(baseline.loc[record.id], loc)
     post["multimodal_locality_acc"] = metrics.locality_agreement(baseline.m_loc[record.id], m_loc)
     return {"id": record.id, "pre": pre, "post": post, "knows_pred": baseline.knows_pred[record.id]}
-
-
-def summarize(rows: Sequence[dict]) -> dict[str, float]:
-    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`).
-
-    The sharded gather recomputes it from the concatenated rows with this same function.
-    """
-    summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS + DEFINITION_METRICS)
-    summary[KNOWS_PRED] = metrics.mean_metrics(rows, ["knows_pred"])["knows_pred"]
-    return summary
 
 
 @torch.no_grad()
