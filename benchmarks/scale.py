@@ -225,8 +225,11 @@ def run_method(method: str, model_name: str, adapter, records, roots, train: Pat
     if args.steps is not None and getattr(hparams, "num_steps", args.steps) > args.steps:
         notes.append(f"num_steps {hparams.num_steps} -> {args.steps}")
         hparams = dataclasses.replace(hparams, num_steps=args.steps)
+    hparams = aux(hparams)  # built and saved before the meter starts: only loading them counts
+    gc.collect()
+    if adapter.device.type == "cuda":
+        torch.cuda.empty_cache()
     meter.reset()
-    hparams = aux(hparams)
     editor = make_editor(hparams)
     sentence_model = getattr(hparams, "sentence_model", None)
     if sentence_model and not resources["embeddings"].exists():  # IKE's retrieval index of the train split
