@@ -6,6 +6,7 @@ Every figure is the CPU time (user + system) of a fresh child process, the media
 * ``python``: the bare interpreter (``python -c pass``), the floor of every job;
 * per script of ``scripts/``: importing the modules the script imports, in a fresh interpreter,
   minus the bare interpreter, and whether torch / transformers came with them;
+* ``+ tables, plots``: what the summary and plot jobs import when they run (pandas, matplotlib);
 * ``+ model classes``: what loading a model adds (transformers imports its model and processor
   classes lazily: the modeling framework, BLIP-2 and the ``hf_vlm`` auto classes);
 * ``snakemake -n`` and a no-op ``snakemake --cores 1`` in ``--workdir``: with every output up to
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
         heavy = json.loads(out.strip().splitlines()[-1])
         figures["scripts"][script.stem] = {"import_s": cpu - floor, "imports": modules, "heavy": heavy}
         print(f"  {script.name:34s} {cpu - floor:6.2f}  {'+'.join(heavy) or 'no torch, no transformers'}")
+    tables = ["mmke.light_stages", "mmke.tables", "matplotlib.pyplot"]
+    cpu, _, out = median_cost(import_probe(tables), args.repeats)
+    figures["tables_s"] = cpu - floor
+    heavy = json.loads(out.strip().splitlines()[-1])
+    print(f"  {'+ tables, plots (summary/plot run)':34s} {cpu - floor:6.2f}  "
+          f"{'+'.join(heavy) or 'no torch, no transformers'}: pandas, matplotlib")
     staged = ["mmke.stages"]
     base, _, _ = median_cost(import_probe(staged), args.repeats)
     with_models, _, _ = median_cost(import_probe(staged + list(MODEL_CLASSES)), args.repeats)
