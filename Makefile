@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Run the workflow with the venv's python first on PATH, so `script:` stages import mmke.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: demo test lint dry-run clean
+.PHONY: demo test test-fast lint dry-run clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ demo: $(VENV)/.installed
 	$(RUN) python -m mmke.unlock .
 	$(RUN) snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 
+# Every test, the slow ones included: what CI runs (.ci/run).
 test: $(VENV)/.installed-test
 	$(RUN) python -m pytest $(PYTEST_ARGS)
+
+# The same suite without the tests marked slow (whole workflows, real training runs): for editing.
+test-fast: $(VENV)/.installed-test
+	$(RUN) python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(RUN) snakemake --lint

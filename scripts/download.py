@@ -5,7 +5,7 @@ rerun (and so re-download) every job when one checksum is pinned.
 """
 
 from mmke.io import redirect_output
-from mmke.stages import download_stage
+from mmke.light_stages import download_stage
 
 with redirect_output(snakemake.log[0]):
     download_stage(snakemake.params.name, snakemake.params.entry, snakemake.config.get("checksums", {}),

@@ -1,7 +1,7 @@
 """Stage: merge every combo's metrics.json into the summary tables (csv, tidy csv, md, tex)."""
 
 from mmke.io import redirect_output
-from mmke.stages import summary_stage
+from mmke.light_stages import summary_stage
 
 with redirect_output(snakemake.log[0]):
     summary_stage(snakemake.input, snakemake.output.csv, snakemake.output.md, snakemake.params.method_order,

@@ -130,7 +130,10 @@ def test_every_family_has_a_tiny_builder_and_model():
     assert BUILTIN_METHOD_MODULES and "base" in registered_methods()
 
 
-@pytest.mark.parametrize("method", registered_methods())
+# Meta-trained methods train a short run per family first (minutes in all): marked slow, run by `make test`.
+@pytest.mark.parametrize("method", [
+    pytest.param(method, marks=pytest.mark.slow) if METHOD_RESOURCES.get(method) is meta_resources else method
+    for method in registered_methods()])
 def test_edit_changes_and_revert_restores(method, tiny, dataset, aux_models, tmp_path):
     adapter, demo_model = tiny
     path = hparams_path(method, demo_model)

@@ -122,7 +122,7 @@ TARGETS = [f"results/eval/{method}/easyvqa-blip2/easyvqa/metrics.json" for metho
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The repaired copy, planned in full, then run for two targets under umask 022."""
+    """The repaired copy, planned in full, then run for two targets under umask 022 (its tests are slow)."""
     root = tmp_path_factory.mktemp("own")
     write_config(root, repaired(root))
     plan = snakemake(root, "-n", "--quiet", "rules")
@@ -135,6 +135,7 @@ def ran(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root, plan
 
 
+@pytest.mark.slow
 def test_a_users_dataset_plans_and_runs(ran):
     root, plan = ran
     assert plan.returncode == 0, plan.stderr
@@ -152,6 +153,7 @@ def test_a_users_dataset_plans_and_runs(ran):
     assert log.count("images are resized before the model sees them, e.g. 64x64 px -> 32x32 px") == 1
 
 
+@pytest.mark.slow
 def test_a_corrupt_baseline_file_names_itself_and_its_rule(ran):
     """A baseline whose tensors file was cut short: the evaluate job says which file and which rule."""
     root, _ = ran

@@ -244,6 +244,22 @@ def test_unknown_scope_names_the_valid_ones(world, model):
         editor.build(model)
 
 
+@pytest.mark.parametrize("method", ["MEND", "KE"])
+def test_weight_delta_editors_edit_a_bfloat16_model(world, eval_records, method):
+    """The networks compute in float32 while the model is bf16 (benchmarks/scale.py's paper sizes)."""
+    model = load_model("blip2", world / "model", dtype=torch.bfloat16)
+    editor = make_editor(read_hparams(hparams_file(world, method)))
+    editor.build(model).eval()
+    editor.bind_images(ImageRoots(world / "data/images"))
+    before = {name: p.detach().clone() for name, p in model.editable(editor.hparams.scope).items()}
+    edit = editor.apply(model, eval_records[:1])
+    after = model.editable(editor.hparams.scope)
+    assert all(after[name].dtype == torch.bfloat16 for name in before)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    edit.revert()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_bad_schedule_is_rejected():
     with pytest.raises(ValueError, match="'val_interval' must be >= 1"):
         build_hparams(get_method("MEND").hparams_class, {"method": "MEND", "val_interval": 0})

@@ -67,7 +67,10 @@ def demo_config(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A copy of the workflow with a small two-model demo config, run once to completion."""
+    """A copy of the workflow with a small two-model demo config, run once to completion.
+
+    Its tests are marked slow (minutes: the whole DAG); `make test`, which CI runs, includes them.
+    """
     root = tmp_path_factory.mktemp("wf")
     config = demo_config(root)
     config["datasets"]["demo-eic"]["shards"] = 2  # exercise evaluate_shard + gather_shards
@@ -93,6 +96,7 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_full_run_writes_metrics_and_summary(workdir):
     rows = list(csv.DictReader((workdir / "results/tables/summary.csv").open()))
     combos = {(r["method"], r["model"], r["dataset"]) for r in rows}
@@ -125,6 +129,7 @@ def test_full_run_writes_metrics_and_summary(workdir):
     assert not (workdir / "resources/world/tiny-blip2-b").exists()
 
 
+@pytest.mark.slow
 def test_sequential_schedule_has_its_own_results_and_tables(workdir):
     """KE is not a method of this config: the sequential list filters the configured combos."""
     prefix = workdir / "results/sequential"
@@ -141,6 +146,7 @@ def test_sequential_schedule_has_its_own_results_and_tables(workdir):
     assert (workdir / "logs/evaluate_sequential/FT-L/tiny-blip2/demo-evqa.log").exists()
 
 
+@pytest.mark.slow
 def test_sharded_dataset_is_gathered_in_record_order(workdir):
     prefix = workdir / "results/eval/base/tiny-blip2/demo-eic"
     shards = [[json.loads(line) for line in (prefix / f"shards/{i}-of-2/records.jsonl").open()] for i in (1, 2)]
@@ -151,6 +157,7 @@ def test_sharded_dataset_is_gathered_in_record_order(workdir):
     assert "base: 100%" in (workdir / "logs/evaluate/base/tiny-blip2/demo-eic/2-of-2.log").read_text()  # tqdm bar
 
 
+@pytest.mark.slow
 def test_tables_plots_and_html_report(workdir):
     tex = (workdir / "results/tables/summary.tex").read_text()
     assert "\\multicolumn{6}{c}{tiny-blip2 / demo-evqa}" in tex and "\\textit{Base Methods}" in tex
@@ -166,6 +173,7 @@ def test_tables_plots_and_html_report(workdir):
     assert "summary.tex" in html and "demo-eic.png" in html
 
 
+@pytest.mark.slow
 def test_one_embedding_job_per_dataset_shared_by_both_models(workdir):
     proc = run_snakemake(workdir, "--dry-run", "--forceall", "--quiet", "rules")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, flags=re.MULTILINE))
@@ -182,6 +190,7 @@ def test_one_embedding_job_per_dataset_shared_by_both_models(workdir):
             assert json.loads((workdir / f"results/eval/IKE/{model}/{dataset}/metrics.json").read_text())["n"] == 6
 
 
+@pytest.mark.slow
 def test_pretrain_writes_checkpoint_report_and_feeds_evaluate(workdir):
     prefix = workdir / "resources/checkpoints/MEND/tiny-blip2/demo-evqa"
     report = json.loads((prefix / "train.json").read_text())
@@ -199,6 +208,7 @@ def test_pretrain_writes_checkpoint_report_and_feeds_evaluate(workdir):
     assert any(r["post"]["locality_acc"] < 1.0 for r in records)
 
 
+@pytest.mark.slow
 def test_changed_method_hparams_retrain_only_that_method(workdir):
     hparams = workdir / "config/hparams/MEND/tiny-blip2.yaml"
     hparams.write_text(hparams.read_text() + "# touched\n")
@@ -214,6 +224,7 @@ def test_changed_method_hparams_retrain_only_that_method(workdir):
          for f in ("metrics.json", "records.jsonl")} | TABLES
 
 
+@pytest.mark.slow
 def test_second_run_does_nothing(workdir):
     before = snapshot(workdir)
     proc = run_snakemake(workdir)
@@ -221,6 +232,7 @@ def test_second_run_does_nothing(workdir):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_changed_hparams_reruns_only_its_jobs(workdir):
     hparams = workdir / "config/hparams/base/tiny-blip2-b.yaml"
     hparams.write_text(hparams.read_text() + "# touched\n")
@@ -232,6 +244,7 @@ def test_changed_hparams_reruns_only_its_jobs(workdir):
     } | {f"results/eval/base/tiny-blip2-b/demo-eic/shards/{i}-of-2/{f}" for i in (1, 2) for f in outputs} | TABLES
 
 
+@pytest.mark.slow
 def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
     """demo-eic is sharded: only the gather step reruns, not the shard jobs."""
     target = workdir / "results/eval/base/tiny-blip2/demo-eic/metrics.json"
@@ -244,6 +257,7 @@ def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
     } | TABLES
 
 
+@pytest.mark.slow
 def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
     """A `lavis:` model entry: convert_model assembles it, the baseline stage loads it like any model."""
     import torch

@@ -30,11 +30,14 @@ from tqdm import tqdm
 from mmke import metrics
 from mmke.data.records import EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt
 from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
+# The metric names and the summary live in a torch-free module (table and gather jobs read them).
+from mmke.metric_keys import (  # noqa: F401 (re-exported)
+    DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, LOCALITY_METRICS, PORTABILITY_METRIC, PORTABILITY_METRICS,
+    RATES, SUMMARY_METRICS, rates, summarize,
+)
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import Batch, VLMAdapter
 
-#: Summary key of the share of records whose unedited model answers ``pred`` (exact match).
-KNOWS_PRED = "pre"
 TEXT_LOC_K = 1  # T-Locality compares top-1 ids (spec §3)
 IMAGE_LOC_K = 10  # M-Locality compares top-10 id lists
 BASELINE_STAGE = "baseline"  # the workflow rule that writes a Baseline
@@ -84,21 +87,16 @@ LOCALITY_ITEMS = (
 )
 #: VLKEB's portability: a question whose answer follows from the edit, teacher-forced on the edit
 #: image with labels on the answer, for records that have one (the loader keeps one per record).
-PORTABILITY_ITEM = Item("portability_acc", lambda record, protocol: record.portability[0][0],
+PORTABILITY_ITEM = Item(PORTABILITY_METRIC, lambda record, protocol: record.portability[0][0],
                         lambda record: record.portability[0][1], "image",
                         applies=lambda record: bool(record.portability))
 #: What each record is measured on, in records.jsonl order; one more item (its name, question,
 #: answer, image) is one more entry here, measured in the same forward.
 MEASURED_ITEMS = EDIT_ITEMS + (PORTABILITY_ITEM,) + LOCALITY_ITEMS
-EDIT_METRICS = tuple(item.name for item in EDIT_ITEMS)
-LOCALITY_METRICS = tuple(item.name for item in LOCALITY_ITEMS)
-SUMMARY_METRICS = EDIT_METRICS + LOCALITY_METRICS
-#: Exact match and token accuracy of each edit metric, kept beside the headline (spec §3).
-DEFINITION_METRICS = tuple(key for metric in EDIT_METRICS for key in metrics.definition_keys(metric))
-#: Portability's headline and both definitions: summarized over the records that have it, and
-#: absent where none has.
-PORTABILITY_METRIC = PORTABILITY_ITEM.name
-PORTABILITY_METRICS = (PORTABILITY_METRIC, *metrics.definition_keys(PORTABILITY_METRIC))
+# The names the torch-free readers (tables, gather) know these items by (mmke.metric_keys).
+if tuple(item.name for item in EDIT_ITEMS) != EDIT_METRICS or PORTABILITY_ITEM.name != PORTABILITY_METRIC \
+        or tuple(item.name for item in LOCALITY_ITEMS) != LOCALITY_METRICS:
+    raise ImportError("mmke.evaluate's measured items and mmke.metric_keys' metric names disagree")
 #: The baseline's extra item: does the unedited model answer the old answer ``pred`` (exact match)?
 KNOWS_PRED_ITEM = Item("knows_pred", lambda record, protocol: record.prompt, lambda record: lead_space(record.pred),
                        "image")
@@ -393,15 +391,6 @@ def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
         seconds[key] += time.perf_counter() - tick
 
 
-#: metrics.json's rates and the seconds each divides the record count by (also after a sharded gather).
-RATES = {"edits_per_s": "loop_s", "apply_edits_per_s": "apply_s"}
-
-
-def rates(count: int, seconds: dict[str, float]) -> dict[str, float]:
-    """``edits_per_s`` (whole loop) and ``apply_edits_per_s`` (``Editor.apply`` only) of ``count`` records."""
-    return {rate: count / seconds[key] if seconds[key] > 0 else float("inf") for rate, key in RATES.items()}
-
-
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     return (items[i:i + size] for i in range(0, len(items), size))
 
@@ -411,18 +400,6 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"evaluation batch_size must be >= 1, got {batch_size}")
 
 
-def summarize(rows: Sequence[dict]) -> dict[str, float]:
-    """metrics.json's ``summary``: means of the post-edit values, and ``pre`` (see :data:`KNOWS_PRED`);
-    portability over the records that have it, and only if any has.
-
-    The sharded gather recomputes it from the concatenated rows with this same function.
-    """
-    summary = metrics.mean_metrics((row["post"] for row in rows), SUMMARY_METRICS + DEFINITION_METRICS)
-    summary[KNOWS_PRED] = metrics.mean_metrics(rows, ["knows_pred"])["knows_pred"]
-    ported = [row["post"] for row in rows if PORTABILITY_METRIC in row["post"]]
-    if ported:
-        summary |= metrics.mean_metrics(ported, PORTABILITY_METRICS)
-    return summary
 
 
 def _identity(text: str) -> str:

@@ -8,9 +8,11 @@ EasyEdit compares; a mask only drops right padding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from mmke.metric_keys import DEFINITIONS, definition_keys, mean_metrics  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100
 
@@ -44,20 +46,10 @@ def per_item_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: b
     return correct.float() / counts.float()
 
 
-#: The two accuracy definitions of an edit item (spec §3), as suffixes of the metric names: the
-#: MMEdit paper's v5 reports both, EasyEdit's trainer and editor paths score token accuracy.
-DEFINITIONS = ("em", "token")
-
-
 def both_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per item, exact match (``em``) and token accuracy (``token``) from the same argmax."""
     return {"em": per_item_accuracy(logits, labels, exact_match=True),
             "token": per_item_accuracy(logits, labels, exact_match=False)}
-
-
-def definition_keys(metric: str) -> tuple[str, ...]:
-    """``rewrite_acc`` -> ``("rewrite_acc_em", "rewrite_acc_token")``: where each definition is kept."""
-    return tuple(f"{metric}_{definition}" for definition in DEFINITIONS)
 
 
 def item_scores(metrics: Sequence[str], logits: torch.Tensor, labels: torch.Tensor,
@@ -96,14 +88,6 @@ def locality_agreement(pre: torch.Tensor, post: torch.Tensor) -> float:
     if length == 0:
         raise ValueError("empty locality sequence")
     return (pre[-length:] == post[-length:]).float().mean().item()
-
-
-def mean_metrics(rows: Iterable[Mapping[str, float]], keys: Sequence[str]) -> dict[str, float]:
-    """Dataset figure = mean of per-record values, per metric."""
-    rows = list(rows)
-    if not rows:
-        raise ValueError("no records to average")
-    return {key: sum(float(row[key]) for row in rows) / len(rows) for key in keys}
 
 
 def _predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

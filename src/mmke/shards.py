@@ -2,7 +2,7 @@
 
 Shards are contiguous blocks in record order, so concatenating the shards' rows reproduces the
 unsharded row order, and the merged means are recomputed from those rows with the same
-:func:`mmke.evaluate.summarize` the unsharded run uses: the figures are then bit-identical, not
+:func:`mmke.metric_keys.summarize` the unsharded run uses: the figures are then bit-identical, not
 merely close (a weighted mean of shard means would round differently).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from mmke.evaluate import RATES, rates, summarize
+from mmke.metric_keys import RATES, rates, summarize
 
 T = TypeVar("T")
 

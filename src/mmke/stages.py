@@ -25,10 +25,12 @@ from mmke.data.records import ImageRoots, RecordImages, Records, load_records
 from mmke.evaluate import DEFAULT_BATCH_SIZE, Baseline, Protocol, Schedule, evaluate, run_baseline
 from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
-from mmke.io import broken_model_message, read_json, read_jsonl, write_json, write_jsonl
+from mmke.io import broken_model_message, write_json, write_jsonl
+# The stages that need no torch live apart, so their jobs start in a fraction of the time.
+from mmke.light_stages import download_stage, gather_stage, plot_stage, summary_stage  # noqa: F401 (re-exported)
 from mmke.methods.base import make_editor
 from mmke.models.base import VLMAdapter, load_model
-from mmke.shards import merge_reports, shard_slice
+from mmke.shards import shard_slice
 from mmke.facts import FactSource, RecordFacts, WorldFacts, fact_stream
 from mmke.world_training import (
     PretrainConfig, accuracy, counterfactual_accuracy, counterfactual_stream, pretrain, pretrain_counterfactual,
@@ -173,18 +175,6 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     return report
 
 
-def gather_stage(shard_metrics: Sequence[str | Path], shard_records: Sequence[str | Path],
-                 metrics_out: str | Path, records_out: str | Path) -> dict:
-    """Merge the shards of one combo into the ``metrics.json`` / ``records.jsonl`` of an unsharded run."""
-    if len(shard_metrics) != len(shard_records):
-        raise ValueError(f"{len(shard_metrics)} shard metrics files but {len(shard_records)} shard records files")
-    report, rows = merge_reports([read_json(p) for p in shard_metrics], [read_jsonl(p) for p in shard_records],
-                                 [str(p) for p in shard_metrics])
-    write_jsonl(records_out, rows)
-    write_json(metrics_out, report)
-    return report
-
-
 def embed_stage(dataset: Mapping, sentence_model: str, tensors_out: str | Path, sentences_out: str | Path,
                 device: str = "auto") -> int:
     """IKE's retrieval index: embed the training split's sentences once per dataset x sentence model.
@@ -201,31 +191,6 @@ def embed_stage(dataset: Mapping, sentence_model: str, tensors_out: str | Path, 
     embeddings = encode(load_sentence_model(sentence_model, resolve_device(device)), sentences)
     save_embeddings(tensors_out, sentences_out, embeddings, sentences, sentence_model)
     return len(sentences)
-
-
-def summary_stage(metric_paths: Sequence[str | Path], csv_out: str | Path, md_out: str | Path,
-                  method_order: Sequence[str] | None = None, long_out: str | Path | None = None,
-                  tex_out: str | Path | None = None, model_order: Sequence[str] | None = None,
-                  dataset_order: Sequence[str] | None = None) -> None:
-    from mmke.tables import write_summary
-
-    write_summary(metric_paths, csv_out, md_out, method_order, long_path=long_out, tex_path=tex_out,
-                  model_order=model_order, dataset_order=dataset_order)
-
-
-def plot_stage(summary_csv: str | Path, dataset: str, out: str | Path, model_order: Sequence[str] | None = None) -> None:
-    """One figure per dataset comparing methods, drawn from the summary CSV alone."""
-    from mmke.tables import plot_dataset, read_summary
-
-    plot_dataset(read_summary(summary_csv), dataset, out, model_order)
-
-
-def download_stage(name: str, entry: Mapping[str, Any], checksums: Mapping[str, str | None],
-                   retries: int = 3) -> list[Path]:
-    """Fetch one ``downloads:`` entry of the config (see :mod:`mmke.download`)."""
-    from mmke.download import Download, fetch
-
-    return fetch(Download.from_config(name, entry), checksums, retries=retries)
 
 
 def fact_sources(config: PretrainConfig, datasets: Mapping[str, Mapping], mloc_template: str

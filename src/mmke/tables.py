@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmke.evaluate import (
-    DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, PORTABILITY_METRIC, PORTABILITY_METRICS, SUMMARY_METRICS,
-)
 from mmke.io import atomic_path, atomic_write, read_json
-from mmke.metrics import definition_keys
+from mmke.metric_keys import (
+    DEFINITION_METRICS, EDIT_METRICS, KNOWS_PRED, PORTABILITY_METRIC, PORTABILITY_METRICS, SUMMARY_METRICS,
+    definition_keys,
+)
 
 #: Paper column names (MMEdit Table 2) for each summary metric.
 PAPER_COLUMNS = {

@@ -149,7 +149,8 @@ class MEND(WeightDeltaEditor):
         factors = edit_loss_gradients(model, edit.batch, network.names, capture_linear_io=True)
         deltas = {}
         for index, (name, key, mode) in enumerate(zip(network.names, network.keys, network.modes)):
-            x, delta = factors[name]
+            # the network computes in its own dtype (float32) whatever the model's (bf16 at scale)
+            x, delta = (factor.to(network.edit_lrs.dtype) for factor in factors[name])
             x_new, delta_new = network.transforms[key](x, delta, mode)
             deltas[name] = network.edit_lrs[index] * (delta_new.T @ x_new)
         return deltas

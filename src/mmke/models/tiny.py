@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -183,36 +184,61 @@ def _build_blip2_tree(out_dir: str | os.PathLike, text_config, tokenizer: PreTra
                       init_std: float = 0.02, patch_size: int = PATCH_SIZE,
                       position_sincos: float | None = None) -> Path:
     """Tiny EVA-style vision + Q-Former around ``text_config``'s LM, saved with its processor."""
+    config = blip2_config(text_config, tokenizer, image_size=image_size, num_query_tokens=num_query_tokens,
+                          vision_width=vision_width, init_std=init_std, patch_size=patch_size)
+    model = init_blip2(config, seed, position_sincos=position_sincos)
+    processor = blip2_processor(tokenizer, image_size, num_query_tokens)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def blip2_config(text_config, tokenizer: PreTrainedTokenizerFast, *, image_size: int, num_query_tokens: int,
+                 vision_width: int = 32, init_std: float = 0.02, patch_size: int = PATCH_SIZE,
+                 vision: Mapping[str, Any] | None = None, qformer: Mapping[str, Any] | None = None) -> Blip2Config:
+    """The BLIP-2 config of a tiny model: 2-layer vision encoder and Q-Former, ``vision_width`` wide.
+
+    ``vision`` / ``qformer`` override those sub-configs' fields: ``benchmarks/scale.py`` builds the
+    paper's EVA ViT-g and BERT-base Q-Former through this same function.
+    """
     _check_image_size(image_size, patch_size)
-    config = Blip2Config(
+    return Blip2Config(
         vision_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size,
                        # Blip2VisionConfig defaults to 1e-10 (real checkpoints overwrite it), which
                        # leaves a random encoder blind: every image gives the same features.
-                       "initializer_range": init_std},
+                       "initializer_range": init_std, **(vision or {})},
         qformer_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
                         "num_attention_heads": 2, "encoder_hidden_size": vision_width,
-                        "initializer_range": init_std},
+                        "initializer_range": init_std, **(qformer or {})},
         text_config=text_config.to_dict(),
         num_query_tokens=num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), initializer_range=init_std,
     )
+
+
+def init_blip2(config: Blip2Config, seed: int, position_sincos: float | None = None) -> Blip2ForConditionalGeneration:
+    """A randomly initialised BLIP-2 of ``config`` (on the default device and dtype), seeded."""
     with seeded(seed):
         model = Blip2ForConditionalGeneration(config)
         # transformers zero-initialises the query tokens (real checkpoints overwrite them), which
         # would make every query position identical; LAVIS draws them from N(0, initializer_range).
         with torch.no_grad():
-            model.query_tokens.normal_(mean=0.0, std=init_std)
+            model.query_tokens.normal_(mean=0.0, std=config.initializer_range)
             if position_sincos is not None:  # (1, CLS + patches, width)
-                set_sincos(model.vision_model.embeddings.position_embedding[0], position_sincos, image_size // patch_size)
-    processor = Blip2Processor(
+                vision = config.vision_config
+                set_sincos(model.vision_model.embeddings.position_embedding[0], position_sincos,
+                           vision.image_size // vision.patch_size)
+    return model
+
+
+def blip2_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, num_query_tokens: int) -> Blip2Processor:
+    """BLIP's eval image processing at ``image_size`` px with the tokenizer (the directory's processor)."""
+    return Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, num_query_tokens=num_query_tokens,
     )
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)
 
 
 # LLaVA-1.5's conversation format ("USER: <image>\n{text} ASSISTANT:"), images before text.

@@ -27,7 +27,7 @@ def build_tiny_counterfactual(out_dir: str | os.PathLike, *, seed: int = 0, voca
                        ffn_dim=128, num_attention_heads=2, max_position_embeddings=2048,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    return _save_seeded(out_dir, lambda: OPTForCausalLM(config), tokenizer, seed)
+    return save_seeded(out_dir, lambda: OPTForCausalLM(config), tokenizer, seed)
 
 
 def build_tiny_classifier(out_dir: str | os.PathLike, *, seed: int = 0, vocab_size: int = 1024) -> Path:
@@ -35,10 +35,10 @@ def build_tiny_classifier(out_dir: str | os.PathLike, *, seed: int = 0, vocab_si
     tokenizer = train_tokenizer(vocab_size)
     config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
                               max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
-    return _save_seeded(out_dir, lambda: DistilBertModel(config), tokenizer, seed)
+    return save_seeded(out_dir, lambda: DistilBertModel(config), tokenizer, seed)
 
 
-def _save_seeded(out_dir: str | os.PathLike, make_model: Callable[[], torch.nn.Module], tokenizer, seed: int) -> Path:
+def save_seeded(out_dir: str | os.PathLike, make_model: Callable[[], torch.nn.Module], tokenizer, seed: int) -> Path:
     """Initialise ``make_model()`` from ``seed`` (the caller's RNG untouched) and save it atomically."""
     with seeded(seed):
         model = make_model()

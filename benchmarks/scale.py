@@ -1,0 +1,368 @@
+"""Peak memory and seconds per edit of every method on the paper's model sizes, with random weights.
+
+The paper's architectures are built from configs (no download) through the tiny-model code path
+(:func:`mmke.models.tiny.blip2_config` / :func:`~mmke.models.tiny.init_blip2`, with the paper's
+shapes instead of the tiny ones) and wrapped in their family's adapter, so the edit loop, the
+methods and the measurement are the ones the workflow runs. Only speed and memory mean anything
+here: the weights, MEND/KE networks and SERAC's classifier and counterfactual model are random
+and untrained (at the sizes the hparams name).
+
+* BLIP-2 OPT-2.7b: EVA ViT-g (39 layers, 1408 wide, fed 364 px), Q-Former 12 x 768, OPT-2.7b.
+* MiniGPT-4: the same vision side with Vicuna-7B (Llama, 32 x 4096).
+
+Every registered method with a ``config/hparams/<METHOD>/<model>.yaml`` runs ``--edits`` single
+edits through :func:`mmke.evaluate.evaluate` (apply + the five measured items + revert) after one
+shared baseline pass. Peak memory per method: ``torch.cuda.max_memory_allocated`` on a GPU (reset
+before each method; it includes the model), the peak resident set size on a CPU (Linux'
+``clear_refs`` reset, else the process' peak so far). On a GPU the MiniGPT-4 figures are compared
+with EasyEdit's (issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB), the goal being at most half.
+
+    PYTHONPATH=src python benchmarks/scale.py                       # CPU: BLIP-2 OPT-2.7b, bf16
+    PYTHONPATH=src python benchmarks/scale.py --device cuda --edits 5 --json scale.json
+    PYTHONPATH=src python benchmarks/scale.py --small --edits 1     # tiny shapes, seconds (the test)
+
+``--steps N`` caps FT-style ``num_steps`` (reported with the figures); without it the paper's
+hparams run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import gc
+import importlib
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, LlamaConfig, OPTConfig
+
+from mmke.data.demo import write_demo_dataset
+from mmke.data.records import ImageRoots, load_records
+from mmke.evaluate import Protocol, evaluate, run_baseline
+from mmke.hparams import read_hparams
+from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
+from mmke.methods.meta import MetaEditor
+from mmke.models.base import adapter_class
+from mmke.models.convert import EVA_VIT_G
+from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_tokenizer
+from mmke.models.tiny_aux import save_seeded
+from mmke.stages import embed_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: EasyEdit's MiniGPT-4 GPU memory per method, GB (EasyEdit issue 97).
+EASYEDIT_MINIGPT4_GB = {"IKE": 21.5, "SERAC": 56.8, "MEND": 27.6}
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class LM:
+    """A language model's shape: ``kind`` picks the config class (opt, llama, distilbert)."""
+
+    kind: str
+    width: int
+    layers: int
+    ffn: int
+    heads: int
+    vocab: int
+
+    def config(self, tokenizer) -> Any:
+        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+        if self.kind == "opt":
+            return OPTConfig(vocab_size=self.vocab, hidden_size=self.width, word_embed_proj_dim=self.width,
+                             num_hidden_layers=self.layers, ffn_dim=self.ffn, num_attention_heads=self.heads,
+                             max_position_embeddings=2048, **ids)
+        if self.kind == "llama":
+            return LlamaConfig(vocab_size=self.vocab, hidden_size=self.width, intermediate_size=self.ffn,
+                               num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                               num_key_value_heads=self.heads, max_position_embeddings=2048,
+                               tie_word_embeddings=False, rms_norm_eps=1e-6, **ids)
+        if self.kind == "distilbert":
+            return DistilBertConfig(vocab_size=self.vocab, dim=self.width, n_layers=self.layers,
+                                    hidden_dim=self.ffn, n_heads=self.heads, max_position_embeddings=512,
+                                    pad_token_id=tokenizer.pad_token_id)
+        raise ValueError(f"unknown language model kind {self.kind!r}")
+
+    def small(self) -> LM:
+        """The same kind at test size (4 layers, so scopes up to ``llm.mlp.last3`` exist)."""
+        return LM(self.kind, 64, 4, 128, 2, SMALL_VOCAB)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A paper model: its family, the vision/Q-Former config fields and its language model."""
+
+    family: str
+    lm: LM
+    vision: Mapping[str, Any]
+    qformer: Mapping[str, Any]
+    image_size: int  # what the processor feeds (EasyEdit's 364); the encoder interpolates positions
+    num_query_tokens: int = 32
+
+
+SMALL_VOCAB = 1024
+# LAVIS' EVA ViT-g as its checkpoint stores it (224 px, patch 14), and BLIP-2's BERT-base Q-Former.
+EVA_VISION = {**EVA_VIT_G, "intermediate_size": 6144, "patch_size": 14, "image_size": 224}
+QFORMER = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+           "encoder_hidden_size": EVA_VIT_G["hidden_size"], "cross_attention_frequency": 2}
+OPT_2_7B = LM("opt", 2560, 32, 10240, 32, 50272)
+VICUNA_7B = LM("llama", 4096, 32, 11008, 32, 32000)
+PAPER_MODELS = {
+    "blip2-opt-2.7b": Shape("blip2", OPT_2_7B, EVA_VISION, QFORMER, image_size=364),
+    "minigpt4-vicuna-7b": Shape("minigpt4", VICUNA_7B, EVA_VISION, QFORMER, image_size=364),
+}
+#: Auxiliary models an hparams file names by directory (SERAC's classifier and counterfactual),
+#: by the directory's last component, with the shape of the published model of that name.
+AUX_MODELS = {
+    "distilbert-base-cased": (AutoModel, LM("distilbert", 768, 6, 3072, 12, 28996)),
+    "opt-125m": (AutoModelForCausalLM, LM("opt", 768, 12, 3072, 12, 50272)),
+    "vicuna-7b-v0": (AutoModelForCausalLM, VICUNA_7B),
+}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters in ``dtype`` (a 2.7B model is never materialised in float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_adapter(shape: Shape, device: torch.device, dtype: torch.dtype, small: bool, tokenizer):
+    """The family's adapter around a random model of ``shape`` (tiny shapes with ``small``)."""
+    lm = shape.lm.small() if small else shape.lm
+    sizes = ({"image_size": 32, "num_query_tokens": 4} if small
+             else {"image_size": shape.vision["image_size"], "num_query_tokens": shape.num_query_tokens,
+                   "patch_size": shape.vision["patch_size"], "vision_width": shape.vision["hidden_size"],
+                   "vision": shape.vision, "qformer": shape.qformer})
+    config = blip2_config(lm.config(tokenizer), tokenizer, **sizes)
+    with torch.device(device), default_dtype(dtype):
+        model = init_blip2(config, seed=0)
+    processor = blip2_processor(tokenizer, 32 if small else shape.image_size, config.num_query_tokens)
+    return adapter_class(shape.family)(model.eval(), tokenizer, processor.image_processor, device)
+
+
+class Meter:
+    """Peak memory of a block: GPU allocations on CUDA, resident set size on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.exact = True
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.exact = False  # ru_maxrss is the process' peak so far: an upper bound
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        if self.exact:
+            status = Path("/proc/self/status").read_text()
+            kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+            return kib * 1024 / GIB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def paper_aux(hparams, out: Path, device: torch.device, dtype: torch.dtype, small: bool, tokenizer,
+              built: dict[str, Path]):
+    """``hparams`` with every auxiliary-model directory it names replaced by a random one of that shape.
+
+    The counterfactual shares the edited model's tokenizer, as SERAC requires; the models are
+    saved as transformers directories so the method loads them through its own code.
+    """
+    changes = {}
+    for field in dataclasses.fields(hparams):
+        value = getattr(hparams, field.name)
+        name = Path(value).name if isinstance(value, str) else None
+        if name not in AUX_MODELS:
+            continue
+        if name not in built:
+            auto, lm = AUX_MODELS[name]
+            lm = lm.small() if small else lm
+            config = lm.config(tokenizer)
+            print(f"  building {name} ({lm.layers} x {lm.width}, random) for {hparams.method}")
+            with torch.device(device), default_dtype(dtype):
+                built[name] = save_seeded(out / name, lambda: auto.from_config(config), tokenizer, seed=0)
+        changes[field.name] = str(built[name])
+    return dataclasses.replace(hparams, **changes)
+
+
+def registered_methods() -> list[str]:
+    """Every method in the registry (built-ins imported first): the paper grid's first, in its order."""
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
+    paper = yaml.safe_load((REPO / "config" / "mmedit.yaml").read_text(encoding="utf-8"))["methods"]
+    return [m for m in paper if m in METHODS] + sorted(set(METHODS) - set(paper))
+
+
+def run_method(method: str, model_name: str, adapter, records, roots, train: Path, baseline,
+               resources: Mapping[str, Path], meter: Meter, args, aux: Callable) -> dict:
+    """One method's edits on the loaded model: seconds per edit and peak memory."""
+    path = REPO / "config" / "hparams" / method / f"{model_name}.yaml"
+    hparams = read_hparams(path)
+    notes = []
+    if args.steps is not None and getattr(hparams, "num_steps", args.steps) > args.steps:
+        notes.append(f"num_steps {hparams.num_steps} -> {args.steps}")
+        hparams = dataclasses.replace(hparams, num_steps=args.steps)
+    hparams = aux(hparams)  # built and saved before the meter starts: only loading them counts
+    gc.collect()
+    if adapter.device.type == "cuda":
+        torch.cuda.empty_cache()
+    meter.reset()
+    editor = make_editor(hparams)
+    sentence_model = getattr(hparams, "sentence_model", None)
+    if sentence_model and not resources["embeddings"].exists():  # IKE's retrieval index of the train split
+        embed_stage({"kind": "evqa", "train": str(train), "image_root": str(roots.image)}, sentence_model,
+                    resources["embeddings"], resources["sentences"], device=str(adapter.device))
+    if isinstance(editor, MetaEditor):
+        editor.build(adapter).eval()  # untrained network of the right size: speed and memory only
+        notes.append("untrained network")
+    else:
+        editor.prepare(resources)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = evaluate(adapter, editor, records, roots, baseline, Protocol())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = meter.peak_gib()
+    del editor
+    gc.collect()
+    if adapter.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"edits": len(result.rows), "s_per_edit": wall / len(result.rows),
+            "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "notes": notes}
+
+
+def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, tmp: Path, meter: Meter,
+              data: Mapping[str, Path]) -> dict:
+    """Build one paper model, run its baseline, then every method's edits on it."""
+    shape = PAPER_MODELS[model_name]
+    tokenizer = train_tokenizer(SMALL_VOCAB)
+    roots = ImageRoots(data["images"])
+    records = load_records("evqa", data["eval"], roots)
+    resources = {"embeddings": tmp / "embeddings.safetensors", "sentences": tmp / "sentences.json"}
+    print(f"{model_name}: building ({'small shapes' if args.small else 'paper shapes'}, {dtype}, {device})")
+    meter.reset()
+    start = time.perf_counter()
+    adapter = build_adapter(shape, device, dtype, args.small, tokenizer)
+    params = sum(p.numel() for p in adapter.model.parameters())
+    report = {"parameters": params, "build_s": time.perf_counter() - start, "model_gib": meter.peak_gib(),
+              "methods": {}}
+    print(f"  {params / 1e6:.1f}M parameters, built in {report['build_s']:.1f} s, {report['model_gib']:.2f} GiB")
+    start = time.perf_counter()
+    baseline = run_baseline(adapter, records, roots, Protocol())
+    report["baseline_s_per_record"] = (time.perf_counter() - start) / len(records)
+    print(f"  baseline: {report['baseline_s_per_record']:.2f} s/record")
+    built: dict[str, Path] = {}
+    aux = functools.partial(paper_aux, out=tmp / "aux" / model_name, device=device, dtype=dtype, small=args.small,
+                            tokenizer=tokenizer, built=built)
+    methods = args.methods or registered_methods()
+    for method in methods:
+        if not (REPO / "config" / "hparams" / method / f"{model_name}.yaml").exists():
+            print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
+            continue
+        print(f"  {method}: {len(records)} edit(s) ...")
+        try:
+            row = run_method(method, model_name, adapter, records, roots, data["train"], baseline, resources, meter, args,
+                             aux)
+        except Exception as err:  # one method's failure (e.g. out of memory) must not hide the others
+            row = {"error": f"{type(err).__name__}: {err}"}
+            print(f"  {method}: FAILED {row['error']}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            print(f"  {method}: {row['s_per_edit']:.2f} s/edit ({row['cpu_s_per_edit']:.2f} CPU s), "
+                  f"peak {row['peak_gib']:.2f} GiB {'; '.join(row['notes'])}")
+        report["methods"][method] = row
+    for directory in built.values():  # a 7B counterfactual is 13 GB of disk
+        for file in directory.iterdir():
+            file.unlink()
+    del adapter
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
+
+
+def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
+    print("\nmodel               method   s/edit  CPU s/edit  peak GiB  EasyEdit GB  ratio")
+    for model_name, report in reports.items():
+        for method, row in report["methods"].items():
+            if "error" in row:
+                print(f"{model_name:19s} {method:7s}  {row['error']}")
+                continue
+            anchor = EASYEDIT_MINIGPT4_GB.get(method) if model_name.startswith("minigpt4") else None
+            compare = f"{anchor:11.1f}  {row['peak_gib'] * GIB / 1e9 / anchor:5.2f}" if anchor and device.type == "cuda" else ""
+            note = f"  ({'; '.join(row['notes'])})" if row["notes"] else ""
+            print(f"{model_name:19s} {method:7s} {row['s_per_edit']:7.2f} {row['cpu_s_per_edit']:11.2f} "
+                  f"{row['peak_gib']:9.2f}  {compare}{note}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--models", nargs="+", choices=sorted(PAPER_MODELS),
+                        help="default: both on a GPU, blip2-opt-2.7b on a CPU")
+    parser.add_argument("--methods", nargs="+", help="default: every registered method with paper hparams")
+    parser.add_argument("--edits", type=int, default=2, help="single edits per method (demo E-VQA records)")
+    parser.add_argument("--steps", type=int, help="cap FT-style num_steps (reported as such)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes, same code: a smoke test in seconds")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also through a pipe
+    if args.edits < 1:
+        parser.error("--edits must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    models = args.models or (sorted(PAPER_MODELS) if device.type == "cuda" else ["blip2-opt-2.7b"])
+    unknown = [m for m in args.methods or [] if m not in registered_methods()]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; registered: {registered_methods()}")
+    print(f"scale benchmark: {', '.join(models)} on {device} in {args.dtype}, {args.edits} edit(s) per method, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
+    meter = Meter(device)
+    reports = {}
+    with tempfile.TemporaryDirectory(prefix="mmke-scale-") as tmp:
+        # demo E-VQA records: 12 train records give IKE's k = 32 demonstrations 36 to choose from
+        data = write_demo_dataset(Path(tmp) / "data", "evqa", n_train=12, n_eval=args.edits, seed=0)
+        for model_name in models:
+            reports[model_name] = run_model(model_name, args, device, dtype, Path(tmp), meter, data)
+    print_table(reports, device)
+    result = {"device": str(device), "dtype": args.dtype, "small": args.small, "edits": args.edits,
+              "steps": args.steps, "memory": "cuda max_memory_allocated" if device.type == "cuda"
+              else ("peak RSS (clear_refs)" if meter.exact else "process peak RSS (ru_maxrss)"),
+              "easyedit_minigpt4_gb": EASYEDIT_MINIGPT4_GB, "models": reports}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,46 @@
+"""benchmarks/scale.py in its small mode: the paper-size benchmark's code path on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from mmke.methods.base import METHODS, get_method
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_scale_benchmark_runs_every_method_with_paper_hparams_on_both_models(tmp_path):
+    out = tmp_path / "scale.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--small", "--device", "cpu", "--edits", "1",
+         "--steps", "2", "--models", "blip2-opt-2.7b", "minigpt4-vicuna-7b", "--json", str(out)],
+        capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    get_method("base")  # imports the built-in methods
+    for model in ("blip2-opt-2.7b", "minigpt4-vicuna-7b"):
+        expected = {m for m in METHODS if (REPO / "config" / "hparams" / m / f"{model}.yaml").exists()}
+        rows = report["models"][model]["methods"]
+        assert set(rows) == expected
+        for method, row in rows.items():
+            assert "error" not in row, (model, method, row)
+            assert row["edits"] == 1 and row["s_per_edit"] > 0 and row["peak_gib"] > 0
+        # FT-style step counts are capped and say so; meta networks are reported untrained
+        num_steps = yaml.safe_load((REPO / "config/hparams/FT-L" / f"{model}.yaml").read_text())["num_steps"]
+        assert rows["FT-L"]["notes"] == [f"num_steps {num_steps} -> 2"]
+        assert rows["MEND"]["notes"] == ["untrained network"]
+    assert "s/edit" in done.stdout and "peak GiB" in done.stdout
+
+
+def test_scale_benchmark_refuses_an_unknown_method():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--small", "--methods", "NOPE"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+                          check=False)
+    assert done.returncode == 2 and "unknown method(s) ['NOPE']" in done.stderr
