@@ -65,6 +65,19 @@ def test_lora_injects_into_the_scopes_and_unloading_leaves_the_model_identical(a
     assert torch.equal(logits(adapter, edit_item(adapter, record, roots)), before)
 
 
+def test_lora_edit_depends_on_its_seed_not_on_the_global_generator(adapter, eval_records, roots):
+    """The adapters' dropout stays off (the model's eval mode) and their init draws from ``seed``."""
+    record = eval_records[0]
+    editor = editor_for("LoRA", roots)
+    edited = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        edit = editor.apply(adapter, [record])
+        edited.append(logits(adapter, edit_item(adapter, record, roots)))
+        assert not any(module.training for module in adapter.model.modules())
+        edit.revert()
+    assert torch.equal(edited[0], edited[1])
+
 def test_grace_leaves_out_of_radius_outputs_exactly_unedited(adapter, eval_records, roots):
     record = eval_records[0]
     items = [edit_item(adapter, record, roots), *unrelated_items(adapter, record, roots)]

@@ -68,6 +68,9 @@ class LoRAMemory(Memory):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             self.tuner = tuner_class(model.model, config, ADAPTER)
+        # peft's new modules are built in train mode: put them in the model's mode, or the
+        # adapters' dropout would draw from the unseeded global generator at every step
+        model.model.train(model.model.training)
         self.model = model
         # what peft made trainable: the adapter matrices (AdaLoRA's rank counters stay fixed)
         self.params = {name: p for name, p in model.model.named_parameters()
