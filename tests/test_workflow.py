@@ -245,6 +245,21 @@ def test_changed_hparams_reruns_only_its_jobs(workdir):
 
 
 @pytest.mark.slow
+def test_remapped_hparams_file_reruns_only_that_methods_jobs(workdir):
+    """A model's `hparams` map picks files; it is no setting of the model's pretraining or baselines."""
+    config_path = workdir / "config/config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["models"]["tiny-blip2-b"]["hparams"] = {"base": "tiny-blip2"}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    before = snapshot(workdir)
+    run_snakemake(workdir)
+    outputs = ("metrics.json", "records.jsonl")
+    assert changed(before, snapshot(workdir)) == {
+        f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in outputs
+    } | {f"results/eval/base/tiny-blip2-b/demo-eic/shards/{i}-of-2/{f}" for i in (1, 2) for f in outputs} | TABLES
+
+
+@pytest.mark.slow
 def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
     """demo-eic is sharded: only the gather step reruns, not the shard jobs."""
     target = workdir / "results/eval/base/tiny-blip2/demo-eic/metrics.json"

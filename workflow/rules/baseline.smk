@@ -8,7 +8,7 @@ rule baseline:
         rows="results/baseline/{model}/{dataset}/pre.jsonl",
         tensors="results/baseline/{model}/{dataset}/pre.safetensors",
     params:
-        model=lambda wc: MODELS[wc.model],
+        model=model_spec,
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         batch_size=config["evaluation"].get("batch_size"),

@@ -165,6 +165,15 @@ def model_inputs(wildcards):
     return {"model": MODELS[wildcards.model]["path"]}
 
 
+def model_spec(wildcards):
+    """A model's settings as its jobs see them (a job's params, so a change reruns the job).
+
+    Without ``hparams``, the map that only picks which hparams files a model reuses: the files
+    are inputs of the jobs that read them, so remapping one method's file reruns that method's
+    jobs and not the model's pretraining, baselines or other methods."""
+    return {key: value for key, value in MODELS[wildcards.model].items() if key != "hparams"}
+
+
 CONVERTED_DIR = "resources/models"
 
 

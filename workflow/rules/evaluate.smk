@@ -12,7 +12,7 @@ rule evaluate:
     wildcard_constraints:
         dataset=_alternatives(UNSHARDED_DATASETS),
     params:
-        model=lambda wc: MODELS[wc.model],
+        model=model_spec,
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         evaluation=single_evaluation(),

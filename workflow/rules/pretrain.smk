@@ -10,7 +10,7 @@ rule pretrain:
         checkpoint="resources/checkpoints/{method}/{model}/{dataset}/editor.safetensors",
         report="resources/checkpoints/{method}/{model}/{dataset}/train.json",
     params:
-        model=lambda wc: MODELS[wc.model],
+        model=model_spec,
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         device=config.get("device", "auto"),
