@@ -123,8 +123,11 @@ def test_fused_measurement_scores_equal_the_per_item_scores(adapter, eval_record
 
 
 @pytest.mark.parametrize("method,values", [("FT-L", {"scopes": ["llm.mlp.last2"], "num_steps": 4, "lr": 1e-2}),
-                                           ("FT-V", {"scopes": ["qformer"], "num_steps": 2, "lr": 1e-2})])
-def test_ft_with_image_features_once_equals_recomputing_them(method, values, tiny_blip2_dir, eval_records, roots,
+                                           ("FT-V", {"scopes": ["qformer"], "num_steps": 2, "lr": 1e-2}),
+                                           ("LoRA", {"lora_type": "lora", "num_steps": 3, "lr": 1e-2}),
+                                           ("GRACE", {"scope": "llm.layers.0.mlp.out", "n_iter": 5}),
+                                           ("WISE", {"scope": "llm.layers.-1.mlp.in", "n_iter": 3})])
+def test_edits_with_image_features_once_equal_recomputing_them(method, values, tiny_blip2_dir, eval_records, roots,
                                                               baseline, monkeypatch):
     fast = load_model("blip2", tiny_blip2_dir, image_size=32)
     slow = load_model("blip2", tiny_blip2_dir, image_size=32)
@@ -149,6 +152,7 @@ def test_ft_with_image_features_once_equals_recomputing_them(method, values, tin
 def test_which_edits_keep_the_image_features(adapter):
     assert editor("FT-L", scopes=["llm.mlp.last1"]).keeps_image_features(adapter)
     assert not editor("FT-V", scopes=["qformer"]).keeps_image_features(adapter)
+    assert all(editor(method).keeps_image_features(adapter) for method in ("LoRA", "GRACE", "WISE"))
     assert editor("base").keeps_image_features(adapter) and editor("base").weights_unchanged
     assert not get_method("MEND").weights_unchanged and get_method("SERAC").weights_unchanged
     assert adapter.downstream_of_features(adapter.scopes()["llm"])

@@ -98,10 +98,10 @@ def test_grace_same_target_covers_the_query_and_another_target_splits_the_radii(
     edits = [editor.apply(adapter, [first])]
     memory = next(iter(editor._memories.values()))
     edits.append(editor.apply(adapter, [first]))  # same target: no new key
-    assert len(memory.codebook.keys) == 1
+    assert len(memory.book.keys) == 1
     other = second if second.target != first.target else eval_records[2]
     edits.append(editor.apply(adapter, [other]))
-    book = memory.codebook
+    book = memory.book
     distance = torch.dist(book.keys[0], book.keys[1])
     assert len(book.keys) == 2 and book.radii[0] < distance / 2 and book.radii[1] == pytest.approx(distance / 2)
     for edit in reversed(edits):
@@ -129,11 +129,11 @@ def test_wise_merges_shards_every_merge_freq_edits(adapter, eval_records, roots)
     editor = editor_for("WISE", roots, save_freq=1, merge_freq=2)
     edits = [editor.apply(adapter, [eval_records[0]])]
     memory = next(iter(editor._memories.values()))
-    assert len(memory.memory.shards) == 1 and memory.memory.merged is None and memory.memory.side is None
+    assert len(memory.book.shards) == 1 and memory.book.merged is None and memory.book.side is None
     edits.append(editor.apply(adapter, [eval_records[1]]))
-    assert memory.memory.shards == () and memory.memory.merged is not None
+    assert memory.book.shards == () and memory.book.merged is not None
     edits[1].revert()
-    assert len(memory.memory.shards) == 1 and memory.memory.merged is None  # what edit 2 found
+    assert len(memory.book.shards) == 1 and memory.book.merged is None  # what edit 2 found
     edits[0].revert()
     assert not editor._memories
 

@@ -24,9 +24,7 @@ import torch
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
 from mmke.methods.ft import target_nll
-from mmke.methods.lifelong import (
-    BatchTap, LifelongEditor, Memory, by_row, frozen, key_positions, scope_module, unfreeze,
-)
+from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, key_positions, scope_module, unfreeze
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
 
@@ -65,29 +63,17 @@ class Codebook:
     targets: tuple[str, ...] = ()
 
 
-class GRACEMemory(Memory):
-    """The codebook and the hook that consults it."""
+class GRACEMemory(HookedMemory):
+    """The codebook (``book``) and the hook that consults it."""
+
+    book: Codebook
 
     def __init__(self, model: VLMAdapter, layer: torch.nn.Linear):
-        self.layer = layer
-        self.tap = BatchTap(model)
         weight = layer.weight  # keys and radii in float32 whatever the model's dtype
-        self.codebook = Codebook(weight.new_zeros(0, weight.shape[1], dtype=torch.float32),
-                                 weight.new_zeros(0, weight.shape[0]), weight.new_zeros(0, dtype=torch.float32))
-        self.edits = 0
-        self.training: torch.Tensor | None = None  # the value being trained, used at every key token
+        super().__init__(model, layer, Codebook(weight.new_zeros(0, weight.shape[1], dtype=torch.float32),
+                                                weight.new_zeros(0, weight.shape[0]),
+                                                weight.new_zeros(0, dtype=torch.float32)))
         self.queries: torch.Tensor | None = None  # the last forward's queries, [B, in]
-        self.handle = layer.register_forward_hook(self.hook)
-
-    def state(self) -> tuple[Codebook, int]:
-        return self.codebook, self.edits
-
-    def load(self, state: tuple[Codebook, int]) -> None:
-        self.codebook, self.edits = state
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.tap.remove()
 
     def hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         batch = self.tap.current("GRACE")
@@ -100,7 +86,7 @@ class GRACEMemory(Memory):
             output = output.clone()
             output[rows, positions] = self.training.to(output.dtype).expand(len(rows), -1)
             return output.view(shape)
-        book = self.codebook
+        book = self.book
         if not len(book.keys):
             return output.view(shape)
         distance, nearest = torch.cdist(queries, book.keys).min(dim=1)
@@ -118,6 +104,9 @@ class GRACE(LifelongEditor):
     hparams_class = GRACEHParams
     hparams: GRACEHParams
 
+    def scopes(self) -> list[str]:
+        return [self.hparams.scope]
+
     def install(self, model: VLMAdapter) -> GRACEMemory:
         _, layer = scope_module(model, self.hparams.scope, self.name)
         return GRACEMemory(model, layer)
@@ -128,7 +117,7 @@ class GRACE(LifelongEditor):
         with torch.no_grad():  # the query; the codebook does not change the layer's input
             model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
         query = memory.queries[0]
-        book, index = self._place(memory.codebook, query, record.target)
+        book, index = self._place(memory.book, query, record.target)
         value = book.values[index].clone().requires_grad_(True)
         optimiser = torch.optim.Adam([value], lr=hp.edit_lr)
         flags = frozen(model)
@@ -143,7 +132,7 @@ class GRACE(LifelongEditor):
             unfreeze(model, flags)
         values = book.values.clone()
         values[index] = value.detach()
-        memory.codebook = dataclasses.replace(book, values=values)
+        memory.book = dataclasses.replace(book, values=values)
         memory.edits += 1
 
     def _place(self, book: Codebook, query: torch.Tensor, target: str) -> tuple[Codebook, int]:

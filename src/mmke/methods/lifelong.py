@@ -43,6 +43,35 @@ class Memory(abc.ABC):
         """Take the memory out of the model: the model is as it was before the first edit."""
 
 
+class HookedMemory(Memory):
+    """A memory consulted by a forward hook on one Linear layer (GRACE's codebook, WISE's side memory).
+
+    ``book`` is everything the edits taught it, a value that is replaced, never mutated, so that it
+    is the memory's state as it stands; the hook reads the batch being scored from a :class:`BatchTap`.
+    While an edit trains, ``training`` holds the tensor it optimises, which the hook uses instead.
+    """
+
+    def __init__(self, model: VLMAdapter, layer: torch.nn.Linear, book: Any):
+        self.layer, self.book, self.edits = layer, book, 0
+        self.training: torch.Tensor | None = None
+        self.tap = BatchTap(model)
+        self.handle = layer.register_forward_hook(self.hook)
+
+    def state(self) -> tuple[Any, int]:
+        return self.book, self.edits
+
+    def load(self, state: tuple[Any, int]) -> None:
+        self.book, self.edits = state
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.tap.remove()
+
+    @abc.abstractmethod
+    def hook(self, module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The layer's output as the memory makes it (``output`` itself where it has nothing to say)."""
+
+
 class MemoryEdit(Edit):
     """A live edit of a lifelong editor; ``revert`` puts back the memory it found."""
 
@@ -71,6 +100,14 @@ class LifelongEditor(Editor):
     def __init__(self, hparams: HParams):
         super().__init__(hparams)
         self._memories: dict[int, Memory] = {}
+
+    @abc.abstractmethod
+    def scopes(self) -> list[str]:
+        """The adapter scopes whose layers the memory wraps or hooks."""
+
+    def keeps_image_features(self, model: VLMAdapter) -> bool:
+        names = [name for scope in self.scopes() for name in model.editable(scope)]
+        return model.downstream_of_features(names)
 
     @abc.abstractmethod
     def install(self, model: VLMAdapter) -> Memory:

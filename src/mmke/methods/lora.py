@@ -97,6 +97,9 @@ class LoRA(LifelongEditor):
     hparams_class = LoRAHParams
     hparams: LoRAHParams
 
+    def scopes(self) -> list[str]:
+        return self.hparams.scopes
+
     def install(self, model: VLMAdapter) -> LoRAMemory:
         return LoRAMemory(model, self.hparams, scope_modules(model, self.hparams.scopes, self.name))
 

@@ -36,7 +36,7 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
 from mmke.methods.ft import target_nll
-from mmke.methods.lifelong import BatchTap, LifelongEditor, Memory, by_row, frozen, scope_module, unfreeze
+from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, scope_module, unfreeze
 from mmke.models.base import VLMAdapter
 
 #: Rows longer than this are routed on their largest token distance, shorter ones on the mean.
@@ -89,28 +89,17 @@ class SideMemory:
     acts: tuple[float, ...] = ()  # each edit's distance d on its own row when trained
 
 
-class WISEMemory(Memory):
+class WISEMemory(HookedMemory):
+    """The side memory (``book``) and the router between it and the layer's own weight."""
+
+    book: SideMemory
+
     def __init__(self, model: VLMAdapter, layer: torch.nn.Linear, act: str, act_ratio: float):
-        self.layer = layer
+        super().__init__(model, layer, SideMemory())
         self.act_ratio = act_ratio
-        self.tap = BatchTap(model)
         self.act = ACT2FN[act]
-        self.memory = SideMemory()
-        self.edits = 0
-        self.training: torch.Tensor | None = None
         self.distance: torch.Tensor | None = None  # per row, the last forward's d (training only)
         self.routes: torch.Tensor | None = None  # per row, the last forward's memory: 0 main, 1 merged, 2 side
-        self.handle = layer.register_forward_hook(self.hook)
-
-    def state(self) -> tuple[SideMemory, int]:
-        return self.memory, self.edits
-
-    def load(self, state: tuple[SideMemory, int]) -> None:
-        self.memory, self.edits = state
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.tap.remove()
 
     def distances(self, main: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, infer: bool) -> torch.Tensor:
         """Per row, ``|act(main) - act(other)|`` over the hidden size, averaged over real tokens
@@ -133,7 +122,7 @@ class WISEMemory(Memory):
             side = F.linear(x, self.training.to(x.dtype), module.bias)
             self.distance = self.distances(output, side, mask, infer=False)
             return side.view(shape)
-        book = self.memory
+        book = self.book
         memories = [w for w in (book.merged, book.side) if w is not None]
         if not memories:
             return output.view(shape)
@@ -154,6 +143,9 @@ class WISE(LifelongEditor):
     hparams_class = WISEHParams
     hparams: WISEHParams
 
+    def scopes(self) -> list[str]:
+        return [self.hparams.scope]
+
     def install(self, model: VLMAdapter) -> WISEMemory:
         _, layer = scope_module(model, self.hparams.scope, self.name)
         config = model.model.config.get_text_config()
@@ -164,7 +156,7 @@ class WISE(LifelongEditor):
 
     def edit(self, memory: WISEMemory, model: VLMAdapter, record: EditRecord) -> None:
         hp = self.hparams
-        book = memory.memory
+        book = memory.book
         main = memory.layer.weight.detach()
         mask = book.mask if memory.edits % hp.save_freq else self._shard_mask(main, memory.edits // hp.save_freq)
         start = main if book.side is None else book.side
@@ -198,7 +190,7 @@ class WISE(LifelongEditor):
             memory.training = None
             unfreeze(model, flags)
         memory.edits += 1
-        memory.memory = self._bookkeep(dataclasses.replace(book, side=side.detach(), mask=mask,
+        memory.book = self._bookkeep(dataclasses.replace(book, side=side.detach(), mask=mask,
                                                            acts=(*book.acts, act)), main, memory.edits)
 
     def _shard_mask(self, main: torch.Tensor, shard: int) -> torch.Tensor:
