@@ -96,7 +96,7 @@ class LM:
 
     def small(self) -> LM:
         """The same kind and depth at test width: the paper hparams' layer scopes
-        (``llm.layers.20.mlp.out``, ``llm.mlp.last3``) exist in it too."""
+        (``llm.layers.18.mlp.out``, ``llm.mlp.last3``) exist in it too."""
         return LM(self.kind, 64, self.layers, 128, 2, SMALL_VOCAB)
 
 

@@ -1,7 +1,6 @@
 """The paper config plans the full grid offline, and the profiles request the right resources.
 
-Dry runs only (``-n``): nothing is downloaded or computed. The workflow is copied to a temporary
-folder where stand-ins replace what other branches provide (see ``paper_workdir``).
+Dry runs only (``-n``): nothing is downloaded or computed, in a private copy of the workflow.
 """
 
 from __future__ import annotations
@@ -17,25 +16,35 @@ import pytest
 import yaml
 from workflow_copy import REPO, copy_workflow, snakemake_env
 
+from mmke.hparams import HParams, read_hparams
+
 PAPER = yaml.safe_load((REPO / "config/mmedit.yaml").read_text())
 METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND", "LoRA", "GRACE", "WISE"]
 MODELS = ["blip2-opt-2.7b", "minigpt4-vicuna-7b"]
+#: The methods of the sequential schedule: every one that edits weights.
+SEQUENTIAL_METHODS = ["FT-L", "FT-V", "KE", "MEND", "LoRA", "GRACE", "WISE"]
 #: Rules of the paper DAG that run on a GPU (the others run on CPU nodes or the submitting host).
-GPU_RULES = ("baseline", "evaluate_shard", "embed", "pretrain")
+GPU_RULES = ("baseline", "evaluate_shard", "evaluate_sequential", "embed", "pretrain")
 
 
 @pytest.fixture(scope="module")
 def paper_workdir(tmp_path_factory) -> Path:
-    root = copy_workflow(tmp_path_factory.mktemp("paper"))
-    # Stand-ins, in this temporary copy only, for hparams files other branches provide (issue 3:
-    # FT-L/FT-V/IKE, issue 4: KE/SERAC/MEND), written only where absent.
-    for method in METHODS:
-        for model in MODELS:
-            path = root / "config/hparams" / method / f"{model}.yaml"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"method: {method}\nmodel: {model}\n")
-    return root
+    return copy_workflow(tmp_path_factory.mktemp("paper"))
+
+
+def read_every_hparams_file(config: dict) -> dict[tuple[str, str], HParams]:
+    """Each method x model hparams file of ``config``, read and type-checked by the library.
+
+    The dry runs only check that the files exist; this reads their values as a job would.
+    """
+    root = REPO / config.get("hparams_dir", "config/hparams")
+    files = {}
+    for method in config["methods"]:
+        for model in config["models"]:
+            hparams = read_hparams(root / method / f"{model}.yaml", expect_method=method)
+            assert hparams.model == model, (method, model)
+            files[method, model] = hparams
+    return files
 
 
 def download_rule(dest: str) -> str:
@@ -85,6 +94,27 @@ def test_plans_the_full_grid_offline(paper_workdir):
             and j["wildcards"]["dataset"] == "eic"} == {"1", "2", "3", "4"}
 
 
+def test_plans_the_sequential_schedule_beside_the_single_one(paper_workdir):
+    sequential = PAPER["evaluation"]["sequential"]
+    assert sequential["methods"] == SEQUENTIAL_METHODS and sequential["n_edits"] == 1000
+    assert "models" not in sequential and "datasets" not in sequential  # both models, both datasets
+    jobs = planned_jobs(dry_run(paper_workdir))
+    counts = Counter(job["rule"] for job in jobs)
+    combos = {(me, mo, d) for me in SEQUENTIAL_METHODS for mo in MODELS for d in ("evqa", "eic")}
+    assert counts["evaluate_sequential"] == len(combos)  # one unsharded job per combo
+    assert {(j["wildcards"]["method"], j["wildcards"]["model"], j["wildcards"]["dataset"])
+            for j in jobs if j["rule"] == "evaluate_sequential"} == combos
+    assert counts["summary_sequential"] == 1 and counts["plot_sequential"] == 2
+    assert counts["pretrain"] == 3 * len(MODELS) * 2  # KE and MEND reuse the single schedule's networks
+
+
+def test_every_method_x_model_has_a_typed_hparams_file():
+    files = read_every_hparams_file(PAPER)
+    assert set(files) == {(method, model) for method in METHODS for model in MODELS}
+    assert {files["WISE", model].scope for model in MODELS} == {"llm.layers.23.mlp.in", "llm.layers.23.mlp.out"}
+    assert {files["GRACE", model].scope for model in MODELS} == {"llm.layers.18.mlp.out"}
+
+
 def test_downloads_target_fetches_every_checkpoint(paper_workdir):
     counts = Counter(job["rule"] for job in planned_jobs(dry_run(paper_workdir, "downloads")))
     expected = {"download_" + re.sub(r"\W", "_", name) for name in PAPER["downloads"]} | {"extract_images", "downloads"}
@@ -98,8 +128,8 @@ def test_local_profile_requests_gpus_per_job(paper_workdir):
     assert "gpu=2" in profile["resources"]
     jobs = planned_jobs(dry_run(paper_workdir, "--profile", "config/profiles/local"))
     by_rule = {job["rule"]: job["resources"] for job in jobs}
-    for rule, stage in (("evaluate_shard", "evaluate"), ("baseline", "baseline"), ("embed", "embed"),
-                        ("pretrain", "pretrain")):
+    for rule, stage in (("evaluate_shard", "evaluate"), ("evaluate_sequential", "evaluate"), ("baseline", "baseline"),
+                        ("embed", "embed"), ("pretrain", "pretrain")):
         wanted = PAPER["resources"][stage]
         assert by_rule[rule]["gpu"] == str(wanted["gpu"]) == "1"
         assert by_rule[rule]["mem_mb"] == str(wanted["mem_mb"])
@@ -113,6 +143,7 @@ def test_slurm_profile_maps_gpu_jobs_to_the_gpu_partition(paper_workdir):
     assert profile["executor"] == "slurm"
     assert {"slurm_account", "slurm_partition", "mem_mb", "runtime"} <= set(profile["default-resources"])
     assert set(profile["set-resources"]) == set(GPU_RULES) | {"evaluate"}
+    assert profile["set-resources"]["evaluate_sequential"]["runtime"] == 8 * PAPER["resources"]["evaluate"]["runtime"]
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm not installed (pip install .[slurm]): profile parsed only")
     jobs = planned_jobs(dry_run(paper_workdir, "--profile", "config/profiles/slurm"))

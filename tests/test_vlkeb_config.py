@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_paper_config import planned_jobs
+from test_paper_config import planned_jobs, read_every_hparams_file
 from workflow_copy import REPO, copy_workflow, snakemake_env
 
 VLKEB = yaml.safe_load((REPO / "config/vlkeb.yaml").read_text())
-METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND"]
+METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND", "LoRA", "GRACE", "WISE"]
 MODELS = ["blip2-opt-2.7b", "minigpt4-vicuna-7b", "llava-1.5-7b"]
 
 
@@ -47,6 +47,15 @@ def test_plans_every_method_on_every_model_offline(workdir):
     assert counts["extract_vlkeb_images"] == 1 and counts["summary"] == 1 and counts["plot"] == 1
     gathered = {(j["wildcards"]["method"], j["wildcards"]["model"]) for j in jobs if j["rule"] == "gather_shards"}
     assert gathered == {(method, model) for method in METHODS for model in MODELS}
+
+
+def test_every_method_x_model_has_a_typed_hparams_file():
+    files = read_every_hparams_file(VLKEB)
+    assert set(files) == {(method, model) for method in METHODS for model in MODELS}
+    llava = {method: files[method, "llava-1.5-7b"] for method in ("LoRA", "GRACE", "WISE")}
+    assert (llava["LoRA"].scopes, llava["LoRA"].lora_type, llava["LoRA"].rank) == (["llm.attn.qv"], "adalora", 8)
+    assert (llava["GRACE"].scope, llava["GRACE"].n_iter) == ("llm.layers.18.mlp.out", 20)
+    assert (llava["WISE"].scope, llava["WISE"].merge_freq) == ("llm.layers.23.mlp.out", 1000)
 
 
 def test_every_source_is_scripted_and_every_model_piece_is_downloaded(workdir):
