@@ -16,6 +16,7 @@ from mmke.data.records import RecordImages, multimodal_locality_prompt
 from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import read_hparams
 from mmke.methods.base import make_editor
+from mmke.methods.wise import Shard, merge, route, ties_merge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def test_wise_routes_locality_items_to_the_main_memory(adapter, eval_records, ro
     memory = next(iter(editor._memories.values()))
     try:
         logits(adapter, edit_item(adapter, record, roots))
-        assert memory.routes.tolist() == [2]  # the edit's own item: the side memory
+        assert memory.routes.tolist() == [2]  # the edit's own item: its memory (the first stored one)
         after = logits(adapter, text)
         assert memory.routes.tolist() == [0]  # the text locality item: the main memory ...
     finally:
@@ -126,21 +127,87 @@ def test_wise_routes_locality_items_to_the_main_memory(adapter, eval_records, ro
 
 
 def test_wise_merges_shards_every_merge_freq_edits(adapter, eval_records, roots):
-    editor = editor_for("WISE", roots, save_freq=1, merge_freq=2)
+    editor = editor_for("WISE", roots, retrieve=False, save_freq=1, merge_freq=2)
     edits = [editor.apply(adapter, [eval_records[0]])]
     memory = next(iter(editor._memories.values()))
-    assert len(memory.book.shards) == 1 and memory.book.merged is None and memory.book.side is None
+    assert len(memory.book.shards) == 1 and memory.book.merged == () and memory.book.side is None
     edits.append(editor.apply(adapter, [eval_records[1]]))
-    assert memory.book.shards == () and memory.book.merged is not None
+    assert memory.book.shards == () and len(memory.book.merged) == 1
     edits[1].revert()
-    assert len(memory.book.shards) == 1 and memory.book.merged is None  # what edit 2 found
+    assert len(memory.book.shards) == 1 and memory.book.merged == ()  # what edit 2 found
     edits[0].revert()
     assert not editor._memories
 
 
-@pytest.mark.parametrize("method", ["GRACE", pytest.param("WISE", marks=pytest.mark.xfail(
-    strict=True, reason="known gap: on this data WISE keeps only the newest of 4 sequential edits "
-                        "(edit 1: token accuracy 0), whether its shards merge or not"))])
+def test_ties_merge_is_the_weighted_mean_of_the_agreeing_changes_after_pruning():
+    """EasyEdit's GTA('magnitude', 'sum', normalize=True), worked by hand."""
+    main = torch.full((2, 3), 10.0)
+    a = Shard(main + torch.tensor([[1.0, -2.0, 0.0], [4.0, 0.0, 0.0]]), 3.0)
+    b = Shard(main + torch.tensor([[3.0, 1.5, 0.0], [-1.0, 0.0, 5.0]]), 2.0)
+    merged = ties_merge(main, [a, b], [0.25, 0.75], density=0.5)  # keeps 3 of 6: b's -1 goes
+    expected = torch.tensor([[(0.25 * 1 + 0.75 * 3) / 1.0,  # both agree: weighted mean
+                              1.5,  # -0.5 + 1.125 elects +: only b agrees
+                              0.0],
+                             [4.0,  # b's change was pruned: a alone
+                              0.0, 5.0]])
+    torch.testing.assert_close(merged.weight, main + expected)
+    assert merged.min_act == 2.0
+
+
+def test_a_later_wise_merge_weighs_the_earlier_merged_memory_0_6():
+    main = torch.zeros(1, 2)
+    shards = [Shard(torch.tensor([[1.0, 0.0]]), 1.0), Shard(torch.tensor([[3.0, 0.0]]), 1.0)]
+    earlier = Shard(torch.tensor([[6.0, 2.0]]), 0.5)
+    hp = read_hparams(REPO / "config/hparams/WISE/tiny-blip2.yaml", overrides={"densities": 1.0})
+    merged = merge(main, shards, earlier, hp)
+    torch.testing.assert_close(merged.weight, torch.tensor([[(0.2 * 1 + 0.2 * 3 + 0.6 * 6) / 1.0, 2.0]]))
+    assert merged.min_act == 0.5
+
+
+def test_wise_routers_as_easyedit():
+    d = torch.tensor([[5.0, 5.0, 3.0, 1.0],   # the side copy
+                      [9.0, 4.0, 2.0, 0.0],   # stored memory 1
+                      [6.0, 7.0, 9.0, 0.0]])  # stored memory 2
+    # Retrieve: a stored memory over its own threshold wins if its d beats the side's
+    assert route(d, [4.0, 8.0, 8.0], side=True, retrieve=True).tolist() == [1, 0, 2, -1]
+    assert route(d[1:], [8.0, 8.0], side=False, retrieve=True).tolist() == [0, -1, 1, -1]
+    # Merge: the larger d, if it reaches the one threshold
+    assert route(d[:2], [4.5, 4.5], side=True, retrieve=False).tolist() == [1, 0, -1, -1]
+
+
+def test_wise_retrieve_keeps_each_merge_apart(adapter, eval_records, roots):
+    editor = editor_for("WISE", roots, retrieve=True, save_freq=1, merge_freq=2)
+    edits = [editor.apply(adapter, [eval_records[0]])]
+    memory = next(iter(editor._memories.values()))
+    first = memory.book.shards[0]
+    edits += [editor.apply(adapter, [record]) for record in eval_records[1:3]]
+    assert memory.book.merged[0].min_act <= first.min_act  # the merge's threshold: its edits' smallest d
+    assert len(memory.book.merged) == 1 and len(memory.book.shards) == 1 and memory.book.side is None
+    side, stored = memory.consulted()
+    assert side is None and [shard.weight for shard in stored] == [memory.book.merged[0].weight,
+                                                                   memory.book.shards[0].weight]
+    for edit in reversed(edits):
+        edit.revert()
+
+
+def test_wise_merge_measures_pending_shards_as_merged_without_storing_the_merge(adapter, eval_records, roots):
+    """EasyEdit merges what is pending before it answers, once save_freq edits were made."""
+    editor = editor_for("WISE", roots, retrieve=False, save_freq=2, merge_freq=4)
+    edits = [editor.apply(adapter, [eval_records[0]])]
+    memory = next(iter(editor._memories.values()))
+    assert memory.consulted() == (memory.book.side, [])  # fewer than save_freq edits: the side copy
+    edits += [editor.apply(adapter, [record]) for record in eval_records[1:3]]
+    book = memory.book
+    assert len(book.shards) == 1 and book.side is not None and book.merged == ()
+    side, stored = memory.consulted()
+    pending = [book.shards[0], Shard(book.side, min(book.acts))]
+    assert side is None and torch.equal(stored[0].weight, merge(memory.layer.weight, pending, None, editor.hparams).weight)
+    assert memory.book is book and len(book.shards) == 1  # measuring stored nothing
+    for edit in reversed(edits):
+        edit.revert()
+
+
+@pytest.mark.parametrize("method", ["GRACE", "WISE"])
 def test_sequential_edits_keep_the_first_edit(adapter, eval_records, roots, baseline, method):
     """Reliability of edit 1 measured after all N edits of the group (the sequential schedule)."""
     editor = editor_for(method, roots)
@@ -168,6 +235,7 @@ def test_reverting_out_of_order_is_an_error(adapter, eval_records, roots):
     ("GRACE", {"val_init": "warm"}, "GRACE supports .* got \\{'val_init': 'warm'\\}"),
     ("WISE", {"save_freq": 3, "merge_freq": 4}, "WISE merge_freq \\(4\\) must be a multiple of save_freq \\(3\\)"),
     ("WISE", {"act_margin": [5.0, 20.0]}, "WISE act_margin is \\[alpha, beta, gamma\\]"),
+    ("WISE", {"replay": True}, "WISE supports replay: false"),
 ])
 def test_settings_the_methods_do_not_implement_are_errors_naming_the_file(method, values, message):
     path = REPO / f"config/hparams/{method}/tiny-blip2.yaml"

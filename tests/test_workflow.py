@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -257,6 +258,24 @@ def test_remapped_hparams_file_reruns_only_that_methods_jobs(workdir):
     assert changed(before, snapshot(workdir)) == {
         f"results/eval/base/tiny-blip2-b/{d}/{f}" for d in ("demo-evqa", "demo-eic") for f in outputs
     } | {f"results/eval/base/tiny-blip2-b/demo-eic/shards/{i}-of-2/{f}" for i in (1, 2) for f in outputs} | TABLES
+
+
+@pytest.mark.slow
+def test_a_changed_generator_reruns_what_it_generated(workdir):
+    """A demo dataset older than its generator's source (mmke/data/demo.py) is made again."""
+    outputs = [workdir / f"resources/demo/demo-evqa/{name}" for name in ("train.json", "eval.json", "images")]
+    stamps = {path: path.stat() for path in outputs}
+    try:
+        for path in outputs:
+            os.utime(path, ns=(0, 0))  # as if the generator had changed since
+        plan = run_snakemake(workdir, "--dry-run").stdout
+    finally:
+        for path, stat in stamps.items():
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    reasons = dict(re.findall(r"rule (\w+):\n(?:    .*\n)*?    reason: (.*)", plan))  # rule -> a job's reason
+    assert reasons["demo_dataset"].startswith("Updated input files:"), plan[-3000:]
+    assert reasons["demo_dataset"].endswith(os.path.join("mmke", "data", "demo.py")), reasons["demo_dataset"]
+    assert "tiny_model" not in reasons  # other generators' outputs stay
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 # Combos, input functions, wildcard constraints and resource helpers shared by all rules.
 import functools
+import importlib.util
 import os
 import re
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -15,6 +17,24 @@ ENV = "../../envs/mmke.yaml"
 PRETRAINED_METHODS = ("MEND", "SERAC", "KE")
 # Hparams keys naming SERAC's auxiliary model directories (inputs of its pretrain job).
 AUX_MODEL_KEYS = ("classifier", "counterfactual")
+
+
+def _mmke_dir():
+    """The mmke package the stages import: this interpreter's (as `make` runs it), else the repository's."""
+    spec = importlib.util.find_spec("mmke")
+    return Path(spec.origin).parent if spec is not None else Path(workflow.basedir) / "src" / "mmke"
+
+
+MMKE_DIR = _mmke_dir()
+
+
+def generator_sources(*files):
+    """Source files (relative to the mmke package) of the code that generates a rule's output: the
+    demo's datasets, the tiny random inits, the base models trained on the world. They are the
+    rule's inputs, so that changing a generator reruns what it made (Snakemake tracks a rule's own
+    script, not the library the script calls); a stale synthetic dataset would otherwise survive it.
+    """
+    return [str(MMKE_DIR / name) for name in files]
 
 
 def _alternatives(names):
@@ -252,11 +272,15 @@ def train_split_inputs(names):
     return inputs
 
 
+# The world and its facts a base model (or SERAC's counterfactual LM) is trained on.
+WORLD_TRAINING_SOURCES = generator_sources("world_training.py", "facts.py", "data/demo.py")
+
+
 def pretrain_base_inputs(wildcards):
     """The random init and the train splits it learns (world pictures are rendered by the stage)."""
     spec = MODELS[wildcards.model]["pretrain"]
     init = {"init": spec.get("init", f"resources/tiny/{wildcards.model}")}
-    return init | train_split_inputs(spec.get("datasets", []))
+    return init | train_split_inputs(spec.get("datasets", [])) | {"code": WORLD_TRAINING_SOURCES}
 
 
 # SERAC's counterfactual LM of the demo, trained from the tiny init (config `counterfactual:`).
@@ -266,7 +290,7 @@ COUNTERFACTUAL_DIR = "resources/world/counterfactual"
 def pretrain_counterfactual_inputs(wildcards):
     spec = config["counterfactual"]["pretrain"]
     init = {"init": spec.get("init", "resources/tiny/aux/counterfactual")}
-    return init | train_split_inputs(spec.get("datasets", []))
+    return init | train_split_inputs(spec.get("datasets", [])) | {"code": WORLD_TRAINING_SOURCES}
 
 
 def pretrain_datasets(spec):

@@ -3,6 +3,8 @@
 
 
 rule demo_dataset:
+    input:
+        code=generator_sources("data/demo.py"),
     output:
         train="resources/demo/{dataset}/train.json",
         eval="resources/demo/{dataset}/eval.json",
@@ -25,6 +27,8 @@ rule demo_dataset:
 
 
 rule tiny_model:
+    input:
+        code=generator_sources("models/tiny.py", "data/demo.py"),
     output:
         directory("resources/tiny/{model}"),
     params:

@@ -32,6 +32,8 @@ rule pretrain:
 
 
 rule tiny_aux_model:
+    input:
+        code=generator_sources("models/tiny_aux.py", "models/tiny.py", "data/demo.py"),
     output:
         directory("resources/tiny/aux/{kind}"),
     log:

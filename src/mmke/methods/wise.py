@@ -11,25 +11,37 @@ The side memory starts as a copy of it and takes the edits:
   EasyEdit's multimodal WISE uses it) ``d <= alpha``, and the two should be ``gamma`` apart
   (``act_margin = [alpha, beta, gamma]``). Only a random share ``mask_ratio`` of the side weight's
   entries learns, one mask per knowledge shard of ``save_freq`` edits; the side weight stays within
-  ``norm_constraint`` of the main weight per entry.
-* **Merging.** Every ``save_freq`` edits the side copy is put aside as a shard and a fresh copy
-  starts; every ``merge_freq`` edits the shards (and the earlier merged memory) merge into one
-  merged side memory by TIES (``peft.utils.merge_utils.ties``: keep the ``densities`` share of
-  each shard's change by magnitude, elect a sign per entry, average the agreeing changes with
-  ``weights``). Shards put aside but not merged yet are not consulted (EasyEdit's WISE-Merge).
-* **Routing.** Per row, ``d`` is measured for the merged and the current side memory (the mean
-  over the row's real tokens; the largest token distance for rows over 100 tokens, as EasyEdit).
-  Below ``act_ratio`` times the smallest ``d`` any edit reached while training, the row keeps the
-  main memory's output exactly; otherwise it gets the memory with the larger ``d``.
+  ``norm_constraint`` of the main weight per entry. Each edit's own ``d`` when trained is kept:
+  ``act_ratio`` times the smallest of them is the router's threshold.
+* **Shards.** Every ``save_freq`` edits the side copy is put aside as a shard and a fresh copy
+  starts from the main weight, with a new mask.
+* **Merging** (EasyEdit's WISE-Merge, ``retrieve: false``). Every ``merge_freq`` edits the shards
+  and the earlier merged memory merge into one memory by TIES, as EasyEdit's ``GTA('magnitude',
+  'sum', normalize=True)``: keep the ``densities`` share of each change by magnitude (peft's
+  pruning), elect a sign per entry, take the weighted mean of the agreeing changes; shards weigh
+  ``weights / n`` in the first merge, and in a later one ``0.4 / n`` each beside ``0.6`` for the
+  earlier merged memory. The router chooses, per row, between the main memory, the merged one and
+  the current side copy. When a row is measured after at least ``save_freq`` edits, shards not
+  merged yet and the side copy count as merged with the rest, as EasyEdit merges them before it
+  answers; the stored memory is not changed by measuring.
+* **Retrieving** (WISE-Retrieve, ``retrieve: true``). Every ``merge_freq`` edits only the shards
+  since the last merge merge into one memory, kept apart from the earlier ones with its own
+  threshold (the smallest ``d`` of its edits); shards not merged yet are memories of their own.
+  Per row the router takes the stored memory with the largest ``d`` above its threshold if that
+  ``d`` beats the side copy's, else the side copy if its ``d`` reaches the side's threshold.
+* **Routing.** ``d`` is the mean over the row's real tokens (the largest token distance for rows
+  over 100 tokens, as EasyEdit). A row no memory claims keeps the main memory's output exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from peft.utils.merge_utils import ties
+from peft.utils.merge_utils import calculate_majority_sign_mask, magnitude_based_pruning
 from transformers.activations import ACT2FN
 
 from mmke.data.records import EditRecord
@@ -47,6 +59,9 @@ STOP_DELTA = 1e-4
 STOP_LOSS = 0.02
 #: EasyEdit's weight decay of the side memory's SGD.
 WEIGHT_DECAY = 1e-5
+#: EasyEdit's weights in a WISE-Merge after the first: the earlier merged memory's, and the
+#: share of all new shards together.
+MERGED_WEIGHT, SHARDS_WEIGHT = 0.6, 0.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +79,16 @@ class WISEHParams(HParams):
     densities: float = 0.53
     weights: float = 1.0
     objective_optimization: str = "only_label"
+    retrieve: bool = False  # WISE-Retrieve: each merge kept apart, routed to by its own threshold
+    replay: bool = False
     seed: int = 0  # of the shard masks
 
     def __post_init__(self) -> None:
         if self.merge_alg != "ties" or self.objective_optimization != "only_label":
             raise ValueError(f"WISE supports merge_alg 'ties' and objective_optimization 'only_label' (EasyEdit's "
                              f"multimodal setting), got {self.merge_alg!r}, {self.objective_optimization!r}")
+        if self.replay:
+            raise ValueError("WISE supports replay: false (the replay of the WISE paper's appendix B.3 is not built)")
         if len(self.act_margin) != 3:
             raise ValueError(f"WISE act_margin is [alpha, beta, gamma], got {self.act_margin}")
         if self.save_freq < 1 or self.merge_freq % self.save_freq:
@@ -79,14 +98,72 @@ class WISEHParams(HParams):
 
 
 @dataclasses.dataclass(frozen=True)
+class Shard:
+    """A side weight put aside (or merged), and the smallest ``d`` its edits reached when trained."""
+
+    weight: torch.Tensor
+    min_act: float
+
+
+@dataclasses.dataclass(frozen=True)
 class SideMemory:
     """Everything WISE has learnt; tensors are replaced, never written in place."""
 
     side: torch.Tensor | None = None  # the current shard's weight (None: no edit since the last shard)
     mask: torch.Tensor | None = None  # the current shard's gradient mask
-    shards: tuple[torch.Tensor, ...] = ()  # put aside, waiting for the next merge
-    merged: torch.Tensor | None = None
-    acts: tuple[float, ...] = ()  # each edit's distance d on its own row when trained
+    acts: tuple[float, ...] = ()  # the d of each edit trained into ``side``
+    shards: tuple[Shard, ...] = ()  # put aside since the last merge
+    merged: tuple[Shard, ...] = ()  # WISE-Merge: at most one; WISE-Retrieve: one per merge
+
+    def min_act(self) -> float:
+        """The smallest ``d`` any edit reached when trained (inf before the first)."""
+        return min([*self.acts, *(shard.min_act for shard in (*self.shards, *self.merged))], default=math.inf)
+
+
+def ties_merge(main: torch.Tensor, shards: Sequence[Shard], weights: Sequence[float], density: float) -> Shard:
+    """TIES as EasyEdit's ``GTA('magnitude', 'sum', normalize=True)``: the weighted mean of the
+    shards' agreeing changes, each change first cut to its ``density`` share by magnitude."""
+    changes = [shard.weight - main for shard in shards]
+    if density < 1:
+        changes = [magnitude_based_pruning(change, density) for change in changes]
+    stacked = torch.stack(changes)
+    weight = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * main.dim())
+    weighted = stacked * weight
+    agree = calculate_majority_sign_mask(weighted, method="total")
+    divisor = (weight * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return Shard(main + (weighted * agree).sum(dim=0) / divisor, min(shard.min_act for shard in shards))
+
+
+def merge(main: torch.Tensor, shards: Sequence[Shard], merged: Shard | None, hp: "WISEHParams") -> Shard:
+    """One merged memory of ``shards`` (and, in WISE-Merge, the earlier merged memory)."""
+    if merged is None:
+        return ties_merge(main, shards, [hp.weights / len(shards)] * len(shards), hp.densities)
+    return ties_merge(main, [*shards, merged], [SHARDS_WEIGHT / len(shards)] * len(shards) + [MERGED_WEIGHT],
+                      hp.densities)
+
+
+def route(d: torch.Tensor, thresholds: Sequence[float], side: bool, retrieve: bool) -> torch.Tensor:
+    """Per row, the index of the memory that answers (-1: the main memory), as EasyEdit's router.
+
+    ``d`` is [memories, rows], the side copy first if ``side``, with one threshold per memory.
+    WISE-Merge: the memory with the larger ``d``, if it reaches the (shared) threshold.
+    WISE-Retrieve: the stored memory with the largest ``d`` above its own threshold, if that ``d``
+    beats the side copy's; else the side copy, if it reaches its threshold.
+    """
+    if not retrieve:
+        best, which = d.max(dim=0)
+        return torch.where(best >= thresholds[0], which, -1)
+    which = torch.full(d.shape[1:], -1, dtype=torch.long, device=d.device)
+    floor = torch.zeros_like(d[0])
+    if side:
+        which, floor = torch.where(d[0] >= thresholds[0], 0, -1), d[0]
+    first = int(side)
+    if len(d) > first:
+        limits = d.new_tensor(list(thresholds[first:]))[:, None]
+        best, index = torch.where(d[first:] > limits, d[first:], -math.inf).max(dim=0)
+        which = torch.where(best > floor, index + first, which)
+    return which
 
 
 class WISEMemory(HookedMemory):
@@ -94,12 +171,30 @@ class WISEMemory(HookedMemory):
 
     book: SideMemory
 
-    def __init__(self, model: VLMAdapter, layer: torch.nn.Linear, act: str, act_ratio: float):
+    def __init__(self, model: VLMAdapter, layer: torch.nn.Linear, act: str, hp: "WISEHParams"):
         super().__init__(model, layer, SideMemory())
-        self.act_ratio = act_ratio
+        self.hp = hp
         self.act = ACT2FN[act]
         self.distance: torch.Tensor | None = None  # per row, the last forward's d (training only)
-        self.routes: torch.Tensor | None = None  # per row, the last forward's memory: 0 main, 1 merged, 2 side
+        #: per row, the last forward's memory: 0 main, 1 the side copy, 2 + k the k-th stored memory
+        self.routes: torch.Tensor | None = None
+        self._consulted: tuple[SideMemory, torch.Tensor | None, list[Shard]] | None = None
+
+    def consulted(self) -> tuple[torch.Tensor | None, list[Shard]]:
+        """The side copy and the stored memories the router chooses from, as EasyEdit answers:
+        WISE-Merge merges what is pending once ``save_freq`` edits were made (here into a view,
+        computed once per memory state), WISE-Retrieve consults every shard and merge apart."""
+        book, hp = self.book, self.hp
+        if self._consulted is None or self._consulted[0] is not book:
+            side, stored = book.side, [*book.merged, *book.shards]
+            if not hp.retrieve:
+                pending = [*book.shards, *([Shard(book.side, min(book.acts))] if book.side is not None else [])]
+                if pending and self.edits >= hp.save_freq:
+                    side, stored = None, [merge(self.layer.weight.detach(), pending, next(iter(book.merged), None), hp)]
+                else:
+                    stored = list(book.merged)
+            self._consulted = book, side, stored
+        return self._consulted[1], self._consulted[2]
 
     def distances(self, main: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, infer: bool) -> torch.Tensor:
         """Per row, ``|act(main) - act(other)|`` over the hidden size, averaged over real tokens
@@ -122,19 +217,24 @@ class WISEMemory(HookedMemory):
             side = F.linear(x, self.training.to(x.dtype), module.bias)
             self.distance = self.distances(output, side, mask, infer=False)
             return side.view(shape)
-        book = self.book
-        memories = [w for w in (book.merged, book.side) if w is not None]
-        if not memories:
+        side, stored = self.consulted()
+        candidates = [*([side] if side is not None else []), *(shard.weight for shard in stored)]
+        if not candidates:
             return output.view(shape)
-        outputs = [F.linear(x, w, module.bias) for w in memories]
-        distances = torch.stack([self.distances(output, other, mask, infer=True) for other in outputs])
-        best, which = distances.max(dim=0)
-        side = best >= min(book.acts) * self.act_ratio
-        self.routes = torch.where(side, which + 1 + (book.merged is None), 0)
-        if not side.any():
+        ratio = self.hp.act_ratio
+        if self.hp.retrieve:
+            thresholds = [*([min(self.book.acts) * ratio] if side is not None else []),
+                          *(shard.min_act * ratio for shard in stored)]
+        else:
+            thresholds = [self.book.min_act() * ratio] * len(candidates)
+        outputs = torch.stack([F.linear(x, weight, module.bias) for weight in candidates])
+        d = torch.stack([self.distances(output, other, mask, infer=True) for other in outputs])
+        which = route(d, thresholds, side is not None, self.hp.retrieve)
+        self.routes = torch.where(which < 0, 0, which + 1 + (side is None))
+        if not (which >= 0).any():
             return output.view(shape)  # the main memory's output, untouched
-        chosen = torch.stack(outputs)[which, torch.arange(len(which))]
-        return torch.where(side[:, None, None], chosen, output).view(shape)
+        chosen = outputs[which.clamp(min=0), torch.arange(len(which))]
+        return torch.where((which >= 0)[:, None, None], chosen, output).view(shape)
 
 
 @register_method
@@ -152,7 +252,7 @@ class WISE(LifelongEditor):
         act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
         if act not in ACT2FN:
             raise ValueError(f"WISE: cannot tell the language model's activation function ({act!r})")
-        return WISEMemory(model, layer, act, self.hparams.act_ratio)
+        return WISEMemory(model, layer, act, self.hparams)
 
     def edit(self, memory: WISEMemory, model: VLMAdapter, record: EditRecord) -> None:
         hp = self.hparams
@@ -202,12 +302,12 @@ class WISE(LifelongEditor):
         """Put the shard aside every ``save_freq`` edits; merge the shards every ``merge_freq``."""
         hp = self.hparams
         if edits % hp.save_freq == 0:
-            book = dataclasses.replace(book, side=None, mask=None, shards=(*book.shards, book.side))
+            book = dataclasses.replace(book, side=None, mask=None, acts=(),
+                                       shards=(*book.shards, Shard(book.side, min(book.acts))))
         if edits % hp.merge_freq == 0:
-            changes = [shard - main for shard in book.shards]
-            if book.merged is not None:
-                changes.append(book.merged - main)
-            weights = torch.full((len(changes),), hp.weights, dtype=main.dtype, device=main.device)
-            merged = main + ties(changes, weights, hp.densities)
+            if hp.retrieve:
+                merged = (*book.merged, merge(main, book.shards, None, hp))
+            else:
+                merged = (merge(main, book.shards, next(iter(book.merged), None), hp),)
             book = dataclasses.replace(book, shards=(), merged=merged)
         return book
