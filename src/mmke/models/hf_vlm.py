@@ -5,9 +5,11 @@ the image tokens live inside ``input_ids``: the processor expands each image pla
 chat template into as many tokens as the vision tower produces, and the model scatters the image
 features into them. So a teacher-forced item is the chat template's user turn (image + prompt)
 with the generation prompt, followed by the target, and the processor's own output (with the
-special tokens it adds, which is how these models were trained) is what the model sees. Labels
-count only the target tokens (spec section 2): everything up to the length of the processed
-prompt-only text, and padding, is -100.
+special tokens it adds, which is how these models were trained) is what the model sees: tensor
+for tensor, though assembled from parts done once per text and per image (the image processor's
+output, the tokens), with the processor's own placeholder expansion, since the edit loop meets a
+record's items several times. Labels count only the target tokens (spec section 2): everything up
+to the length of the processed prompt-only text, and padding, is -100.
 
 Targets follow the assistant header raw, with no leading space (``...<|im_start|>assistant\n`` +
 ``red``): EasyEdit's editor path for these models, and the ``raw`` target convention of
