@@ -21,6 +21,7 @@ from mmke.models import load_model
 from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
 from mmke.models.tiny_aux import build_tiny_aux
 from mmke.stages import embed_stage
+from processor_path import UncachedHFVLM
 
 
 def editor(method: str, **values):
@@ -147,6 +148,25 @@ def test_edits_with_image_features_once_equal_recomputing_them(method, values, t
             logits.append(model.logits(model.teacher_forced([record.rephrase], [record.target], [images["image"]])))
         live.revert()
     torch.testing.assert_close(logits[0], logits[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_hf_vlm_records_equal_the_uncached_processor_path(family, family_dirs, eval_records, roots):
+    """hf_vlm's chat prompts, tokens and image processor outputs done once per text and image give
+    the baseline and records.jsonl of the processor called on every batch (base: records batched;
+    FT-L: training steps on the edit item)."""
+    fast = load_model("hf_vlm", family_dirs[family])
+    loaded = load_model("hf_vlm", family_dirs[family])
+    slow = UncachedHFVLM(loaded.model, loaded.processor, loaded.device)
+    baselines = [run_baseline(model, eval_records, roots, Protocol(), batch_size=3) for model in (fast, slow)]
+    assert baselines[0].accuracy == baselines[1].accuracy and baselines[0].knows_pred == baselines[1].knows_pred
+    for field in ("loc", "m_loc"):
+        assert all(torch.equal(getattr(baselines[0], field)[i], getattr(baselines[1], field)[i])
+                   for i in getattr(baselines[1], field))
+    for method, values in (("base", {}), ("FT-L", {"scopes": ["llm.mlp.last2"], "num_steps": 3, "lr": 1e-2})):
+        rows = [evaluate(model, editor(method, **values), eval_records, roots, model_baseline, Protocol(),
+                         batch_size=3).rows for model, model_baseline in zip((fast, slow), baselines)]
+        assert rows[0] == rows[1]
 
 
 def test_which_edits_keep_the_image_features(adapter):

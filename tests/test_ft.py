@@ -63,6 +63,31 @@ def test_ft_v_changes_only_vision_side_parameters(adapter, eval_records, roots):
     assert any(name.startswith("language_projection.") for name in changed)
 
 
+@pytest.mark.parametrize("method,scopes", [("FT-V", ["qformer", "vision_proj"]), ("FT-L", ["llm.mlp.last2"])])
+def test_multi_tensor_adamw_gives_the_per_tensor_loop_bit_for_bit(method, scopes, tiny_blip2_dir, eval_records, roots,
+                                                                  baseline, monkeypatch):
+    """FT's AdamW updates all tuned tensors in one foreach call: the edited weights and the
+    records are those of torch's per-tensor loop (foreach=False)."""
+    from mmke.models import load_model
+
+    values = {"scopes": scopes, "num_steps": 3, "lr": 1e-2}
+    weights, rows = [], []
+    for foreach in (True, False):
+        if not foreach:
+            adamw = torch.optim.AdamW
+            monkeypatch.setattr(torch.optim, "AdamW", lambda *a, foreach, **k: adamw(*a, foreach=False, **k))
+        model = load_model("blip2", tiny_blip2_dir, image_size=32)
+        ft = editor(method, **values)
+        ft.bind_images(roots)
+        edit = ft.apply(model, eval_records[:1])
+        weights.append(parameters(model))
+        edit.revert()
+        rows.append(evaluate(model, editor(method, **values), eval_records, roots, baseline, Protocol()).rows)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert rows[0] == rows[1]
+
+
 @pytest.mark.parametrize("method,scope", [("FT-L", "qformer"), ("FT-V", "llm.mlp.last1"), ("FT-V", "llm")])
 def test_scope_on_the_wrong_side_is_refused(adapter, eval_records, roots, method, scope):
     ft = editor(method, scopes=[scope], num_steps=1)

@@ -6,12 +6,20 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaOnevisionProcessor, LlavaProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import (
+    AutoProcessor,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
+    LlavaProcessor,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+)
 
 from mmke.metrics import IGNORE_INDEX
 from mmke.models import MODELS, load_model
-from mmke.models.hf_vlm import HFVLMAdapter, fetch_image, image_only_processor_class, smart_resize
+from mmke.models.hf_vlm import HFVLMAdapter, concat_padded, fetch_image, image_only_processor_class, smart_resize
 from mmke.models.tiny import build_tiny_llava, build_tiny_qwen2vl
+from processor_path import processor_batch
 
 PROMPTS = ["What colour is the shape?", "a photo of"]
 TARGETS = [" red", " a blue triangle"]
@@ -246,18 +254,64 @@ def test_qwen_smart_resize_refuses_extreme_aspect_ratios():
 
 
 def test_qwen_images_are_fetched_as_qwen_vl_utils_does(qwen, qwen_images, adapter, images, monkeypatch):
-    """The processor receives smart-resized images (bicubic); LLaVA's receive the images as read."""
+    """The image processor receives smart-resized images (bicubic); LLaVA's receive the images as
+    read. Each image object is processed once, however many batches it appears in."""
     resized = fetch_image(qwen_images[0])
     assert resized.size == (84, 56)
     assert resized.tobytes() == qwen_images[0].resize((84, 56), Image.Resampling.BICUBIC).tobytes()
     seen = []
     for model in (qwen, adapter):
-        call = model.processor.__call__
-        monkeypatch.setattr(type(model.processor), "__call__",
-                            lambda self, *a, call=call, **k: seen.append([i.size for i in k.get("images", [])]) or call(*a, **k))
-    qwen.teacher_forced(PROMPTS, TARGETS, qwen_images)
-    adapter.teacher_forced(PROMPTS, TARGETS, images)
-    assert seen == [[(84, 56), (112, 28)], [(40, 24), (32, 32)]]  # once per batch: the prompt length needs no images
+        cls = type(model.processor.image_processor)
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, call=cls.__call__, **k:
+                            seen.append([i.size for i in k["images"]]) or call(self, *a, **k))
+    fresh_qwen, fresh_llava = [image.copy() for image in qwen_images], [image.copy() for image in images]
+    for _ in range(2):
+        qwen.teacher_forced(PROMPTS, TARGETS, fresh_qwen)
+        adapter.teacher_forced(PROMPTS, TARGETS, fresh_llava)
+    assert seen == [[(84, 56)], [(112, 28)], [(40, 24)], [(32, 32)]]
+
+
+def assert_processor_batch(batch, model, prompts, targets, pictures):
+    """Every tensor of ``batch`` equals (dtype included) that of the processor's own call."""
+    reference = processor_batch(model, prompts, targets, pictures)
+    assert set(batch.image_inputs) == set(reference.image_inputs)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(getattr(batch, key), getattr(reference, key)), key
+    assert (batch.pixel_values is None) == (reference.pixel_values is None)
+    if batch.pixel_values is not None:
+        assert batch.pixel_values.dtype == reference.pixel_values.dtype
+        assert torch.equal(batch.pixel_values, reference.pixel_values)
+    for key, value in reference.image_inputs.items():
+        assert batch.image_inputs[key].dtype == value.dtype and torch.equal(batch.image_inputs[key], value), key
+    assert batch.sources == reference.sources
+
+
+def test_batches_equal_the_uncached_processor_path(vlm):
+    """Chat prompts, tokens and image processor outputs remembered per text and image: a mixed
+    batch (a text-only row, one image twice) equals the processor's own output, tensor for tensor,
+    on first sight and from the memo; so does a text-only batch."""
+    model, images, _ = vlm
+    fresh = [image.copy() for image in images]
+    prompts, targets = PROMPTS + ["Who wrote it?", "Which shape?"], TARGETS + [" Ann", " a square"]
+    pictures = [fresh[0], fresh[1], None, fresh[0]]
+    for _ in range(2):
+        assert_processor_batch(model.teacher_forced(prompts, targets, pictures), model, prompts, targets, pictures)
+    assert_processor_batch(model.teacher_forced(prompts[2:], targets[2:], None), model, prompts[2:], targets[2:],
+                           [None, None])
+
+
+def test_tiled_image_outputs_concatenate_as_the_image_processor_batches_them():
+    """LLaVA-OneVision pads each image's tiles to the batch's most: per-image outputs, padded and
+    concatenated, equal the batch processed at once (here 5, 2 and 3 tiles)."""
+    processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    pictures = [Image.new("RGB", size, (200, 40, 40)) for size in ((64, 64), (30, 30), (40, 24))]
+    together = processor(images=pictures, return_tensors="pt")
+    alone = [processor(images=[picture], return_tensors="pt") for picture in pictures]
+    assert [part["pixel_values"].shape[1] for part in alone] == [5, 2, 3]
+    for key, value in together.items():
+        assert torch.equal(concat_padded([part[key] for part in alone]), value), key
 
 
 @pytest.mark.parametrize("family", ["qwen", "adapter"])
@@ -268,7 +322,8 @@ def test_prompt_length_from_the_tokenizer_equals_the_processed_prompt(family, re
     pictures = qwen_images if family == "qwen" else images
     batch = model.teacher_forced(PROMPTS, TARGETS, pictures)
     chats = [model.chat_prompt(prompt, True) for prompt in PROMPTS]
-    processed = model._process(chats, model.prepare_images(pictures))["attention_mask"].sum(dim=1)
+    processed = model.processor(text=chats, images=model.prepare_images(pictures), padding=True,
+                                return_tensors="pt")["attention_mask"].sum(dim=1)
     first_label = (batch.labels != IGNORE_INDEX).int().argmax(dim=1)
     assert first_label.tolist() == processed.tolist()
 

@@ -173,7 +173,7 @@ def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
     layer inputs ``x`` [N, in] and the gradients of its outputs ``delta`` [N, out] at the real
     (unpadded) positions, so that ``grad W = delta^T x``. Otherwise it is ``(grad W,)``.
     """
-    params = dict(model.model.named_parameters())
+    params = model.named_parameters()  # the adapter's dict, built once (no module-tree walk per edit)
     with torch.enable_grad(), contextlib.ExitStack() as stack:
         for name in names:
             stack.callback(params[name].requires_grad_, params[name].requires_grad)

@@ -5,9 +5,11 @@ the image tokens live inside ``input_ids``: the processor expands each image pla
 chat template into as many tokens as the vision tower produces, and the model scatters the image
 features into them. So a teacher-forced item is the chat template's user turn (image + prompt)
 with the generation prompt, followed by the target, and the processor's own output (with the
-special tokens it adds, which is how these models were trained) is what the model sees. Labels
-count only the target tokens (spec section 2): everything up to the length of the processed
-prompt-only text, and padding, is -100.
+special tokens it adds, which is how these models were trained) is what the model sees: tensor
+for tensor, though assembled from parts done once per text and per image (the image processor's
+output, the tokens), with the processor's own placeholder expansion, since the edit loop meets a
+record's items several times. Labels count only the target tokens (spec section 2): everything up
+to the length of the processed prompt-only text, and padding, is -100.
 
 Targets follow the assistant header raw, with no leading space (``...<|im_start|>assistant\n`` +
 ``red``): EasyEdit's editor path for these models, and the ``raw`` target convention of
@@ -94,6 +96,19 @@ def fetch_image(image: Image.Image) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
+def concat_padded(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``values`` (one image's processor output each) concatenated along the first dimension,
+    every further dimension zero-padded at its end to the largest: how the image processors batch
+    images (LLaVA-OneVision pads each image's tiles to the batch's most; LLaVA-1.5's and Qwen-VL's
+    outputs need no padding)."""
+    shape = [max(sizes) for sizes in zip(*(value.shape[1:] for value in values))]
+    padded = []
+    for value in values:
+        widths = [pad for dim in reversed(range(1, value.dim())) for pad in (0, shape[dim - 1] - value.shape[dim])]
+        padded.append(torch.nn.functional.pad(value, widths) if any(widths) else value)
+    return torch.cat(padded)
+
+
 @register_model("hf_vlm")
 class HFVLMAdapter(VLMAdapter):
     """One adapter for the chat-template VLMs of transformers."""
@@ -104,7 +119,6 @@ class HFVLMAdapter(VLMAdapter):
     # (LLaVA: vision_tower / multi_modal_projector; Qwen2-VL: visual / visual.merger).
     VISION_MODULES: ClassVar[tuple[str, ...]] = ("vision_tower", "visual")
     PROJECTOR_MODULES: ClassVar[tuple[str, ...]] = ("multi_modal_projector", "visual.merger")
-    BATCH_KEYS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "pixel_values")
 
     def __init__(self, model: torch.nn.Module, processor, device: torch.device):
         self.model = model
@@ -115,7 +129,13 @@ class HFVLMAdapter(VLMAdapter):
         self.placeholder_id = model.config.image_token_id  # the processor expands images into these
         if getattr(processor, "chat_template", None) is None:
             raise ValueError(f"{type(processor).__name__} has no chat template; hf_vlm builds prompts with it")
-        self._prepared = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)  # each image resized once (Qwen-VL)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"{type(self.tokenizer).__name__} has no pad token; hf_vlm pads batches with it")
+        # Per-record work done once: each chat prompt rendered, each text tokenized, each image
+        # prepared and processed once (:meth:`teacher_forced`).
+        self._chats = Memo(4096)
+        self._tokens = Memo(4096)
+        self._images = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
         # image inputs (LLaVA-OneVision's image_sizes) that the family's feature function takes
         self._feature_args = frozenset(inspect.signature(model.model.get_image_features).parameters)
 
@@ -142,22 +162,34 @@ class HFVLMAdapter(VLMAdapter):
     def prepare_images(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         """The family's published preprocessing before the processor: Qwen-VL's smart resize."""
         if self.model.config.model_type in QWEN_VL_MODEL_TYPES:
-            return self._prepared.get_many(images, lambda missing: [fetch_image(image) for image in missing])
+            return [fetch_image(image) for image in images]
         return list(images)
 
-    def _process(self, texts: list[str], images: Sequence[Image.Image] | None) -> dict[str, torch.Tensor]:
-        kwargs = {} if images is None else {"images": list(images)}
-        return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
+    def processed_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The image processor's output for ``images`` as one batch, and the text each image's
+        placeholder expands into (the processor's own ``replace_image_token``).
 
-    def _target_lengths(self, texts: list[str], chats: list[str]) -> torch.Tensor:
-        """Tokens each target adds to its chat prompt, from the tokenizer alone.
-
-        The processor expands each image placeholder into the image's tokens identically with or
-        without the target, so this difference equals that of the processed lengths; it spares a
-        second pass of the images through the image processor.
+        Each image object is prepared and processed once and remembered, so a record's images
+        cost one pass however often its items meet the model: the processors treat images one by
+        one and batch them by concatenation, zero-padding tiled layouts (LLaVA-OneVision) to the
+        batch's most tiles, which :func:`concat_padded` repeats.
         """
-        encoded = self.processor.tokenizer(texts + chats)["input_ids"]
-        return torch.tensor([len(text) - len(chat) for text, chat in zip(encoded[:len(texts)], encoded[len(texts):])])
+        def process(missing: list[Image.Image]) -> list[tuple[dict[str, torch.Tensor], str]]:
+            parts = []
+            for image in self.prepare_images(missing):
+                processed = dict(self.processor.image_processor(images=[image], return_tensors="pt"))
+                parts.append((processed, self.processor.replace_image_token(processed, image_idx=0)))
+            return parts
+
+        parts = self._images.get_many(images, process)
+        keys = [key for key in parts[0][0] if key not in self.processor.unused_input_names]
+        return ({key: concat_padded([processed[key] for processed, _ in parts]) for key in keys},
+                [expansion for _, expansion in parts])
+
+    def _tokenized(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as the processor's tokenizer call gives them (special tokens included);
+        texts seen recently are not tokenized again."""
+        return self._tokens.get_many(texts, lambda new: self.tokenizer(new)["input_ids"])
 
     def _model_image_sizes(self, processed: dict[str, torch.Tensor], count: int) -> list[tuple[int, int]] | None:
         """(width, height) each image reaches the vision tower at, where the processor's output shows it."""
@@ -173,25 +205,38 @@ class HFVLMAdapter(VLMAdapter):
                        images: Sequence[Image.Image | None] | None) -> Batch:
         """Chat prompt + target per item, right-padded; only the target tokens are labelled.
 
-        A None image makes its item a text-only user turn; the processor expands only the image
-        turns' placeholders, so mixed batches hold each row as it would be alone.
+        The processor's output, assembled from parts done once each: the chat template per
+        prompt, the image processor per image (:meth:`processed_images`), the tokenizer per text
+        with its image placeholders expanded by the processor's ``get_text_with_replacements``.
+        A None image makes its item a text-only user turn, so mixed batches hold each row as it
+        would be alone. The target's tokens are those it adds to its chat prompt, counted by the
+        tokenizer alone: each placeholder expands the same way with or without the target.
         """
         check_items(prompts, targets, images)
         pictures = [None] * len(prompts) if images is None else list(images)
-        chats = [self.chat_prompt(prompt, image is not None) for prompt, image in zip(prompts, pictures)]
-        sources = tuple(image for image in pictures if image is not None)
-        prepared = self.prepare_images(sources) if sources else None
+        chats = self._chats.get_many(list(zip(prompts, (image is not None for image in pictures))),
+                                     lambda new: [self.chat_prompt(prompt, has) for prompt, has in new])
         texts = [chat + self.target_text(target) for chat, target in zip(chats, targets)]
-        full = self._process(texts, prepared)
-        prompt_lengths = full["attention_mask"].sum(dim=1) - self._target_lengths(texts, chats)
-        if sources and (model_sizes := self._model_image_sizes(full, len(sources))) is not None:
+        sources = tuple(image for image in pictures if image is not None)
+        self.processor.validate_inputs(images=list(sources) or None, text=texts)
+        processed, expansions = self.processed_images(sources) if sources else ({}, [])
+        expanded, _ = self.processor.get_text_with_replacements(list(texts), expansions)
+        tokens = self._tokenized(expanded + texts + chats)
+        count = len(texts)
+        full, unexpanded, prompt_only = tokens[:count], tokens[count:2 * count], tokens[2 * count:]
+        lengths = torch.tensor([len(ids) for ids in full])
+        width = int(lengths.max())
+        input_ids = torch.tensor([ids + [self.tokenizer.pad_token_id] * (width - len(ids)) for ids in full])
+        position = torch.arange(width)
+        attention_mask = (position < lengths[:, None]).long()
+        starts = lengths - torch.tensor([len(text) - len(chat) for text, chat in zip(unexpanded, prompt_only)])
+        labels = input_ids.masked_fill(~attention_mask.bool() | (position < starts[:, None]), IGNORE_INDEX)
+        if sources and (model_sizes := self._model_image_sizes(processed, len(sources))) is not None:
             self.note_resize([image.size for image in sources], model_sizes)
-        input_ids, attention_mask = full["input_ids"], full["attention_mask"]
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        for row, length in enumerate(prompt_lengths.tolist()):
-            labels[row, :length] = IGNORE_INDEX
-        image_inputs = {key: value for key, value in full.items() if key not in self.BATCH_KEYS}
-        return Batch(input_ids, attention_mask, labels, full.get("pixel_values"), image_inputs,
+        image_inputs = {key: value for key, value in processed.items() if key != "pixel_values"}
+        if self.processor.return_mm_token_type_ids:  # Qwen-VL: which positions hold image tokens
+            image_inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(input_ids))
+        return Batch(input_ids, attention_mask, labels, processed.get("pixel_values"), image_inputs,
                      sources=sources).to(self.device)
 
     def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
