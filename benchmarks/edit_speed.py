@@ -164,8 +164,9 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
             def step() -> None:
                 target_nll(adapter.logits(item), item.labels).backward()
 
-            # gradients taken for activations (MEND's layer outputs) reach no parameter: its scope then
-            names = trained or set(adapter.editable(editor.hparams.scope))
+            # gradients taken for activations (MEND's layer outputs) or for a memory beside the model
+            # (LoRA, GRACE, WISE) reach no model parameter: the parameters the method edits then
+            names = trained or set(editor.edited_parameters(adapter))
             with memo, only_trainable(adapter, names):
                 step()  # memoised features where the method keeps them
                 total += backward_per_edit * cpu_ms(step, repeats)

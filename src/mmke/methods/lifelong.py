@@ -105,9 +105,12 @@ class LifelongEditor(Editor):
     def scopes(self) -> list[str]:
         """The adapter scopes whose layers the memory wraps or hooks."""
 
+    def edited_parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
+        """The model parameters whose layers the memory wraps or hooks (never written)."""
+        return {name: param for scope in self.scopes() for name, param in model.editable(scope).items()}
+
     def keeps_image_features(self, model: VLMAdapter) -> bool:
-        names = [name for scope in self.scopes() for name in model.editable(scope)]
-        return model.downstream_of_features(names)
+        return model.downstream_of_features(self.edited_parameters(model))
 
     @abc.abstractmethod
     def install(self, model: VLMAdapter) -> Memory:
