@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_paper_config import planned_jobs, read_every_hparams_file
-from workflow_copy import REPO, copy_workflow, snakemake_env
+from workflow_copy import REPO, copy_workflow, dry_run_config, snakemake_env
 
 LIFELONG = yaml.safe_load((REPO / "config/lifelong.yaml").read_text())
 METHODS = ["base", "FT-L", "IKE", "LoRA", "GRACE", "WISE"]
@@ -28,10 +28,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def dry_run(workdir: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args, "-n", "--configfile", "config/lifelong.yaml"],
-                          cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return dry_run_config(workdir, "config/lifelong.yaml", *args)
 
 
 def combos(jobs: list[dict], rule: str) -> set[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_copy import REPO, copy_workflow, snakemake_env
+from workflow_copy import REPO, copy_workflow, dry_run_config, snakemake_env
 
 from mmke.hparams import HParams, read_hparams
 
@@ -54,11 +54,7 @@ def download_rule(dest: str) -> str:
 
 
 def dry_run(workdir: Path, *args: str) -> str:
-    """``snakemake ARGS -n --configfile config/mmedit.yaml`` (targets go first: --configfile takes several values)."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args, "-n", "--configfile", "config/mmedit.yaml"],
-                          cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return dry_run_config(workdir, "config/mmedit.yaml", *args)
 
 
 def planned_jobs(text: str) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_paper_config import planned_jobs, read_every_hparams_file
-from workflow_copy import REPO, copy_workflow, snakemake_env
+from workflow_copy import REPO, copy_workflow, dry_run_config, snakemake_env
 
 VLKEB = yaml.safe_load((REPO / "config/vlkeb.yaml").read_text())
 METHODS = ["base", "FT-L", "FT-V", "KE", "IKE", "SERAC", "MEND", "LoRA", "GRACE", "WISE"]
@@ -26,10 +26,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def dry_run(workdir: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args, "-n", "--configfile", "config/vlkeb.yaml"],
-                          cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return dry_run_config(workdir, "config/vlkeb.yaml", *args)
 
 
 def test_plans_every_method_on_every_model_offline(workdir):
