@@ -291,7 +291,7 @@ class WISE(LifelongEditor):
             unfreeze(model, flags)
         memory.edits += 1
         memory.book = self._bookkeep(dataclasses.replace(book, side=side.detach(), mask=mask,
-                                                           acts=(*book.acts, act)), main, memory.edits)
+                                                         acts=(*book.acts, act)), main, memory.edits)
 
     def _shard_mask(self, main: torch.Tensor, shard: int) -> torch.Tensor:
         """The entries of the side weight this shard's edits may change (a share ``mask_ratio``)."""
