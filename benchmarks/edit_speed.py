@@ -39,7 +39,8 @@ import yaml
 
 from mmke.data.records import RecordImages
 from mmke.evaluate import (
-    DEFAULT_BATCH_SIZE, EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluate, measured_batch, run_baseline,
+    DEFAULT_BATCH_SIZE, EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluate, measured_batch, read_positions,
+    run_baseline,
 )
 from mmke.hparams import read_hparams
 from mmke.methods.base import Editor, make_editor
@@ -147,10 +148,11 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
             requests = [Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit)]
             if edit.in_context:
                 requests.append(Request(record, imgs, EDIT_ITEMS, edit.pre_prompt, edit))
-            batch, _ = measured_batch(adapter, protocol, requests)
+            batch, owners = measured_batch(adapter, protocol, requests)
+            positions = read_positions(batch, owners)
             with adapter.frozen_image_features(), torch.no_grad():
-                adapter.logits(batch)  # memoise the features: the forward alone is timed next
-                forward = cpu_ms(lambda: adapter.logits(batch), repeats)
+                adapter.logits(batch, positions)  # memoise the features: the forward alone is timed next
+                forward = cpu_ms(lambda: adapter.logits(batch, positions), repeats)
             with torch.no_grad():
                 distinct = list({id(source): i for i, source in enumerate(batch.sources)}.values())
                 encode = cpu_ms(lambda: adapter.image_features(batch, distinct), repeats)

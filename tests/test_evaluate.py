@@ -71,9 +71,9 @@ def test_sequential_edits_accumulate_then_revert_newest_first(adapter, eval_reco
     seen: list[float] = []
     logits = adapter.logits
 
-    def spy(batch):  # the number of live edits, read off the probe weight at every measurement
+    def spy(batch, positions=None):  # the number of live edits, read off the probe weight at every measurement
         seen.append(round((dict(adapter.model.named_parameters())[PROBE] - original).mean().item()))
-        return logits(batch)
+        return logits(batch, positions)
 
     monkeypatch.setattr(adapter, "logits", spy)
     records = eval_records[:3]  # groups of two: [r0, r1] measured with 2 live edits, [r2] with 1
@@ -88,8 +88,8 @@ def test_single_schedule_measures_one_live_edit(adapter, eval_records, roots, ba
     original = dict(adapter.model.named_parameters())[PROBE].detach().clone()
     seen: list[int] = []
     logits = adapter.logits
-    monkeypatch.setattr(adapter, "logits", lambda batch: seen.append(
-        round((dict(adapter.model.named_parameters())[PROBE] - original).mean().item())) or logits(batch))
+    monkeypatch.setattr(adapter, "logits", lambda batch, positions=None: seen.append(
+        round((dict(adapter.model.named_parameters())[PROBE] - original).mean().item())) or logits(batch, positions))
     evaluate(adapter, ShiftEditor(build_hparams(ShiftEditor.hparams_class, {"method": "shift"})),
              eval_records[:2], roots, baseline, Protocol())
     assert set(seen) == {1}

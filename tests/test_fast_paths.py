@@ -116,7 +116,7 @@ def test_fused_measurement_scores_equal_the_per_item_scores(adapter, eval_record
                 batch = adapter.teacher_forced([item.question(record, protocol)], [item.answer(record)], picture)
                 logits = adapter.logits(batch)
                 if item.top_k is None:
-                    alone = metrics.item_scores([item.name], logits, batch.labels, protocol.exact_match)
+                    alone = metrics.item_scores([item.name], logits.argmax(-1), batch.labels, protocol.exact_match)
                     assert {key: fused[key] for key in alone} == alone
                 else:
                     (top,) = metrics.top_k_predictions(logits, batch.attention_mask, item.top_k)
@@ -252,3 +252,48 @@ def test_scopes_are_looked_up_once_per_adapter(adapter, monkeypatch):
     monkeypatch.setattr(adapter.model, "named_modules", lambda *a, **k: walks.append(1) or named_modules(*a, **k))
     first["llm"].clear()  # a caller's copy: the adapter's own lists are untouched
     assert adapter.scopes()["llm"] and walks == []
+
+
+def full_output_layer(adapter, monkeypatch) -> None:
+    """The slow path: the output layer over every position, the read ones sliced out afterwards."""
+    logits = adapter.logits
+    monkeypatch.setattr(adapter, "logits",
+                        lambda batch, positions=None: logits(batch) if positions is None else logits(batch)[positions])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_layer_at_the_read_positions_gives_the_full_logits_values(family, family_adapters, eval_records, roots,
+                                                                         monkeypatch):
+    """measure() projects only the positions it reads; baseline and records equal the full [B, T, V] path."""
+    fast, slow = family_adapters[family](), family_adapters[family]()
+    full_output_layer(slow, monkeypatch)
+    baselines = [run_baseline(model, eval_records, roots, Protocol(), batch_size=3) for model in (fast, slow)]
+    assert baselines[0].accuracy == baselines[1].accuracy and baselines[0].knows_pred == baselines[1].knows_pred
+    for field in ("loc", "m_loc"):
+        assert all(torch.equal(getattr(baselines[0], field)[i], getattr(baselines[1], field)[i])
+                   for i in getattr(baselines[1], field))
+    rows = [evaluate(model, editor("FT-L", scopes=["llm.mlp.last1"], num_steps=2, lr=1e-2), eval_records, roots,
+                     model_baseline, Protocol()).rows for model, model_baseline in zip((fast, slow), baselines)]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("method", ["IKE", "SERAC"])
+def test_in_context_and_routed_rows_at_the_read_positions_equal_the_full_logits(method, adapter, eval_records, roots,
+                                                                               baseline, tmp_path, demo_evqa,
+                                                                               serac_parts, monkeypatch):
+    """IKE's demonstrations (long rows, pre- and post-edit requests) and SERAC's replaced answer rows."""
+    edit = batchable_editor(method, adapter, tmp_path, demo_evqa, serac_parts)
+    fast = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3).rows
+    full_output_layer(adapter, monkeypatch)
+    assert evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3).rows == fast
+
+
+@pytest.mark.parametrize("method,values", [("GRACE", {"scope": "llm.layers.0.mlp.out", "n_iter": 5}),
+                                           ("WISE", {"scope": "llm.layers.-1.mlp.in", "n_iter": 3})])
+def test_lifelong_rows_at_the_read_positions_equal_the_full_logits(method, values, adapter, eval_records, roots,
+                                                                   baseline, monkeypatch):
+    fast = evaluate(adapter, editor(method, **values), eval_records, roots, baseline, Protocol()).rows
+    full_output_layer(adapter, monkeypatch)
+    patched = adapter.logits
+    assert evaluate(adapter, editor(method, **values), eval_records, roots, baseline, Protocol()).rows == fast
+    assert adapter.__dict__["logits"] is patched  # each memory's batch tap put the instance's logits back

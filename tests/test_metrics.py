@@ -95,24 +95,35 @@ def test_mean_metrics_is_mean_of_records():
         metrics.mean_metrics([], ["a"])
 
 
-def test_both_definitions_come_from_the_same_logits():
+def test_both_definitions_come_from_the_same_argmax():
     # item 0: 2 of 2 target tokens right; item 1: 1 of 2 right; item 2: 0 of 1 right
-    logits = one_hot_logits([[1, 2, 0], [1, 4, 0], [3, 0, 0]])
+    predicted = torch.tensor([[1, 2, 0], [1, 4, 0], [3, 0, 0]])
     labels = torch.tensor([[-100, 1, 2], [-100, 1, 2], [-100, 1, -100]])
-    both = metrics.both_accuracies(logits, labels)
+    both = metrics.both_accuracies(predicted, labels)
     assert both["em"].tolist() == [1.0, 0.0, 0.0]
     assert both["token"].tolist() == [1.0, 0.5, 0.0]
 
 
 @pytest.mark.parametrize("exact_match, headline", [(True, [1.0, 0.0, 0.0]), (False, [1.0, 0.5, 0.0])])
 def test_item_scores_keep_both_and_the_protocol_picks_the_headline(exact_match, headline):
-    logits = one_hot_logits([[1, 2, 0], [1, 4, 0], [3, 0, 0]])
+    predicted = one_hot_logits([[1, 2, 0], [1, 4, 0], [3, 0, 0]]).argmax(dim=-1)
     labels = torch.tensor([[-100, 1, 2], [-100, 1, 2], [-100, 1, -100]])
-    scores = metrics.item_scores(["rewrite_acc", "rephrase_acc", "image_rephrase_acc"], logits, labels, exact_match)
+    scores = metrics.item_scores(["rewrite_acc", "rephrase_acc", "image_rephrase_acc"], predicted, labels, exact_match)
     assert scores == {
         "rewrite_acc": headline[0], "rewrite_acc_em": 1.0, "rewrite_acc_token": 1.0,
         "rephrase_acc": headline[1], "rephrase_acc_em": 0.0, "rephrase_acc_token": 0.5,
         "image_rephrase_acc": headline[2], "image_rephrase_acc_em": 0.0, "image_rephrase_acc_token": 0.0,
     }
     with pytest.raises(ValueError, match="2 metric names for 3 items"):
-        metrics.item_scores(["a", "b"], logits, labels, exact_match)
+        metrics.item_scores(["a", "b"], predicted, labels, exact_match)
+
+
+def test_accuracies_read_only_the_positions_before_a_label():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
+    assert metrics.scored_positions(labels).tolist() == [[False, True, True, False, False],
+                                                         [True, False, False, False, False]]
+    predicted = torch.tensor([[0, 5, 6, 0, 0], [7, 0, 0, 0, 0]])
+    unset = torch.where(metrics.scored_positions(labels), predicted, -1)  # nothing else computed
+    for definition, values in metrics.both_accuracies(unset, labels).items():
+        assert torch.equal(values, metrics.both_accuracies(predicted, labels)[definition])
+    assert metrics.accuracy_of_ids(unset, labels, exact_match=True).tolist() == [1.0, 1.0]

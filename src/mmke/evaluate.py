@@ -216,30 +216,43 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     item's scores (``{name: ..., name_em: ..., name_token: ...}``) or its top-k ids ``[T, k]``.
 
     With ``own_rows`` each request's edit is told which rows are its own (edits of several records
-    live at once). Rows do not see each other, so the values are those of one call per item.
+    live at once). Rows do not see each other, so the values are those of one call per item. The
+    output layer runs only where a value is read: before each scored label, and at every real
+    position of a top-k row. With IKE's long contexts and a 32k-150k vocabulary, the full
+    ``[B, T, V]`` float32 logits would be most of the memory a measurement takes.
     """
     batch, owners = measured_batch(model, protocol, requests)
     edits = {id(request.edit): request.edit for request in requests if request.edit is not None}
+    positions = read_positions(batch, owners)
     if own_rows:
         for edit in edits.values():
             edit.measure_rows([row for row, (index, _) in enumerate(owners) if requests[index].edit is edit])
     try:
-        logits = model.logits(batch)
+        logits = model.logits(batch, positions)  # [N, V]: the positions' rows, row-major
     finally:
         if own_rows:
             for edit in edits.values():
                 edit.measure_rows(None)
+    predicted = torch.full_like(batch.labels, -1)
+    predicted[positions] = logits.argmax(dim=-1)
+    bounds = [0, *positions.sum(dim=1).cumsum(0).tolist()]  # row r's logits: bounds[r]:bounds[r + 1]
     results: list[dict[str, object]] = [{} for _ in requests]
     for index, request in enumerate(requests):
         rows = [row for row, (owner, item) in enumerate(owners) if owner == index and item.top_k is None]
         if rows:
             names = [owners[row][1].name for row in rows]
-            results[index] |= metrics.item_scores(names, logits[rows], batch.labels[rows], protocol.exact_match)
+            results[index] |= metrics.item_scores(names, predicted[rows], batch.labels[rows], protocol.exact_match)
     for row, (index, item) in enumerate(owners):
         if item.top_k is not None:
-            (top,) = metrics.top_k_predictions(logits[row:row + 1], batch.attention_mask[row:row + 1], item.top_k)
-            results[index][item.name] = top.cpu()
+            results[index][item.name] = metrics.top_k_ids(logits[bounds[row]:bounds[row + 1]], item.top_k).cpu()
     return results
+
+
+def read_positions(batch: Batch, owners: Sequence[tuple[int, Item]]) -> torch.Tensor:
+    """``[B, T]`` mask of the positions whose logits a measurement reads: every real position of a
+    top-k row (locality compares them all), the positions before a label elsewhere."""
+    top_k_rows = torch.tensor([item.top_k is not None for _, item in owners], device=batch.labels.device)
+    return torch.where(top_k_rows[:, None], batch.attention_mask.bool(), metrics.scored_positions(batch.labels))
 
 
 def measured_batch(model: VLMAdapter, protocol: Protocol,

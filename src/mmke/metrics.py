@@ -2,8 +2,10 @@
 
 Adapters return logits over the full sequence, unshifted: ``logits[:, t]`` predicts the token at
 ``t + 1``. The shift happens here, once, so every method and model is scored by the same code.
-Locality works on the *full* logits (all positions, image queries included), because that is what
-EasyEdit compares; a mask only drops right padding.
+Accuracies read only the argmax ids (``predicted``, ``[B, T]``), so a caller may compute the output
+layer at the scored positions alone and leave the rest unset. Locality works on the *full* logits
+(all positions, image queries included), because that is what EasyEdit compares; a mask only drops
+right padding.
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ IGNORE_INDEX = -100
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pair each prediction with the label it predicts: ``logits[:, :-1]`` with ``labels[:, 1:]``."""
+    """Pair each prediction with the label it predicts: ``logits[:, :-1]`` with ``labels[:, 1:]``
+    (``logits`` may also be argmax ids ``[B, T]``)."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not aligned")
     return logits[:, :-1], labels[:, 1:]
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` mask of the positions whose prediction an accuracy reads (those before a label)."""
+    return torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
+
+
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of target tokens predicted correctly, pooled over every token of the batch."""
-    pred, gold = _predictions(logits, labels)
+    pred, gold = shift(logits.argmax(dim=-1), labels)
     mask = gold != IGNORE_INDEX
     if not mask.any():
         raise ValueError("no target token in the batch (every label is -100)")
@@ -35,7 +43,12 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def per_item_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: bool) -> torch.Tensor:
     """Accuracy of each item: token accuracy, or 1/0 exact match of every target token."""
-    pred, gold = _predictions(logits, labels)
+    return accuracy_of_ids(logits.argmax(dim=-1), labels, exact_match)
+
+
+def accuracy_of_ids(predicted: torch.Tensor, labels: torch.Tensor, exact_match: bool) -> torch.Tensor:
+    """:func:`per_item_accuracy` from the argmax ids ``[B, T]``; only :func:`scored_positions` are read."""
+    pred, gold = shift(predicted, labels)
     mask = gold != IGNORE_INDEX
     counts = mask.sum(dim=1)
     if (counts == 0).any():
@@ -46,21 +59,21 @@ def per_item_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: b
     return correct.float() / counts.float()
 
 
-def both_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per item, exact match (``em``) and token accuracy (``token``) from the same argmax."""
-    return {"em": per_item_accuracy(logits, labels, exact_match=True),
-            "token": per_item_accuracy(logits, labels, exact_match=False)}
+def both_accuracies(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per item, exact match (``em``) and token accuracy (``token``) from the argmax ids ``[B, T]``."""
+    return {"em": accuracy_of_ids(predicted, labels, exact_match=True),
+            "token": accuracy_of_ids(predicted, labels, exact_match=False)}
 
 
-def item_scores(metrics: Sequence[str], logits: torch.Tensor, labels: torch.Tensor,
+def item_scores(metrics: Sequence[str], predicted: torch.Tensor, labels: torch.Tensor,
                 exact_match: bool) -> dict[str, float]:
-    """Item ``i`` scored as ``metrics[i]``, under both definitions and the headline one.
+    """Item ``i`` scored as ``metrics[i]`` from its argmax ids, under both definitions and the headline one.
 
     The headline key (``rewrite_acc``) holds the definition ``exact_match`` picks, so every reader
     of the headline (tables, training reports, floors) sees the protocol's choice, while the
     ``_em`` and ``_token`` keys always carry both.
     """
-    scores = both_accuracies(logits, labels)
+    scores = both_accuracies(predicted, labels)
     if len(metrics) != labels.shape[0]:
         raise ValueError(f"{len(metrics)} metric names for {labels.shape[0]} items")
     values: dict[str, float] = {}
@@ -72,8 +85,13 @@ def item_scores(metrics: Sequence[str], logits: torch.Tensor, labels: torch.Tens
 
 def top_k_predictions(logits: torch.Tensor, attention_mask: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Per item, the top-k token ids ``[T_i, k]`` at every non-padding position."""
-    top = torch.topk(logits.float(), k=k, dim=-1).indices
+    top = top_k_ids(logits, k)
     return [top[i][attention_mask[i].bool()] for i in range(top.shape[0])]
+
+
+def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k token ids along the last dimension, best first."""
+    return torch.topk(logits.float(), k=k, dim=-1).indices
 
 
 def locality_agreement(pre: torch.Tensor, post: torch.Tensor) -> float:
@@ -88,8 +106,3 @@ def locality_agreement(pre: torch.Tensor, post: torch.Tensor) -> float:
     if length == 0:
         raise ValueError("empty locality sequence")
     return (pre[-length:] == post[-length:]).float().mean().item()
-
-
-def _predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, labels = shift(logits, labels)
-    return logits.argmax(dim=-1), labels

@@ -149,6 +149,7 @@ class BatchTap:
         self.model = model
         self.batch: Batch | None = None
         self._logits: Callable = model.logits
+        self._installed = model.__dict__.get("logits")  # an instance's own logits, put back on removal
 
         def logits(batch: Batch, *args, **kwargs) -> torch.Tensor:
             outer, self.batch = self.batch, batch
@@ -166,7 +167,10 @@ class BatchTap:
         return self.batch
 
     def remove(self) -> None:
-        del self.model.logits  # the class's method again
+        if self._installed is None:
+            del self.model.logits  # the class's method again
+        else:
+            self.model.logits = self._installed
 
 
 def by_row(batch: Batch, tensor: torch.Tensor) -> torch.Tensor:
