@@ -531,3 +531,34 @@ def test_serac_writes_the_edit_in_the_edited_models_target_form(monkeypatch, joi
     router = serac.Router(network, model, [("What colour is the shape?", " red")], soft=False)
     router.counterfactual_logits([(router.edits[0], "What is the colour of the object shown?", " red")])
     assert seen == [(("What colour is the shape?", written), written)]
+
+
+@pytest.mark.parametrize("method", ["MEND", "KE"])
+def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradients(world, eval_records, method):
+    """apply() writes W - delta per weight before the next delta exists (one full-size change alive
+    at a time), and every delta is the one computed on the unedited model."""
+    model = load_model("blip2", world / "model")
+    editor = make_editor(read_hparams(hparams_file(world, method)))
+    editor.build(model).eval()
+    editor.bind_images(ImageRoots(world / "data/images"))
+    params = model.editable(editor.hparams.scope)
+    before = {name: p.detach().clone() for name, p in params.items()}
+    item = train.edit_item(model, eval_records[:1], [editor.images(eval_records[0])["image"]])
+    with torch.no_grad():
+        expected = {name: before[name] - delta for name, delta in editor.deltas(model, item)}
+    assert list(expected) == list(params) and len(expected) > 1
+    written_when_yielded = []
+    deltas = editor.deltas
+
+    def spy(model, edit):
+        for name, delta in deltas(model, edit):
+            written_when_yielded.append([not torch.equal(params[n], before[n]) for n in params])
+            yield name, delta
+
+    editor.deltas = spy
+    edit = editor.apply(model, eval_records[:1])
+    n = len(params)
+    assert written_when_yielded == [[True] * k + [False] * (n - k) for k in range(n)]
+    assert all(torch.equal(params[name], expected[name]) for name in params)
+    edit.revert()
+    assert all(torch.equal(params[name], before[name]) for name in params)

@@ -10,6 +10,7 @@ prompt's target NLL. As in MEND, the network only sees the gradient as a constan
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ class KE(WeightDeltaEditor):
                 raise ValueError(f"{name}: KE edits weight matrices, got shape {tuple(shape)}")
         return KENetwork(model.model.get_input_embeddings().embedding_dim, shapes, self.hparams)
 
-    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor]]:
         network = self.network
         grads = edit_loss_gradients(model, edit.batch, network.names)
         texts = [prompt + target for prompt, target in zip(edit.prompts, edit.targets)]
@@ -79,4 +80,5 @@ class KE(WeightDeltaEditor):
         with torch.no_grad():
             embeds = model.model.get_input_embeddings()(tokens["input_ids"]).float()
         condition = network.condition(embeds, tokens["attention_mask"])
-        return {name: network.delta(i, condition, grads[name][0]) for i, name in enumerate(network.names)}
+        for index, name in enumerate(network.names):
+            yield name, network.delta(index, condition, grads.pop(name)[0])

@@ -12,6 +12,7 @@ by a learned per-weight scale and shift ("mode"). Hyperparameters: spec §4.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -144,13 +145,11 @@ class MEND(WeightDeltaEditor):
         return [{"params": list(network.transforms.parameters()), "lr": self.hparams.lr},
                 {"params": [network.edit_lrs], "lr": self.hparams.lr_lr}]
 
-    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor]]:
         network = self.network
         factors = edit_loss_gradients(model, edit.batch, network.names, capture_linear_io=True)
-        deltas = {}
         for index, (name, key, mode) in enumerate(zip(network.names, network.keys, network.modes)):
             # the network computes in its own dtype (float32) whatever the model's (bf16 at scale)
-            x, delta = (factor.to(network.edit_lrs.dtype) for factor in factors[name])
+            x, delta = (factor.to(network.edit_lrs.dtype) for factor in factors.pop(name))
             x_new, delta_new = network.transforms[key](x, delta, mode)
-            deltas[name] = network.edit_lrs[index] * (delta_new.T @ x_new)
-        return deltas
+            yield name, network.edit_lrs[index] * (delta_new.T @ x_new)

@@ -121,24 +121,27 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         return model.downstream_of_features(self.edited_parameters(model))
 
     @abc.abstractmethod
-    def deltas(self, model: VLMAdapter, edit: Item) -> dict[str, torch.Tensor]:
-        """Weight change per edited parameter name; the edited weight is ``W - delta``."""
+    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor]]:
+        """(edited parameter name, weight change) pairs; the edited weight is ``W - delta``.
+
+        The edit loss's gradients are taken before the first pair is yielded, so a caller may write
+        each change as it comes: only one full-size change (a 45M-entry float32 matrix on a 7B
+        model) is alive at a time.
+        """
 
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
-        deltas = self.deltas(model, batch.edit)
         params = self.edited_parameters(model)
-        return swapped_parameters(model.model, {name: params[name].detach() - d for name, d in deltas.items()})
+        return swapped_parameters(model.model, {name: params[name].detach() - delta
+                                                for name, delta in self.deltas(model, batch.edit)})
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         """Snapshot the edited weights, then write ``W - delta`` in place (one step, no training)."""
         self.ready(model)
         edit = edit_item(model, records, [self.images(r)["image"] for r in records])
-        with torch.no_grad():
-            deltas = self.deltas(model, edit)
-        snapshot = model.snapshot(deltas)
         params = self.edited_parameters(model)
+        snapshot = model.snapshot(params)
         with torch.no_grad():
-            for name, delta in deltas.items():
+            for name, delta in self.deltas(model, edit):
                 params[name].sub_(delta.to(params[name].dtype))
         return Edit(model, snapshot)
 
