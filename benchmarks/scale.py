@@ -13,8 +13,8 @@ and untrained (at the sizes the hparams name).
 Every registered method with a ``config/hparams/<METHOD>/<model>.yaml`` runs ``--edits`` single
 edits through :func:`mmke.evaluate.evaluate` (apply + the five measured items + revert) after one
 shared baseline pass. Peak memory per method: ``torch.cuda.max_memory_allocated`` on a GPU (reset
-before each method; it includes the model), the peak resident set size on a CPU (Linux'
-``clear_refs`` reset, else the process' peak so far). On a GPU the MiniGPT-4 figures are compared
+before each method; it includes the model; the allocator's peak reservation beside it), the peak
+resident set size on a CPU (Linux' ``clear_refs`` reset, else the process' peak so far). On a GPU the MiniGPT-4 figures are compared
 with EasyEdit's (issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB), the goal being at most half.
 
     PYTHONPATH=src python benchmarks/scale.py                       # CPU: BLIP-2 OPT-2.7b, bf16
@@ -184,6 +184,11 @@ class Meter:
             return kib * 1024 / GIB
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
+    def reserved_gib(self) -> float | None:
+        """On CUDA, the caching allocator's peak reservation (what nvidia-smi shows, less the
+        context): the comparable figure for tools that report the card's memory in use."""
+        return torch.cuda.max_memory_reserved(self.device) / GIB if self.device.type == "cuda" else None
+
 
 def paper_aux(hparams, out: Path, device: torch.device, dtype: torch.dtype, small: bool, tokenizer,
               built: dict[str, Path]):
@@ -244,13 +249,13 @@ def run_method(method: str, model_name: str, adapter, records, roots, train: Pat
     wall, cpu = time.perf_counter(), time.process_time()
     result = evaluate(adapter, editor, records, roots, baseline, Protocol())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = meter.peak_gib()
+    peak, reserved = meter.peak_gib(), meter.reserved_gib()
     del editor
     gc.collect()
     if adapter.device.type == "cuda":
         torch.cuda.empty_cache()
     return {"edits": len(result.rows), "s_per_edit": wall / len(result.rows),
-            "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "notes": notes}
+            "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "reserved_gib": reserved, "notes": notes}
 
 
 def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, tmp: Path, meter: Meter,
@@ -306,7 +311,7 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
 
 
 def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
-    print("\nmodel               method   s/edit  CPU s/edit  peak GiB  EasyEdit GB  ratio")
+    print("\nmodel               method   s/edit  CPU s/edit  peak GiB  reserved  EasyEdit GB  ratio")
     for model_name, report in reports.items():
         for method, row in report["methods"].items():
             if "error" in row:
@@ -315,8 +320,9 @@ def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
             anchor = EASYEDIT_MINIGPT4_GB.get(method) if model_name.startswith("minigpt4") else None
             compare = f"{anchor:11.1f}  {row['peak_gib'] * GIB / 1e9 / anchor:5.2f}" if anchor and device.type == "cuda" else ""
             note = f"  ({'; '.join(row['notes'])})" if row["notes"] else ""
+            reserved = "" if row["reserved_gib"] is None else f"{row['reserved_gib']:8.2f}"
             print(f"{model_name:19s} {method:7s} {row['s_per_edit']:7.2f} {row['cpu_s_per_edit']:11.2f} "
-                  f"{row['peak_gib']:9.2f}  {compare}{note}")
+                  f"{row['peak_gib']:9.2f}  {reserved:>8s}  {compare}{note}")
 
 
 def main(argv: list[str] | None = None) -> dict:
