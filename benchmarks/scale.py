@@ -22,7 +22,9 @@ with EasyEdit's (issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB), the goal being a
     PYTHONPATH=src python benchmarks/scale.py --small --edits 1     # tiny shapes, seconds (the test)
 
 ``--steps N`` caps FT-style ``num_steps`` (reported with the figures); without it the paper's
-hparams run unchanged.
+hparams run unchanged. ``--limit`` (CPU) also times the passes each method cannot avoid, alone, as
+benchmarks/edit_speed.py does on the demo's tiny models, and prints the loop's ratio to them: at the
+paper's sizes, what the loop adds beyond its model passes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ import yaml
 from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, LlamaConfig, OPTConfig
 
 from mmke.data.demo import write_demo_dataset
-from mmke.data.records import ImageRoots, load_records
+from mmke.data.records import ImageRoots, RecordImages, load_records
 from mmke.evaluate import Protocol, evaluate, run_baseline
 from mmke.hparams import read_hparams
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
@@ -57,6 +60,7 @@ from mmke.models.convert import EVA_VIT_G
 from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_tokenizer
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
+from passes import counted, limit_ms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,12 +254,27 @@ def run_method(method: str, model_name: str, adapter, records, roots, train: Pat
     result = evaluate(adapter, editor, records, roots, baseline, Protocol())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak, reserved = meter.peak_gib(), meter.reserved_gib()
+    row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows),
+           "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "reserved_gib": reserved, "notes": notes}
+    if args.limit:
+        row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"])
     del editor
     gc.collect()
     if adapter.device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"edits": len(result.rows), "s_per_edit": wall / len(result.rows),
-            "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "reserved_gib": reserved, "notes": notes}
+    return row
+
+
+def limit_figures(adapter, editor, records, roots, baseline, loop_cpu_s: float) -> dict:
+    """The passes the edits needed (counted with hooks in a second run of the same edits), each timed
+    alone as benchmarks/passes.py does for the tiny models: CPU s per edit, and the loop's ratio to it."""
+    counts, side, trained = Counter(), [], set()
+    with counted(adapter, editor, counts, side, trained):
+        evaluate(adapter, editor, records, roots, baseline, Protocol())
+    passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
+    limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), Protocol(), passes["backward"], trained,
+                     sum(side) / len(records), repeats=1) / 1000
+    return {"limit_cpu_s_per_edit": limit, "ratio": loop_cpu_s / limit, "passes": passes}
 
 
 def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, tmp: Path, meter: Meter,
@@ -297,7 +316,8 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         else:
-            print(f"  {method}: {row['s_per_edit']:.2f} s/edit ({row['cpu_s_per_edit']:.2f} CPU s), "
+            limit = f", limit {row['limit_cpu_s_per_edit']:.2f} CPU s ({row['ratio']:.2f}x)" if args.limit else ""
+            print(f"  {method}: {row['s_per_edit']:.2f} s/edit ({row['cpu_s_per_edit']:.2f} CPU s{limit}), "
                   f"peak {row['peak_gib']:.2f} GiB {'; '.join(row['notes'])}")
         report["methods"][method] = row
     for directory in built.values():  # a 7B counterfactual is 13 GB of disk
@@ -311,7 +331,7 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
 
 
 def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
-    print("\nmodel               method   s/edit  CPU s/edit  peak GiB  reserved  EasyEdit GB  ratio")
+    print("\nmodel               method   s/edit  CPU s/edit  limit  peak GiB  reserved  EasyEdit GB  ratio")
     for model_name, report in reports.items():
         for method, row in report["methods"].items():
             if "error" in row:
@@ -321,7 +341,8 @@ def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
             compare = f"{anchor:11.1f}  {row['peak_gib'] * GIB / 1e9 / anchor:5.2f}" if anchor and device.type == "cuda" else ""
             note = f"  ({'; '.join(row['notes'])})" if row["notes"] else ""
             reserved = "" if row["reserved_gib"] is None else f"{row['reserved_gib']:8.2f}"
-            print(f"{model_name:19s} {method:7s} {row['s_per_edit']:7.2f} {row['cpu_s_per_edit']:11.2f} "
+            limit = f"{row['ratio']:5.2f}x" if "ratio" in row else ""
+            print(f"{model_name:19s} {method:7s} {row['s_per_edit']:7.2f} {row['cpu_s_per_edit']:11.2f} {limit:>6s} "
                   f"{row['peak_gib']:9.2f}  {reserved:>8s}  {compare}{note}")
 
 
@@ -336,6 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="cap FT-style num_steps (reported as such)")
     parser.add_argument("--small", action="store_true", help="tiny shapes, same code: a smoke test in seconds")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--limit", action="store_true",
+                        help="CPU only: also count the passes and time them alone (benchmarks/passes.py), "
+                             "printing the loop's ratio to that limit (runs every edit twice more)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also through a pipe
@@ -346,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
+    if args.limit and device.type != "cpu":
+        parser.error("--limit times passes in process CPU time, which means nothing for GPU work: use it on a CPU")
     models = args.models or (sorted(PAPER_MODELS) if device.type == "cuda" else ["blip2-opt-2.7b"])
     unknown = [m for m in args.methods or [] if m not in registered_methods()]
     if unknown:

@@ -44,3 +44,25 @@ def test_scale_benchmark_refuses_an_unknown_method():
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                           check=False)
     assert done.returncode == 2 and "unknown method(s) ['NOPE']" in done.stderr
+
+
+def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(tmp_path):
+    out = tmp_path / "scale.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--small", "--device", "cpu", "--edits", "2",
+         "--steps", "3", "--models", "blip2-opt-2.7b", "--methods", "base", "FT-L", "MEND", "--limit",
+         "--json", str(out)], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["models"]["blip2-opt-2.7b"]["methods"]
+    # per edit: base one shared forward of both records' items; FT-L 3 steps + its measurement; MEND
+    # one gradient + its measurement
+    assert rows["base"]["passes"]["forward"] == 0.5 and rows["base"]["passes"]["backward"] == 0
+    assert rows["FT-L"]["passes"]["forward"] == 4 and rows["FT-L"]["passes"]["backward"] == 3
+    assert rows["MEND"]["passes"]["forward"] == 2 and rows["MEND"]["passes"]["backward"] == 1
+    assert rows["MEND"]["passes"]["side"] > 0  # its editor network ran
+    for row in rows.values():
+        assert row["limit_cpu_s_per_edit"] > 0 and row["ratio"] == row["cpu_s_per_edit"] / row["limit_cpu_s_per_edit"]
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--device", "cuda", "--limit"],
+                             capture_output=True, text=True, env=env, check=False)
+    assert refused.returncode == 2 and "--limit times passes in process CPU time" in refused.stderr

@@ -1,0 +1,160 @@
+"""The passes an edit cannot avoid, counted and timed alone: what benchmarks/edit_speed.py (the demo's
+tiny models) and benchmarks/scale.py (the paper's sizes) compare the edit loop with.
+
+Everything is process CPU time, so a busy machine does not distort the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+
+from mmke.data.records import RecordImages
+from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, measured_batch, read_positions
+from mmke.methods.base import Editor
+from mmke.models.base import VLMAdapter
+from mmke.train import target_nll
+
+
+def cpu_ms(run: Callable[[], object], repeats: int) -> float:
+    """Median process CPU milliseconds of ``run``."""
+    times = []
+    for _ in range(repeats):
+        tick = time.process_time()
+        run()
+        times.append((time.process_time() - tick) * 1000)
+    return statistics.median(times)
+
+
+def common_module(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """The innermost module holding every named parameter."""
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return model.get_submodule(".".join(common))
+
+
+def side_modules(editor: Editor) -> list[torch.nn.Module]:
+    """What an editor runs beside the edited model: every module of its network (MEND's and KE's
+    editor networks, SERAC's classifier and counterfactual LM) and IKE's sentence encoder."""
+    network = getattr(editor, "network", None)
+    retriever = getattr(editor, "retriever", None)
+    return ([] if network is None else list(network.modules())) + (
+        [] if retriever is None else [retriever.sentence_model])
+
+
+@contextlib.contextmanager
+def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[float],
+            trained: set[str]) -> Iterator[None]:
+    """Count passes with hooks: decoder forwards (and backwards through them), vision encoder calls,
+    side-model calls (and their CPU time); collect the parameters that receive a gradient."""
+    model = adapter.model
+    decoder = model.get_submodule(adapter.scopes()["llm.mlp.last1"][0].split(".layers.")[0])  # holds the layers
+    vision = common_module(model, adapter.scopes()["vision"])
+    starts: dict[str, float] = {}
+
+    def on_decoder(module, args, output):
+        counts["forward"] += 1
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: counts.update(["backward"]))
+
+    depth = [0]  # side modules run inside each other: time and count the outermost calls
+
+    def side_start(module, args):
+        if depth[0] == 0:
+            starts["side"] = time.process_time()
+        depth[0] += 1
+
+    def side_end(module, args, output):
+        depth[0] -= 1
+        if depth[0] == 0:
+            counts["side"] += 1
+            side_ms.append((time.process_time() - starts.pop("side")) * 1000)
+
+    handles = [decoder.register_forward_hook(on_decoder),
+               vision.register_forward_hook(lambda *_: counts.update(["image_encoder"]))]
+    handles += [param.register_hook(lambda grad, name=name: trained.add(name))
+                for name, param in model.named_parameters() if param.requires_grad]
+    for module in side_modules(editor):
+        handles += [module.register_forward_pre_hook(side_start), module.register_forward_hook(side_end)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, protocol: Protocol,
+             backward_per_edit: float, trained: set[str], side_ms_per_edit: float, repeats: int) -> float:
+    """The passes the method needs per edit, each timed alone (mean over the records)."""
+    editor.bind_images(images)
+    frozen = editor.keeps_image_features(model=adapter)
+    total = 0.0
+    for record in records:
+        imgs = images(record)
+        edit = editor.apply(adapter, [record])
+        try:
+            requests = [Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit)]
+            if edit.in_context:
+                requests.append(Request(record, imgs, EDIT_ITEMS, edit.pre_prompt, edit))
+            batch, owners = measured_batch(adapter, protocol, requests)
+            positions = read_positions(batch, owners)
+            with adapter.frozen_image_features(), torch.no_grad():
+                adapter.logits(batch, positions)  # memoise the features: the forward alone is timed next
+                forward = cpu_ms(lambda: adapter.logits(batch, positions), repeats)
+            with torch.no_grad():
+                distinct = list({id(source): i for i, source in enumerate(batch.sources)}.values())
+                encode = cpu_ms(lambda: adapter.image_features(batch, distinct), repeats)
+        finally:
+            edit.revert()
+        total += forward + encode
+        if backward_per_edit:
+            item = adapter.teacher_forced([record.prompt], [record.target], [imgs["image"]])
+            memo = adapter.frozen_image_features() if frozen else contextlib.nullcontext()
+
+            def step() -> None:
+                target_nll(adapter.logits(item), item.labels).backward()
+
+            # gradients taken for activations (MEND's layer outputs) or for a memory beside the model
+            # (LoRA, GRACE, WISE) reach no model parameter: the parameters the method edits then
+            names = trained or set(editor.edited_parameters(adapter))
+            with memo, only_trainable(adapter, names):
+                step()  # memoised features where the method keeps them
+                total += backward_per_edit * cpu_ms(step, repeats)
+    return total / len(records) + side_ms_per_edit
+
+
+def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int) -> float:
+    """CPU ms per record to decode its images and preprocess them as the family does, once each:
+    work the loop cannot skip either, but no model pass, so it lies outside the limit."""
+    def load() -> None:
+        images = RecordImages(roots)  # fresh objects: nothing memoised from an earlier call
+        for record in records:
+            pictures = list(images(record).values())
+            type(adapter).teacher_forced(adapter, [""] * len(pictures), ["."] * len(pictures), pictures)
+
+    return cpu_ms(load, repeats) / len(records)
+
+
+@contextlib.contextmanager
+def only_trainable(adapter: VLMAdapter, names: set[str]) -> Iterator[None]:
+    """Gradients for the named parameters only (those the method trains), dropped afterwards."""
+    params = adapter.named_parameters()
+    flags = {name: param.requires_grad for name, param in params.items()}
+    try:
+        for name, param in params.items():
+            param.requires_grad_(name in names)
+        yield
+    finally:
+        for name, param in params.items():
+            param.requires_grad_(flags[name])
+            param.grad = None
