@@ -562,3 +562,24 @@ def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradien
     assert all(torch.equal(params[name], expected[name]) for name in params)
     edit.revert()
     assert all(torch.equal(params[name], before[name]) for name in params)
+
+
+def test_ke_delta_is_the_gated_gradient_without_building_the_gates():
+    from mmke.methods.ke import KEHParams, KENetwork
+
+    torch.manual_seed(0)
+    hp = build_hparams(KEHParams, {"method": "KE", "lstm_hidden": 8})
+    network = KENetwork(4, {"w": torch.Size([6, 5])}, hp)
+    for head in network.heads:  # leave the identity-like init, so that every term counts
+        torch.nn.init.normal_(head.weight)
+        torch.nn.init.normal_(head.bias)
+    condition, grad = torch.randn(16), torch.randn(6, 5)
+    a_out, a_in, b_out, b_in, s = network.heads[0](condition).split([6, 5, 6, 5, 1])
+    written_out = hp.max_scale * s.sigmoid() * (grad * (a_out.softmax(-1)[:, None] * a_in[None, :])
+                                                + b_out.softmax(-1)[:, None] * b_in[None, :])
+    delta = network.delta(0, condition, grad)
+    torch.testing.assert_close(delta, written_out, rtol=1e-6, atol=1e-7)
+    assert delta.dtype == torch.float32
+    assert network.delta(0, condition, grad.bfloat16()).dtype == torch.float32  # a bf16 model's gradient
+    delta.sum().backward()  # training reaches the heads through it
+    assert network.heads[0].weight.grad is not None and network.heads[0].weight.grad.abs().sum() > 0

@@ -53,11 +53,13 @@ class KENetwork(nn.Module):
         return ((states * mask).sum(1) / mask.sum(1)).mean(0)
 
     def delta(self, index: int, condition: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``max_scale * sigmoid(s) * (grad * A + B)`` with the rank-1 ``A = softmax(a_out) a_in^T``
+        and ``B = softmax(b_out) b_in^T`` applied as row and column scalings and one rank-1 update:
+        neither is built as a full matrix (on a 7B model each would be another 45M floats)."""
         out, inp = self.shapes[index]
         a_out, a_in, b_out, b_in, scale = self.heads[index](condition).split([out, inp, out, inp, 1])
-        gate = a_out.softmax(-1)[:, None] * a_in[None, :]
-        bias = b_out.softmax(-1)[:, None] * b_in[None, :]
-        return self.max_scale * scale.sigmoid() * (grad * gate + bias)
+        step = self.max_scale * scale.sigmoid()
+        return torch.addr(grad * (step * a_out.softmax(-1))[:, None] * a_in[None, :], step * b_out.softmax(-1), b_in)
 
 
 @register_method
