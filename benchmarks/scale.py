@@ -14,8 +14,9 @@ Every registered method with a ``config/hparams/<METHOD>/<model>.yaml`` runs ``-
 edits through :func:`mmke.evaluate.evaluate` (apply + the five measured items + revert) after one
 shared baseline pass. Peak memory per method: ``torch.cuda.max_memory_allocated`` on a GPU (reset
 before each method; it includes the model; the allocator's peak reservation beside it), the peak
-resident set size on a CPU (Linux' ``clear_refs`` reset, else the process' peak so far). On a GPU the MiniGPT-4 figures are compared
-with EasyEdit's (issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB), the goal being at most half.
+resident set size on a CPU (Linux' ``clear_refs`` reset, else the process' peak so far). On a GPU
+the MiniGPT-4 figures are compared with EasyEdit's (issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB),
+the goal being at most half.
 
     PYTHONPATH=src python benchmarks/scale.py                       # CPU: BLIP-2 OPT-2.7b, bf16
     PYTHONPATH=src python benchmarks/scale.py --device cuda --edits 5 --json scale.json
