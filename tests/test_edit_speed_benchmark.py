@@ -1,0 +1,46 @@
+"""benchmarks/edit_speed.py on a tiny model: the loop beside its passes, the images and the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(tmp_path, tiny_blip2_dir, demo_evqa):
+    # a dataset name without demo resources: MEND runs an untrained network, which costs the same passes
+    config = {"protocol": {"exact_match": True}, "methods": ["base", "FT-L", "MEND"],
+              "datasets": {"speed-evqa": {"kind": "evqa", "train": str(demo_evqa["train"]),
+                                          "eval": str(demo_evqa["eval"]), "image_root": str(demo_evqa["images"])}},
+              "models": {"tiny-blip2": {"family": "blip2", "path": str(tiny_blip2_dir), "image_size": 32}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "edit_speed.py"), "--config", str(tmp_path / "config.yaml"),
+         "--dataset", "speed-evqa", "--records", "2", "--repeats", "1", "--batch-size", "2", "--json", str(out)],
+        capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())["methods"]
+    assert set(figures) == {"blip2/base", "blip2/FT-L", "blip2/MEND"}
+    num_steps = yaml.safe_load((REPO / "config/hparams/FT-L/tiny-blip2.yaml").read_text())["num_steps"]
+    # per edit: base shares one forward between the 2 records; FT-L trains num_steps times and
+    # measures once; MEND takes one gradient and measures once, and runs its network
+    assert figures["blip2/base"]["passes"] == {"forward": 0.5, "backward": 0, "image_encoder": 0.5, "side": 0}
+    assert figures["blip2/FT-L"]["passes"]["forward"] == num_steps + 1
+    assert figures["blip2/FT-L"]["passes"]["backward"] == num_steps
+    assert figures["blip2/MEND"]["passes"]["forward"] == 2 and figures["blip2/MEND"]["passes"]["backward"] == 1
+    assert figures["blip2/MEND"]["passes"]["side"] > 0
+    for name, figure in figures.items():
+        assert figure["ratio"] == pytest.approx(figure["ms_per_edit"] / figure["limit_ms"]), name
+        assert figure["image_load_ms"] > 0
+        assert figure["rest_ms"] == pytest.approx(figure["ms_per_edit"] - figure["limit_ms"] - figure["image_load_ms"])
+    assert figures["blip2/MEND"]["easyedit_passes"] == 12  # 5 pre + 5 post forwards + 1 fwd+bwd
+    assert "images" in done.stdout and "EasyEdit" in done.stdout
