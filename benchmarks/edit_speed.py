@@ -30,19 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import torch
 import yaml
 
-from mmke.data.records import RecordImages
 from mmke.evaluate import DEFAULT_BATCH_SIZE, Protocol, evaluate, run_baseline
 from mmke.hparams import read_hparams
 from mmke.methods.base import make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.stages import load_configured_model, load_eval_split
-from passes import counted, cpu_ms, image_load_ms, limit_ms
+from passes import cpu_ms, image_load_ms, passes_and_limit
 
 REPO = Path(__file__).resolve().parents[1]
 #: Model passes per edit of EasyEdit's protocol, as read from its code (issue 12): (forwards,
@@ -122,14 +120,10 @@ def main() -> None:
                 editor.prepare(found)
             # warm-up: lazy networks built, first-call allocations made
             evaluate(adapter, editor, records[:1], roots, baseline, protocol, batch_size=args.batch_size)
-            counts, side, trained = Counter(), [], set()
-            with counted(adapter, editor, counts, side, trained):
-                evaluate(adapter, editor, records, roots, baseline, protocol, batch_size=args.batch_size)
+            passes, limit = passes_and_limit(adapter, editor, records, roots, baseline, protocol, args.repeats,
+                                             args.batch_size)
             loop = cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol,
                                            batch_size=args.batch_size), args.repeats) / len(records)
-            passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
-            limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), protocol, passes["backward"],
-                             trained, sum(side) / len(records), args.repeats)
             name = f"{entry['family']}/{method}"
             rest = loop - limit - images_ms
             figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": loop / limit,

@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from mmke.data.records import RecordImages
-from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, measured_batch, read_positions
+from mmke.data.records import ImageRoots, RecordImages
+from mmke.evaluate import (
+    DEFAULT_BATCH_SIZE, EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, measured_batch,
+    read_positions,
+)
 from mmke.methods.base import Editor
 from mmke.models.base import VLMAdapter
 from mmke.train import target_nll
@@ -91,6 +94,20 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
     finally:
         for handle in handles:
             handle.remove()
+
+
+def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
+                     protocol: Protocol, repeats: int, batch_size: int = DEFAULT_BATCH_SIZE
+                     ) -> tuple[dict[str, float], float]:
+    """The passes per edit, counted with hooks over one run of the edits, and the limit: those
+    passes timed alone (:func:`limit_ms`, CPU ms per edit)."""
+    counts, side, trained = Counter(), [], set()
+    with counted(adapter, editor, counts, side, trained):
+        evaluate(adapter, editor, records, roots, baseline, protocol, batch_size=batch_size)
+    passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
+    limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), protocol, passes["backward"], trained,
+                     sum(side) / len(records), repeats)
+    return passes, limit
 
 
 def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, protocol: Protocol,

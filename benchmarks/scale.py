@@ -41,7 +41,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ import yaml
 from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, LlamaConfig, OPTConfig
 
 from mmke.data.demo import write_demo_dataset
-from mmke.data.records import ImageRoots, RecordImages, load_records
+from mmke.data.records import ImageRoots, load_records
 from mmke.evaluate import Protocol, evaluate, run_baseline
 from mmke.hparams import read_hparams
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
@@ -61,7 +60,7 @@ from mmke.models.convert import EVA_VIT_G
 from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_tokenizer
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
-from passes import counted, limit_ms
+from passes import passes_and_limit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,14 +266,10 @@ def run_method(method: str, model_name: str, adapter, records, roots, train: Pat
 
 
 def limit_figures(adapter, editor, records, roots, baseline, loop_cpu_s: float) -> dict:
-    """The passes the edits needed (counted with hooks in a second run of the same edits), each timed
-    alone as benchmarks/passes.py does for the tiny models: CPU s per edit, and the loop's ratio to it."""
-    counts, side, trained = Counter(), [], set()
-    with counted(adapter, editor, counts, side, trained):
-        evaluate(adapter, editor, records, roots, baseline, Protocol())
-    passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
-    limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), Protocol(), passes["backward"], trained,
-                     sum(side) / len(records), repeats=1) / 1000
+    """The passes the edits needed (counted in a second run of the same edits) and the limit they set,
+    as benchmarks/edit_speed.py measures them on the tiny models: CPU s per edit, and the loop's ratio."""
+    passes, limit_ms = passes_and_limit(adapter, editor, records, roots, baseline, Protocol(), repeats=1)
+    limit = limit_ms / 1000
     return {"limit_cpu_s_per_edit": limit, "ratio": loop_cpu_s / limit, "passes": passes}
 
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from test_scale_benchmark import REPO, run_benchmark
 
 
 def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(tmp_path, tiny_blip2_dir, demo_evqa):
@@ -22,11 +17,8 @@ def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(tmp_path,
               "models": {"tiny-blip2": {"family": "blip2", "path": str(tiny_blip2_dir), "image_size": 32}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "speed.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "edit_speed.py"), "--config", str(tmp_path / "config.yaml"),
-         "--dataset", "speed-evqa", "--records", "2", "--repeats", "1", "--batch-size", "2", "--json", str(out)],
-        capture_output=True, text=True, env=env, check=False)
+    done = run_benchmark("edit_speed.py", "--config", str(tmp_path / "config.yaml"), "--dataset", "speed-evqa",
+                         "--records", "2", "--repeats", "1", "--batch-size", "2", "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())["methods"]
     assert set(figures) == {"blip2/base", "blip2/FT-L", "blip2/MEND"}

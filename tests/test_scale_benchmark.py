@@ -15,13 +15,17 @@ from mmke.methods.base import METHODS, get_method
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script>`` in a fresh interpreter with this checkout's mmke, one torch thread."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          env=env, check=False)
+
+
 def test_scale_benchmark_runs_every_method_with_paper_hparams_on_both_models(tmp_path):
     out = tmp_path / "scale.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--small", "--device", "cpu", "--edits", "1",
-         "--steps", "2", "--models", "blip2-opt-2.7b", "minigpt4-vicuna-7b", "--json", str(out)],
-        capture_output=True, text=True, env=env, check=False)
+    done = run_benchmark("scale.py", "--small", "--device", "cpu", "--edits", "1", "--steps", "2",
+                         "--models", "blip2-opt-2.7b", "minigpt4-vicuna-7b", "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     get_method("base")  # imports the built-in methods
@@ -40,19 +44,14 @@ def test_scale_benchmark_runs_every_method_with_paper_hparams_on_both_models(tmp
 
 
 def test_scale_benchmark_refuses_an_unknown_method():
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--small", "--methods", "NOPE"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-                          check=False)
+    done = run_benchmark("scale.py", "--small", "--methods", "NOPE")
     assert done.returncode == 2 and "unknown method(s) ['NOPE']" in done.stderr
 
 
 def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(tmp_path):
     out = tmp_path / "scale.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--small", "--device", "cpu", "--edits", "2",
-         "--steps", "3", "--models", "blip2-opt-2.7b", "--methods", "base", "FT-L", "MEND", "--limit",
-         "--json", str(out)], capture_output=True, text=True, env=env, check=False)
+    done = run_benchmark("scale.py", "--small", "--device", "cpu", "--edits", "2", "--steps", "3",
+                         "--models", "blip2-opt-2.7b", "--methods", "base", "FT-L", "MEND", "--limit", "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["models"]["blip2-opt-2.7b"]["methods"]
     # per edit: base one shared forward of both records' items; FT-L 3 steps + its measurement; MEND
@@ -63,6 +62,5 @@ def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(tm
     assert rows["MEND"]["passes"]["side"] > 0  # its editor network ran
     for row in rows.values():
         assert row["limit_cpu_s_per_edit"] > 0 and row["ratio"] == row["cpu_s_per_edit"] / row["limit_cpu_s_per_edit"]
-    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--device", "cuda", "--limit"],
-                             capture_output=True, text=True, env=env, check=False)
+    refused = run_benchmark("scale.py", "--device", "cuda", "--limit")
     assert refused.returncode == 2 and "--limit times passes in process CPU time" in refused.stderr
