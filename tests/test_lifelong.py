@@ -16,6 +16,7 @@ from mmke.data.records import RecordImages, multimodal_locality_prompt
 from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import read_hparams
 from mmke.methods.base import make_editor
+from mmke.methods.lifelong import frozen, unfreeze
 from mmke.methods.wise import Shard, merge, route, ties_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,36 @@ def test_wise_routes_locality_items_to_the_main_memory(adapter, eval_records, ro
     finally:
         edit.revert()
     assert torch.equal(after, before)  # ... whose output is the unedited one
+
+
+def test_wise_takes_the_unrelated_rows_distance_from_one_forward_per_edit(adapter, eval_records, roots):
+    """The unrelated row's layer input is read once per edit: its d and d's gradient equal a
+    whole forward's at any side weight, and an edit of n_iter steps runs the layer n_iter + 1 times."""
+    record = eval_records[0]
+    text, _ = unrelated_items(adapter, record, roots)
+    editor = editor_for("WISE", roots, n_iter=3)
+    memory = editor.install(adapter)
+    flags = frozen(adapter)
+    try:
+        seen = memory.layer_io(adapter, text)
+        side = (memory.layer.weight + 0.05 * torch.randn_like(memory.layer.weight)).requires_grad_(True)
+        memory.training = side
+        adapter.logits(text, positions=torch.zeros_like(text.attention_mask, dtype=torch.bool))
+        whole = memory.distance
+        once = memory.trained(*seen)[1]
+        assert once.item() > 0 and torch.equal(once, whole)
+        assert torch.equal(torch.autograd.grad(once.sum(), side)[0], torch.autograd.grad(whole.sum(), side)[0])
+    finally:
+        memory.training = None
+        unfreeze(adapter, flags)
+        memory.remove()
+    calls = []
+    handle = memory.layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        editor.apply(adapter, [record]).revert()
+    finally:
+        handle.remove()
+    assert len(calls) == 3 + 1  # EasyEdit's loop: 2 per step
 
 
 def test_wise_merges_shards_every_merge_freq_edits(adapter, eval_records, roots):

@@ -49,7 +49,7 @@ from mmke.hparams import HParams
 from mmke.methods.base import register_method
 from mmke.methods.ft import target_nll
 from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, scope_module, unfreeze
-from mmke.models.base import VLMAdapter
+from mmke.models.base import Batch, VLMAdapter
 
 #: Rows longer than this are routed on their largest token distance, shorter ones on the mean.
 LONG_ROW = 100
@@ -176,6 +176,8 @@ class WISEMemory(HookedMemory):
         self.hp = hp
         self.act = ACT2FN[act]
         self.distance: torch.Tensor | None = None  # per row, the last forward's d (training only)
+        self.seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see layer_io
+        self._capturing = False
         #: per row, the last forward's memory: 0 main, 1 the side copy, 2 + k the k-th stored memory
         self.routes: torch.Tensor | None = None
         self._consulted: tuple[SideMemory, torch.Tensor | None, list[Shard]] | None = None
@@ -209,13 +211,37 @@ class WISEMemory(HookedMemory):
             return mean
         return torch.where(lengths > LONG_ROW, norms.max(dim=1).values, mean)
 
+    def layer_io(self, model: VLMAdapter, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's input and its own (main) output on ``batch``'s rows, ``[B, T, width]``, and
+        the rows' attention mask, from one forward without gradients.
+
+        While an edit trains, everything upstream of the layer is frozen and only the side weight
+        changes, so the unrelated row's input is the same at every step: one forward per edit
+        gives it, where EasyEdit reruns the whole model at each step for it."""
+        self._capturing = True
+        try:
+            with torch.no_grad():
+                model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
+        finally:
+            self._capturing = False
+        seen, self.seen = self.seen, None
+        return seen
+
+    def trained(self, x: torch.Tensor, output: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of the side weight being trained on the layer input ``x`` and, per row, its
+        ``d`` from the main ``output``."""
+        side = F.linear(x, self.training.to(x.dtype), self.layer.bias)
+        return side, self.distances(output, side, mask, infer=False)
+
     def hook(self, module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
         batch = self.tap.current("WISE")
         mask = batch.attention_mask.to(output.device, torch.float32)
         shape, x, output = output.shape, by_row(batch, args[0]), by_row(batch, output)
+        if self._capturing:
+            self.seen = x, output, mask
+            return output.view(shape)
         if self.training is not None:
-            side = F.linear(x, self.training.to(x.dtype), module.bias)
-            self.distance = self.distances(output, side, mask, infer=False)
+            side, self.distance = self.trained(x, output, mask)
             return side.view(shape)
         side, stored = self.consulted()
         candidates = [*([side] if side is not None else []), *(shard.weight for shard in stored)]
@@ -262,10 +288,10 @@ class WISE(LifelongEditor):
         start = main if book.side is None else book.side
         side = start.clone().requires_grad_(True)
         edit = model.teacher_forced([record.prompt], [record.target], [self.images(record)["image"]])
-        unrelated = model.teacher_forced([record.loc], [record.loc_ans], None)
-        skip_head = torch.zeros_like(unrelated.attention_mask, dtype=torch.bool)
+        unrelated = memory.layer_io(model, model.teacher_forced([record.loc], [record.loc_ans], None))
         alpha, beta, gamma = hp.act_margin
         optimiser = torch.optim.SGD([side], lr=hp.edit_lr, weight_decay=WEIGHT_DECAY)
+        low, high = main - hp.norm_constraint, main + hp.norm_constraint  # the box the side weight stays in
         flags = frozen(model)
         memory.training = side
         previous, act = float("inf"), 0.0
@@ -273,19 +299,18 @@ class WISE(LifelongEditor):
             for _ in range(hp.n_iter):
                 nll = target_nll(model.logits(edit), edit.labels)
                 inside = memory.distance[0]
-                model.logits(unrelated, positions=skip_head)
-                outside = memory.distance[0]
+                outside = memory.trained(*unrelated)[1][0]
                 loss = (nll + F.relu(outside - inside + gamma) + F.relu(outside - alpha) + F.relu(beta - inside))
-                act = inside.item()
-                if abs(loss.item() - previous) <= STOP_DELTA and loss.item() <= STOP_LOSS:
+                act, value = inside.item(), loss.item()
+                if abs(value - previous) <= STOP_DELTA and value <= STOP_LOSS:
                     break
-                previous = loss.item()
+                previous = value
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 side.grad.mul_(mask)
                 optimiser.step()
                 with torch.no_grad():
-                    side.copy_(torch.clamp(side, min=main - hp.norm_constraint, max=main + hp.norm_constraint))
+                    side.clamp_(low, high)
         finally:
             memory.training = None
             unfreeze(model, flags)
