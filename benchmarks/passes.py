@@ -21,7 +21,7 @@ from mmke.evaluate import (
 )
 from mmke.methods.base import Editor
 from mmke.models.base import VLMAdapter
-from mmke.train import target_nll
+from mmke.metrics import target_nll
 
 
 def cpu_ms(run: Callable[[], object], repeats: int) -> float:

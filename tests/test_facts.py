@@ -10,7 +10,7 @@ import pytest
 from mmke.data.demo import ATTRIBUTES, CAPTION_PROMPT, FACTS, VQA_QUESTIONS, all_scenes, caption, scene_split
 from mmke.data.records import ImageRoots, RecordImages, load_records
 from mmke.facts import (
-    ATTRIBUTE_TOPICS, FACT_KINDS, ContextConfig, Question, RecordFacts, WorldFacts, caption_topic,
+    ATTRIBUTE_TOPICS, FACT_KINDS, ContextConfig, RecordFacts, WorldFacts, caption_topic,
     counterfactual_item, fact_stream, in_context,
 )
 from mmke.methods.ike import InContextEdit, demonstration

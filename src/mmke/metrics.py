@@ -32,6 +32,13 @@ def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
 
 
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (labels != -100; EasyEdit's masked ``nll``):
+    the loss every edit and meta-training step minimises."""
+    pred, gold = shift(logits, labels)
+    return torch.nn.functional.cross_entropy(pred.flatten(0, 1), gold.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of target tokens predicted correctly, pooled over every token of the batch."""
     pred, gold = shift(logits.argmax(dim=-1), labels)

@@ -26,14 +26,13 @@ from typing import Any, Protocol
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mmke import metrics
 from mmke.data.records import EditRecord, multimodal_locality_prompt
 from mmke.evaluate import IMAGE_LOC_K, TEXT_LOC_K
 from mmke.hparams import digest
 from mmke.io import atomic_path, read_safetensors, write_json
-from mmke.metrics import IGNORE_INDEX, shift
+from mmke.metrics import IGNORE_INDEX, shift, target_nll
 from mmke.models.base import Batch, VLMAdapter
 
 #: Loads a record's three images (edit, rephrased, multimodal locality), e.g. evaluate.RecordImages.
@@ -89,12 +88,6 @@ def make_batch(model: VLMAdapter, records: Sequence[EditRecord], images: ImageLo
                    [r.m_loc_a for r in records], "m_loc"),
         images=imgs,
     )
-
-
-def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens (labels != -100), shifted once."""
-    pred, gold = shift(logits, labels)
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def target_unlikelihood(logits: torch.Tensor, labels: torch.Tensor,

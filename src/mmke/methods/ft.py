@@ -24,7 +24,7 @@ import torch
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor, register_method
-from mmke.metrics import IGNORE_INDEX, shift
+from mmke.metrics import target_nll
 from mmke.models.base import LANGUAGE_MODEL_SCOPE, Batch, VLMAdapter
 
 
@@ -108,12 +108,6 @@ class FineTune(Editor):
                 raise ValueError(f"{self.name}: scope {scope!r} is not on {side}")
             params.update(group)
         return params
-
-
-def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens (EasyEdit's masked ``nll``)."""
-    logits, labels = shift(logits, labels)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 @register_method

@@ -23,7 +23,7 @@ import torch
 
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
-from mmke.methods.ft import target_nll
+from mmke.metrics import target_nll
 from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, key_positions, scope_module, unfreeze
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter

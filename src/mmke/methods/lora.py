@@ -25,7 +25,7 @@ from peft import AdaLoraConfig, AdaLoraModel, LoraConfig, LoraModel
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
-from mmke.methods.ft import target_nll
+from mmke.metrics import target_nll
 from mmke.methods.lifelong import LifelongEditor, Memory, frozen, scope_modules, unfreeze
 from mmke.models.base import VLMAdapter
 

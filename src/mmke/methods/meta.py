@@ -23,7 +23,8 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import Batch, VLMAdapter
-from mmke.train import Item, TrainBatch, edit_item, load_checkpoint, target_nll
+from mmke.metrics import target_nll
+from mmke.train import Item, TrainBatch, edit_item, load_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ from transformers.activations import ACT2FN
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
-from mmke.methods.ft import target_nll
+from mmke.metrics import target_nll
 from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, scope_module, unfreeze
 from mmke.models.base import Batch, VLMAdapter
 
