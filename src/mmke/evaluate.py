@@ -413,7 +413,5 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"evaluation batch_size must be >= 1, got {batch_size}")
 
 
-
-
 def _identity(text: str) -> str:
     return text
