@@ -1,4 +1,4 @@
-"""Atomic writers honour the umask; broken safetensors files are named with what rewrites them."""
+"""Atomic writers honour the umask and leave nothing behind when they fail; broken safetensors files are named with what rewrites them."""
 
 import os
 import stat
@@ -34,6 +34,24 @@ def test_atomic_outputs_get_the_mode_the_umask_gives(tmp_path, umask):
     (tmp_path / "plain").mkdir()
     assert mode(tmp_path / "model") == mode(tmp_path / "plain")  # as any folder the user makes
     assert os.umask(umask) == umask  # reading the umask left it as it was
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_write(target) as handle:
+            handle.write("half of the new")
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_path(tmp_path / "editor.safetensors") as tmp:
+            save_file({"x": torch.zeros(1)}, str(tmp))
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.json"]
+    with atomic_write(target) as handle:
+        handle.write("new")
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
 
 
 def test_a_truncated_safetensors_file_is_named_with_the_rule_that_writes_it(tmp_path):
