@@ -70,7 +70,8 @@ def resources(method: str, model: str, dataset: str, hparams) -> dict[str, Path]
     """What the demo's stages wrote for this combo (IKE embeddings, meta-network checkpoints)."""
     if method == "IKE" and hparams.retrieves:
         prefix = Path("resources/embeddings") / dataset / hparams.sentence_model
-        return {"embeddings": prefix / "embeddings.safetensors", "sentences": prefix / "sentences.json"}
+        return {"embeddings": prefix / "embeddings.safetensors", "sentences": prefix / "sentences.json",
+                "queries": prefix / "queries.safetensors", "query_sentences": prefix / "queries.json"}
     checkpoint = Path("resources/checkpoints") / method / model / dataset / "editor.safetensors"
     return {"checkpoint": checkpoint} if checkpoint.exists() else {}
 

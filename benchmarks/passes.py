@@ -49,9 +49,8 @@ def side_modules(editor: Editor) -> list[torch.nn.Module]:
     """What an editor runs beside the edited model: every module of its network (MEND's and KE's
     editor networks, SERAC's classifier and counterfactual LM) and IKE's sentence encoder."""
     network = getattr(editor, "network", None)
-    retriever = getattr(editor, "retriever", None)
-    return ([] if network is None else list(network.modules())) + (
-        [] if retriever is None else [retriever.sentence_model])
+    encoder = getattr(getattr(editor, "retriever", None), "sentence_model", None)  # None: queries from the embed stage
+    return ([] if network is None else list(network.modules())) + ([] if encoder is None else [encoder])
 
 
 @contextlib.contextmanager

@@ -12,5 +12,7 @@ with redirect_output(snakemake.log[0]):
         snakemake.params.sentence_model,
         tensors_out=snakemake.output.embeddings,
         sentences_out=snakemake.output.sentences,
+        queries_out=snakemake.output.queries,
+        query_sentences_out=snakemake.output.query_sentences,
         device=snakemake.params.device,
     )

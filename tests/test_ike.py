@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmke.data.records import EditRecord
-from mmke.embed import load_embeddings, load_sentence_model, save_embeddings, sentence_model_path
+from mmke.embed import encode, load_embeddings, load_sentence_model, save_embeddings, sentence_model_path
 from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.ike import IKE, IKEHParams, Retriever, query_sentence, training_sentences
@@ -44,7 +44,7 @@ def test_retrieval_returns_nearest_by_normalised_dot_product_best_first():
     vectors = {"far": [-1.0, 0.0], "near": [0.6, 0.8], "nearest": [0.9, 0.1], "long-but-oblique": [10.0, 30.0],
                "query": [1.0, 0.0]}
     model = TableModel(vectors)
-    retriever = Retriever(model, model.encode(corpus), corpus)
+    retriever = Retriever(lambda: model, model.encode(corpus), corpus)
     # normalisation matters: the long vector has the largest raw dot product but a lower cosine
     assert retriever.nearest(["query"], 2) == [["nearest", "near"]]
     assert retriever.nearest(["query"], 10) == [["nearest", "near", "long-but-oblique", "far"]]
@@ -59,7 +59,7 @@ def test_evaluated_prompt_matches_the_spec_character_for_character():
     vectors[corpus[4]] = [0.9, 0.1]
     vectors[query_sentence(edit_rec)] = [1.0, 0.0]
     ike = IKE(IKEHParams(method="IKE", k=2))
-    ike.retriever = Retriever(TableModel(vectors), torch.tensor([vectors[s] for s in corpus]), corpus)
+    ike.retriever = Retriever(lambda: TableModel(vectors), torch.tensor([vectors[s] for s in corpus]), corpus)
     edit = ike.apply(None, [edit_rec])
     demos = (
         "New Fact: What colour is the sky? green\nPrompt: What colour is the sky? green\n\n"
@@ -109,6 +109,37 @@ def test_embed_stage_with_the_bundled_minilm_finds_an_identical_sentence(tmp_pat
             embeddings[sentences.index(best)], embeddings[sentences.index(sentence)])
 
 
+def test_ike_takes_the_eval_queries_from_the_embed_stage_and_loads_no_sentence_model(tmp_path, demo_evqa,
+                                                                                    eval_records, monkeypatch):
+    """The stage embeds each eval record's query once; IKE then retrieves the same demonstrations
+    as with the sentence model, which it loads only for a query the stage did not see."""
+    out = {name: tmp_path / file for name, file in (("embeddings", "e.safetensors"), ("sentences", "s.json"),
+                                                    ("queries", "q.safetensors"), ("query_sentences", "q.json"))}
+    embed_stage({"kind": "evqa", "train": demo_evqa["train"], "eval": demo_evqa["eval"],
+                 "image_root": demo_evqa["images"]}, "all-MiniLM-L6-v2", out["embeddings"], out["sentences"],
+                queries_out=out["queries"], query_sentences_out=out["query_sentences"], device="cpu")
+    vectors, queries = load_embeddings(out["queries"], out["query_sentences"], "all-MiniLM-L6-v2")
+    assert queries == list(dict.fromkeys(query_sentence(r) for r in eval_records)) and len(queries) == 4
+    model = load_sentence_model("all-MiniLM-L6-v2")
+    assert torch.equal(vectors, encode(model, queries))
+
+    with_model = IKE(IKEHParams(method="IKE", k=3))
+    with_model.prepare({name: out[name] for name in ("embeddings", "sentences")})
+    expected = [edit.context for edit in with_model.apply_each(None, eval_records)]  # one call: the stage's vectors
+    loads = []
+    monkeypatch.setattr("mmke.methods.ike.load_sentence_model", lambda name: loads.append(name) or model)
+    ike = IKE(IKEHParams(method="IKE", k=3))
+    ike.prepare(out)
+    contexts = [edit.context for edit in ike.apply_each(None, eval_records)]
+    assert loads == [] and ike.retriever.sentence_model is None
+    assert contexts == expected
+    unseen = record(99, "What shape is the lamp?", " round")
+    assert ike.apply(None, [unseen]).context.endswith("New Fact: What shape is the lamp? round\nPrompt: ")
+    assert loads == ["all-MiniLM-L6-v2"]
+    with pytest.raises(ValueError, match=r"IKE needs the embed stage outputs \['query_sentences'\]"):
+        IKE(IKEHParams(method="IKE", k=3)).prepare({name: out[name] for name in ("embeddings", "sentences", "queries")})
+
+
 def test_embeddings_of_another_sentence_model_are_refused(tmp_path):
     save_embeddings(tmp_path / "e.safetensors", tmp_path / "s.json", torch.zeros(2, 3), ["a", "b"], "model-a")
     with pytest.raises(ValueError, match=r"e\.safetensors: embeddings were made with sentence model 'model-a', hparams ask for 'model-b'"):
@@ -127,7 +158,7 @@ def test_sentence_model_names():
 def test_sequential_mode_refuses_in_context_edits(adapter, eval_records, roots, baseline):
     corpus = ["x"]
     ike = IKE(build_hparams(IKEHParams, {"method": "IKE", "k": 1}))
-    ike.retriever = Retriever(TableModel({"x": [1.0]} | {query_sentence(r): [1.0] for r in eval_records}),
+    ike.retriever = Retriever(lambda: TableModel({"x": [1.0]} | {query_sentence(r): [1.0] for r in eval_records}),
                               torch.ones(1, 1), corpus)
     with pytest.raises(ValueError, match="IKE edits the prompt, not the weights"):
         evaluate(adapter, ike, eval_records, roots, baseline, Protocol(), Schedule("sequential", 2))

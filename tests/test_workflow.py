@@ -189,10 +189,13 @@ def test_one_embedding_job_per_dataset_shared_by_both_models(workdir):
     assert counts["evaluate"] == str(combos)  # demo-evqa
     assert counts["evaluate_shard"] == str(2 * combos)  # demo-eic, 2 shards
     made = sorted(str(p.relative_to(workdir)) for p in (workdir / "resources/embeddings").rglob("*.safetensors"))
-    assert made == [f"resources/embeddings/{d}/all-MiniLM-L6-v2/embeddings.safetensors" for d in sorted(DATASETS)]
+    assert made == [f"resources/embeddings/{d}/all-MiniLM-L6-v2/{name}.safetensors" for d in sorted(DATASETS)
+                    for name in ("embeddings", "queries")]
     for dataset in DATASETS:
         sentences = json.loads((workdir / f"resources/embeddings/{dataset}/all-MiniLM-L6-v2/sentences.json").read_text())
         assert len(sentences) == 3 * 6  # three per training record
+        queries = json.loads((workdir / f"resources/embeddings/{dataset}/all-MiniLM-L6-v2/queries.json").read_text())
+        assert 1 <= len(queries) == len(set(queries)) <= 6  # one per distinct eval fact
         for model in MODELS:
             assert json.loads((workdir / f"results/eval/IKE/{model}/{dataset}/metrics.json").read_text())["n"] == 6
 

@@ -176,20 +176,30 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
 
 
 def embed_stage(dataset: Mapping, sentence_model: str, tensors_out: str | Path, sentences_out: str | Path,
+                queries_out: str | Path | None = None, query_sentences_out: str | Path | None = None,
                 device: str = "auto") -> int:
     """IKE's retrieval index: embed the training split's sentences once per dataset x sentence model.
 
-    Only the text of the records is needed, so images are not decoded here. Returns the count.
+    With ``queries_out`` (the workflow's rule), the retrieval query of every eval record too, so
+    that IKE jobs find their queries' vectors here and never load the sentence model. Only the
+    text of the records is needed, so images are not decoded here. Returns the training count.
     """
     from mmke.embed import encode, load_sentence_model, save_embeddings
-    from mmke.methods.ike import training_sentences
+    from mmke.methods.ike import query_sentence, training_sentences
 
-    records = load_records(dataset["kind"], dataset["train"], ImageRoots.of_dataset(dataset), check_images=False)
+    roots = ImageRoots.of_dataset(dataset)
+    records = load_records(dataset["kind"], dataset["train"], roots, check_images=False)
     if not records:
         raise ValueError(f"{dataset['train']}: no training record left after the skip rules")
     sentences = training_sentences(records)
-    embeddings = encode(load_sentence_model(sentence_model, resolve_device(device)), sentences)
-    save_embeddings(tensors_out, sentences_out, embeddings, sentences, sentence_model)
+    model = load_sentence_model(sentence_model, resolve_device(device))
+    save_embeddings(tensors_out, sentences_out, encode(model, sentences), sentences, sentence_model)
+    if queries_out is not None:
+        queries = list(dict.fromkeys(query_sentence(record) for record in
+                                     load_records(dataset["kind"], dataset["eval"], roots, check_images=False)))
+        if not queries:
+            raise ValueError(f"{dataset['eval']}: no eval record left after the skip rules")
+        save_embeddings(queries_out, query_sentences_out, encode(model, queries), queries, sentence_model)
     return len(sentences)
 
 

@@ -310,7 +310,7 @@ def baseline_inputs(wildcards):
 def method_resources(wildcards):
     """Stage outputs the editor of this combo loads in ``Editor.prepare``, by name.
 
-    IKE gets its training-set embeddings, MEND/SERAC/KE their meta-network checkpoint; a
+    IKE gets its training-set and query embeddings, MEND/SERAC/KE their meta-network checkpoint; a
     method with no entry needs nothing. Names are passed through to ``prepare(resources)``.
     """
     if wildcards.method == "IKE" and ike_retrieves(wildcards.model):
@@ -318,6 +318,8 @@ def method_resources(wildcards):
         return {
             "embeddings": f"{prefix}/embeddings.safetensors",
             "sentences": f"{prefix}/sentences.json",
+            "queries": f"{prefix}/queries.safetensors",
+            "query_sentences": f"{prefix}/queries.json",
         }
     if wildcards.method in PRETRAINED_METHODS:
         return {"checkpoint": checkpoint_file(wildcards)}
@@ -380,9 +382,10 @@ def sentence_models():
     return {slug(name): name for name in names}
 
 
-def train_inputs(wildcards):
-    """The training split (IKE embeds its facts; only the text is read)."""
-    return {"train": DATASETS[wildcards.dataset]["train"]}
+def embed_inputs(wildcards):
+    """The training split (IKE's facts) and the eval split (its queries); only the text is read."""
+    spec = DATASETS[wildcards.dataset]
+    return {"train": spec["train"], "eval": spec["eval"]}
 
 
 def checkpoint_file(wildcards):

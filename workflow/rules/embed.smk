@@ -1,13 +1,16 @@
-# IKE's retrieval index: sentence embeddings of a training set, once per dataset x sentence model
-# (independent of the edited model, so every model's IKE job reads the same files).
+# IKE's retrieval index: sentence embeddings of a training set, and of the eval split's retrieval
+# queries, once per dataset x sentence model (independent of the edited model, so every model's IKE
+# job reads the same files and none loads the sentence model).
 
 
 rule embed:
     input:
-        unpack(train_inputs),
+        unpack(embed_inputs),
     output:
         embeddings="resources/embeddings/{dataset}/{sentence_model}/embeddings.safetensors",
         sentences="resources/embeddings/{dataset}/{sentence_model}/sentences.json",
+        queries="resources/embeddings/{dataset}/{sentence_model}/queries.safetensors",
+        query_sentences="resources/embeddings/{dataset}/{sentence_model}/queries.json",
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         sentence_model=lambda wc: sentence_models()[wc.sentence_model],

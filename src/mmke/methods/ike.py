@@ -16,9 +16,9 @@ the ``*_token`` values of records.jsonl and metrics.json.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,21 +92,40 @@ def query_sentence(record: EditRecord) -> str:
 
 
 class Retriever:
-    """Nearest training sentences to a query by normalised dot product, best first."""
+    """Nearest training sentences to a query by normalised dot product, best first.
 
-    def __init__(self, sentence_model, embeddings: torch.Tensor, sentences: Sequence[str]):
+    A query's vector comes from ``queries`` (the embed stage's, by sentence) where it is there;
+    the others are embedded by the sentence model, which ``load_model`` loads on first need. An
+    IKE job over the eval split the embed stage saw thus never imports sentence-transformers (2.7
+    CPU s), and a query's vector does not depend on which queries are measured beside it.
+    """
+
+    def __init__(self, load_model: Callable[[], Any], embeddings: torch.Tensor, sentences: Sequence[str],
+                 queries: Mapping[str, torch.Tensor] | None = None):
         if embeddings.dim() != 2 or embeddings.shape[0] != len(sentences) or not sentences:
             raise ValueError(f"need one embedding row per sentence, got {tuple(embeddings.shape)} "
                              f"for {len(sentences)} sentences")
-        self.sentence_model = sentence_model
         self.embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         self.sentences = list(sentences)
+        self.queries = dict(queries or {})
+        self.sentence_model = None  # loaded by the first query the embed stage did not embed
+        self._load_model = load_model
 
     def nearest(self, queries: Sequence[str], k: int) -> list[list[str]]:
-        """The ``k`` nearest sentences of each query; the queries are embedded in one call."""
-        vectors = torch.nn.functional.normalize(encode(self.sentence_model, queries), dim=-1)
+        """The ``k`` nearest sentences of each query; queries not embedded yet are embedded in one call."""
+        vectors = torch.nn.functional.normalize(self.query_vectors(queries), dim=-1)
         top = torch.topk(vectors @ self.embeddings.T, k=min(k, len(self.sentences)), dim=-1, sorted=True).indices
         return [[self.sentences[i] for i in row] for row in top.tolist()]
+
+    def query_vectors(self, queries: Sequence[str]) -> torch.Tensor:
+        """``[len(queries), D]``, unnormalised: the stored vectors, the sentence model's for the rest."""
+        missing = [query for query in dict.fromkeys(queries) if query not in self.queries]
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            if self.sentence_model is None:
+                self.sentence_model = self._load_model()
+            fresh = dict(zip(missing, encode(self.sentence_model, missing)))
+        return torch.stack([self.queries[query] if query in self.queries else fresh[query] for query in queries])
 
 
 class InContextEdit(Edit):
@@ -146,16 +165,23 @@ class IKE(Editor):
     retriever: Retriever | None = None
 
     def prepare(self, resources: Mapping[str, Path]) -> None:
-        """Load the embed stage's ``embeddings`` + ``sentences`` and the sentence model, once
-        (``fact_prefix`` needs neither)."""
+        """Load the embed stage's ``embeddings`` + ``sentences`` (the training facts) and, where
+        given, its ``queries`` + ``query_sentences`` (the eval records' retrieval queries); the
+        sentence model loads only for a query the stage did not embed (``fact_prefix`` needs none)."""
         if not self.hparams.retrieves:
             return
         missing = {"embeddings", "sentences"} - set(resources)
+        if {"queries", "query_sentences"} & set(resources):
+            missing |= {"queries", "query_sentences"} - set(resources)
         if missing:
             raise ValueError(f"IKE needs the embed stage outputs {sorted(missing)}")
-        embeddings, sentences = load_embeddings(resources["embeddings"], resources["sentences"],
-                                                self.hparams.sentence_model)
-        self.retriever = Retriever(load_sentence_model(self.hparams.sentence_model), embeddings, sentences)
+        name = self.hparams.sentence_model
+        embeddings, sentences = load_embeddings(resources["embeddings"], resources["sentences"], name)
+        queries: dict[str, torch.Tensor] = {}
+        if "queries" in resources:
+            vectors, texts = load_embeddings(resources["queries"], resources["query_sentences"], name)
+            queries = dict(zip(texts, vectors))
+        self.retriever = Retriever(lambda: load_sentence_model(name), embeddings, sentences, queries)
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         if len(records) != 1:
