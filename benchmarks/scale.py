@@ -226,7 +226,7 @@ def registered_methods() -> list[str]:
     return [m for m in paper if m in METHODS] + sorted(set(METHODS) - set(paper))
 
 
-def run_method(method: str, model_name: str, adapter, records, roots, train: Path, baseline,
+def run_method(method: str, model_name: str, adapter, records, roots, data: Mapping[str, Path], baseline,
                resources: Mapping[str, Path], meter: Meter, args, aux: Callable) -> dict:
     """One method's edits on the loaded model: seconds per edit and peak memory."""
     path = REPO / "config" / "hparams" / method / f"{model_name}.yaml"
@@ -242,9 +242,10 @@ def run_method(method: str, model_name: str, adapter, records, roots, train: Pat
     meter.reset()
     editor = make_editor(hparams)
     sentence_model = getattr(hparams, "sentence_model", None)
-    if sentence_model and not resources["embeddings"].exists():  # IKE's retrieval index of the train split
-        embed_stage({"kind": "evqa", "train": str(train), "image_root": str(roots.image)}, sentence_model,
-                    resources["embeddings"], resources["sentences"], device=str(adapter.device))
+    if sentence_model and not resources["embeddings"].exists():  # IKE's index of the train split, its queries
+        embed_stage({"kind": "evqa", "train": str(data["train"]), "eval": str(data["eval"]),
+                     "image_root": str(roots.image)}, sentence_model, resources["embeddings"], resources["sentences"],
+                    resources["queries"], resources["query_sentences"], device=str(adapter.device))
     if isinstance(editor, MetaEditor):
         editor.build(adapter).eval()  # untrained network of the right size: speed and memory only
         notes.append("untrained network")
@@ -280,7 +281,8 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     tokenizer = train_tokenizer(SMALL_VOCAB)
     roots = ImageRoots(data["images"])
     records = load_records("evqa", data["eval"], roots)
-    resources = {"embeddings": tmp / "embeddings.safetensors", "sentences": tmp / "sentences.json"}
+    resources = {"embeddings": tmp / "embeddings.safetensors", "sentences": tmp / "sentences.json",
+                 "queries": tmp / "queries.safetensors", "query_sentences": tmp / "queries.json"}
     print(f"{model_name}: building ({'small shapes' if args.small else 'paper shapes'}, {dtype}, {device})")
     meter.reset()
     start = time.perf_counter()
@@ -303,7 +305,7 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
             continue
         print(f"  {method}: {len(records)} edit(s) ...")
         try:
-            row = run_method(method, model_name, adapter, records, roots, data["train"], baseline, resources, meter, args,
+            row = run_method(method, model_name, adapter, records, roots, data, baseline, resources, meter, args,
                              aux)
         except Exception as err:  # one method's failure (e.g. out of memory) must not hide the others
             row = {"error": f"{type(err).__name__}: {err}"}
