@@ -145,7 +145,11 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
             names = trained or set(editor.edited_parameters(adapter))
             with memo, only_trainable(adapter, names):
                 step()  # memoised features where the method keeps them
-                total += backward_per_edit * cpu_ms(step, repeats)
+                first = cpu_ms(step, repeats)
+                with adapter.frozen_layers_below(names):  # later steps: as the training loops run them
+                    step()
+                    later = cpu_ms(step, repeats)
+                total += first + (backward_per_edit - 1) * later
     return total / len(records) + side_ms_per_edit
 
 

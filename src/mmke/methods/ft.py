@@ -84,14 +84,15 @@ class FineTune(Editor):
         optimiser = torch.optim.AdamW(params.values(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                       foreach=True)
         bound = self.hparams.norm_constraint
-        for _ in range(self.hparams.num_steps):
-            optimiser.zero_grad(set_to_none=True)
-            target_nll(model.logits(batch), batch.labels).backward()
-            optimiser.step()
-            if bound is not None:
-                with torch.no_grad():
-                    for name, p in params.items():
-                        p.copy_(torch.clamp(p, min=original[name] - bound, max=original[name] + bound))
+        with model.frozen_layers_below(params):  # the layers under the tuned ones run once per edit
+            for _ in range(self.hparams.num_steps):
+                optimiser.zero_grad(set_to_none=True)
+                target_nll(model.logits(batch), batch.labels).backward()
+                optimiser.step()
+                if bound is not None:
+                    with torch.no_grad():
+                        for name, p in params.items():
+                            p.copy_(torch.clamp(p, min=original[name] - bound, max=original[name] + bound))
         optimiser.zero_grad(set_to_none=True)  # free the gradients; the edit keeps only the weights
 
     def keeps_image_features(self, model: VLMAdapter) -> bool:

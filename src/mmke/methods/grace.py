@@ -114,19 +114,20 @@ class GRACE(LifelongEditor):
     def edit(self, memory: GRACEMemory, model: VLMAdapter, record: EditRecord) -> None:
         hp = self.hparams
         batch = model.teacher_forced([record.prompt], [record.target], [self.images(record)["image"]])
-        with torch.no_grad():  # the query; the codebook does not change the layer's input
-            model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
-        query = memory.queries[0]
-        book, index = self._place(memory.book, query, record.target)
-        value = book.values[index].clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([value], lr=hp.edit_lr)
         flags = frozen(model)
-        memory.training = value
         try:
-            for _ in range(hp.n_iter):
-                optimiser.zero_grad(set_to_none=True)
-                target_nll(model.logits(batch), batch.labels).backward()
-                optimiser.step()
+            with model.frozen_layers_below(self.edited_parameters(model)):  # run once per edit
+                with torch.no_grad():  # the query; the codebook does not change the layer's input
+                    model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
+                query = memory.queries[0]
+                book, index = self._place(memory.book, query, record.target)
+                value = book.values[index].clone().requires_grad_(True)
+                optimiser = torch.optim.Adam([value], lr=hp.edit_lr)
+                memory.training = value
+                for _ in range(hp.n_iter):
+                    optimiser.zero_grad(set_to_none=True)
+                    target_nll(model.logits(batch), batch.labels).backward()
+                    optimiser.step()
         finally:
             memory.training = None
             unfreeze(model, flags)

@@ -296,21 +296,22 @@ class WISE(LifelongEditor):
         memory.training = side
         previous, act = float("inf"), 0.0
         try:
-            for _ in range(hp.n_iter):
-                nll = target_nll(model.logits(edit), edit.labels)
-                inside = memory.distance[0]
-                outside = memory.trained(*unrelated)[1][0]
-                loss = (nll + F.relu(outside - inside + gamma) + F.relu(outside - alpha) + F.relu(beta - inside))
-                act, value = inside.item(), loss.item()
-                if abs(value - previous) <= STOP_DELTA and value <= STOP_LOSS:
-                    break
-                previous = value
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                side.grad.mul_(mask)
-                optimiser.step()
-                with torch.no_grad():
-                    side.clamp_(low, high)
+            with model.frozen_layers_below(self.edited_parameters(model)):  # run once per edit
+                for _ in range(hp.n_iter):
+                    nll = target_nll(model.logits(edit), edit.labels)
+                    inside = memory.distance[0]
+                    outside = memory.trained(*unrelated)[1][0]
+                    loss = (nll + F.relu(outside - inside + gamma) + F.relu(outside - alpha) + F.relu(beta - inside))
+                    act, value = inside.item(), loss.item()
+                    if abs(value - previous) <= STOP_DELTA and value <= STOP_LOSS:
+                        break
+                    previous = value
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    side.grad.mul_(mask)
+                    optimiser.step()
+                    with torch.no_grad():
+                        side.clamp_(low, high)
         finally:
             memory.training = None
             unfreeze(model, flags)

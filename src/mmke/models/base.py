@@ -115,6 +115,65 @@ class Memo:
         return [found[slot(key)] for key in keys]
 
 
+class RepeatedCall:
+    """Stands in for ``module.forward`` (an instance attribute shadows the class's method): a call
+    with arguments equal to the last call's returns a copy of its output instead of computing it.
+
+    Inputs and output are kept as copies, so a caller writing into either cannot make a later
+    call match wrongly or return a changed value. An output that requires grad is never kept.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.forward = module, module.forward
+        self.last: tuple[object, object] | None = None  # (args, kwargs), output
+        module.forward = self
+
+    def __call__(self, *args, **kwargs) -> object:
+        if self.last is not None and _equal((args, kwargs), self.last[0]):
+            return _copy(self.last[1])
+        output = self.forward(*args, **kwargs)
+        tensors = [value for value in _flat(output) if isinstance(value, torch.Tensor)]
+        self.last = None if any(t.requires_grad for t in tensors) else (_copy((args, kwargs)), _copy(output))
+        return output
+
+    def remove(self) -> None:
+        del self.module.forward
+
+
+def _flat(value: object) -> Iterator[object]:
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flat(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _flat(item)
+    else:
+        yield value
+
+
+def _copy(value: object) -> object:
+    """``value`` with every tensor in it cloned (tuples, lists and dicts rebuilt, the rest shared)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    return value
+
+
+def _equal(a: object, b: object) -> bool:
+    """Equal structure, equal tensors (shape, dtype, device, values), equal other values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
 class VLMAdapter(abc.ABC):
     """One loaded model; owns tokenizer/processor; hides the family's input format."""
 
@@ -219,6 +278,32 @@ class VLMAdapter(abc.ABC):
         # registers what it will score): these pixels and features are what the items' batches use.
         batch = type(self).teacher_forced(self, [""] * len(distinct), ["."] * len(distinct), distinct)
         self.batch_image_features(batch)
+
+    @contextlib.contextmanager
+    def frozen_layers_below(self, trained: Iterable[str]) -> Iterator[None]:
+        """While open, each decoder layer below the lowest one holding a ``trained`` parameter
+        returns its last output again when it is called with equal inputs.
+
+        An edit that trains high in the language model (FT-L's last MLP, GRACE's and WISE's one
+        layer) runs the same item through the same frozen lower layers at every step; their
+        output cannot change, so only the first step computes it (on a 32-layer LM trained at
+        layer 23, 23 of the 32 layers per step). Exact: an output is reused only for arguments
+        equal (``torch.equal``) to those it was computed from, by a layer with nothing trained in
+        it, in eval mode. A trained parameter outside the decoder layers turns it off.
+        """
+        prefixes = decoder_layer_prefixes(self.model, self.model)
+        lowest = len(prefixes)
+        for name in trained:
+            layer = next((i for i, prefix in enumerate(prefixes) if name.startswith(f"{prefix}.")), 0)
+            lowest = min(lowest, layer)
+        if self.model.training:
+            lowest = 0  # dropout: a layer is no function of its inputs
+        memos = [RepeatedCall(self.model.get_submodule(prefix)) for prefix in prefixes[:lowest]]
+        try:
+            yield
+        finally:
+            for memo in memos:
+                memo.remove()
 
     def downstream_of_features(self, names: Iterable[str]) -> bool:
         """Whether every named parameter lies downstream of the image features (in the language
