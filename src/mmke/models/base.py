@@ -291,7 +291,9 @@ class VLMAdapter(abc.ABC):
         equal (``torch.equal``) to those it was computed from, by a layer with nothing trained in
         it, in eval mode. A trained parameter outside the decoder layers turns it off.
         """
-        prefixes = decoder_layer_prefixes(self.model, self.model)
+        if getattr(self, "_layer_prefixes", None) is None:  # a walk of the module tree, once per adapter
+            self._layer_prefixes = decoder_layer_prefixes(self.model, self.model)
+        prefixes = self._layer_prefixes
         lowest = len(prefixes)
         for name in trained:
             layer = next((i for i, prefix in enumerate(prefixes) if name.startswith(f"{prefix}.")), 0)
