@@ -18,6 +18,7 @@ from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluat
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
 from mmke.models import load_model
+from mmke.models.base import RepeatedCall
 from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
 from mmke.models.tiny_aux import build_tiny_aux
 from mmke.stages import embed_stage
@@ -297,3 +298,30 @@ def test_lifelong_rows_at_the_read_positions_equal_the_full_logits(method, value
     patched = adapter.logits
     assert evaluate(adapter, editor(method, **values), eval_records, roots, baseline, Protocol()).rows == fast
     assert adapter.__dict__["logits"] is patched  # each memory's batch tap put the instance's logits back
+
+
+def test_a_repeated_call_returns_copies_and_puts_back_the_forward_it_found():
+    """frozen_layers_below's stand-in: equal inputs give a copy of the kept output, other inputs
+    are computed; an instance forward (as accelerate's device-map hooks set) comes back on removal."""
+    layer = torch.nn.Linear(3, 3).requires_grad_(False)
+    calls = []
+    own = layer.forward
+
+    def hooked(x):
+        calls.append(1)
+        return own(x)
+
+    layer.forward = hooked
+    memo = RepeatedCall(layer)
+    x = torch.randn(2, 3)
+    first = layer(x)
+    again = layer(x.clone())
+    assert torch.equal(again, first) and again is not first and len(calls) == 1
+    again.add_(1)  # a caller writing into what it got
+    assert torch.equal(layer(x), first) and len(calls) == 1
+    assert torch.equal(layer(x + 1), own(x + 1)) and len(calls) == 2
+    layer.weight.requires_grad_(True)
+    layer(x + 2), layer(x + 2)  # outputs that require grad are never kept
+    assert len(calls) == 4
+    memo.remove()
+    assert layer.forward is hooked

@@ -121,10 +121,12 @@ class RepeatedCall:
 
     Inputs and output are kept as copies, so a caller writing into either cannot make a later
     call match wrongly or return a changed value. An output that requires grad is never kept.
+    A ``forward`` the instance already had (accelerate's device-map hooks set one) is put back.
     """
 
     def __init__(self, module: torch.nn.Module):
         self.module, self.forward = module, module.forward
+        self._installed = module.__dict__.get("forward")
         self.last: tuple[object, object] | None = None  # (args, kwargs), output
         module.forward = self
 
@@ -137,7 +139,10 @@ class RepeatedCall:
         return output
 
     def remove(self) -> None:
-        del self.module.forward
+        if self._installed is None:
+            del self.module.forward
+        else:
+            self.module.forward = self._installed
 
 
 def _flat(value: object) -> Iterator[object]:
@@ -287,7 +292,7 @@ class VLMAdapter(abc.ABC):
         An edit that trains high in the language model (FT-L's last MLP, GRACE's and WISE's one
         layer) runs the same item through the same frozen lower layers at every step; their
         output cannot change, so only the first step computes it (on a 32-layer LM trained at
-        layer 23, 23 of the 32 layers per step). Exact: an output is reused only for arguments
+        layer 23, later steps skip 23 of its 32 layers). Exact: an output is reused only for arguments
         equal (``torch.equal``) to those it was computed from, by a layer with nothing trained in
         it, in eval mode. A trained parameter outside the decoder layers turns it off.
         """
