@@ -1,4 +1,5 @@
-"""Atomic writers honour the umask and leave nothing behind when they fail; broken safetensors files are named with what rewrites them."""
+"""Atomic writers honour the umask and leave nothing behind when they fail; broken safetensors
+files are named with what rewrites them."""
 
 import os
 import stat

@@ -187,6 +187,8 @@ def embed_stage(dataset: Mapping, sentence_model: str, tensors_out: str | Path, 
     from mmke.embed import encode, load_sentence_model, save_embeddings
     from mmke.methods.ike import query_sentence, training_sentences
 
+    if (queries_out is None) != (query_sentences_out is None):
+        raise ValueError("embed_stage writes the queries' embeddings and sentences together: give both paths or neither")
     roots = ImageRoots.of_dataset(dataset)
     records = load_records(dataset["kind"], dataset["train"], roots, check_images=False)
     if not records:

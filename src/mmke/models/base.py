@@ -292,9 +292,9 @@ class VLMAdapter(abc.ABC):
         An edit that trains high in the language model (FT-L's last MLP, GRACE's and WISE's one
         layer) runs the same item through the same frozen lower layers at every step; their
         output cannot change, so only the first step computes it (on a 32-layer LM trained at
-        layer 23, later steps skip 23 of its 32 layers). Exact: an output is reused only for arguments
-        equal (``torch.equal``) to those it was computed from, by a layer with nothing trained in
-        it, in eval mode. A trained parameter outside the decoder layers turns it off.
+        layer 23, later steps skip 23 of its 32 layers). Exact: an output is reused only for
+        arguments equal (``torch.equal``) to those it was computed from, by a layer with nothing
+        trained in it, in eval mode. A trained parameter outside the decoder layers turns it off.
         """
         if getattr(self, "_layer_prefixes", None) is None:  # a walk of the module tree, once per adapter
             self._layer_prefixes = decoder_layer_prefixes(self.model, self.model)
