@@ -8,7 +8,8 @@ records of one dataset:
   loop behind metrics.json's ``edits_per_s``), median of ``--repeats`` runs;
 * ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats): one
   fused forward of a record's measured items, the image encoder once per distinct image (per step
-  too where the method trains upstream of the features), one forward + backward of the edit item
+  too where the method trains upstream of the features; never where the config stores the
+  baseline's features, ``evaluation.store_image_features``, and the method keeps them), one forward + backward of the edit item
   per training step the method takes (after the first, without the decoder layers below the
   trained ones, whose outputs the loops keep), and the time inside its own models (MEND's and
   KE's editor networks, SERAC's classifier and counterfactual model, IKE's sentence encoder);
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ import yaml
 
 from mmke.evaluate import DEFAULT_BATCH_SIZE, Protocol, evaluate, run_baseline
 from mmke.hparams import read_hparams
+from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.stages import load_configured_model, load_eval_split
@@ -77,6 +80,12 @@ def resources(method: str, model: str, dataset: str, hparams) -> dict[str, Path]
     return {"checkpoint": checkpoint} if checkpoint.exists() else {}
 
 
+def stores_image_features(config: dict, model: str) -> bool:
+    """``evaluation.store_image_features`` for ``model`` (the workflow's rule, workflow/rules/common.smk)."""
+    chosen = config.get("evaluation", {}).get("store_image_features", False)
+    return chosen if isinstance(chosen, bool) else model in chosen
+
+
 def excluded(config: dict, method: str, model: str, dataset: str) -> bool:
     combo = {"method": method, "model": model, "dataset": dataset}
     return any(all(combo[key] == value for key, value in rule.items()) for rule in config.get("exclude", []))
@@ -102,13 +111,20 @@ def main() -> None:
     records = records[:args.records]
     figures: dict[str, dict] = {}
     print(f"{len(records)} {args.dataset} records, batch_size {args.batch_size}, {args.threads} thread(s), "
-          f"CPU ms per edit (median of {args.repeats})")
+          f"CPU ms per edit (median of {args.repeats}), stored image features: "
+          f"{config.get('evaluation', {}).get('store_image_features', False)}")
+    features_path = Path(tempfile.mkdtemp()) / "image_features.safetensors"
     print(f"{'family/method':24s} {'ms/edit':>8s} {'limit':>8s} {'ratio':>6s} {'images':>7s} {'rest':>6s}  "
           "passes/edit (fwd, bwd, image enc, side)")
     for model_name in args.models or list(config["models"]):
         entry = config["models"][model_name]
         adapter = load_configured_model(entry, "cpu", config.get("protocol"))
-        baseline = run_baseline(adapter, records, roots, protocol, args.batch_size)
+        store = stores_image_features(config, model_name)
+        baseline = run_baseline(adapter, records, roots, protocol, args.batch_size, keep_image_features=store)
+        stored = None
+        if store:  # as the workflow does: the baseline's features, written and read back
+            save_image_features(features_path, baseline.image_features, entry)
+            stored = StoredImageFeatures(features_path, entry)
         images_ms = image_load_ms(adapter, records, roots, args.repeats)
         for method in args.methods or config["methods"]:
             if excluded(config, method, model_name, args.dataset):
@@ -121,11 +137,13 @@ def main() -> None:
             else:
                 editor.prepare(found)
             # warm-up: lazy networks built, first-call allocations made
-            evaluate(adapter, editor, records[:1], roots, baseline, protocol, batch_size=args.batch_size)
+            evaluate(adapter, editor, records[:1], roots, baseline, protocol, batch_size=args.batch_size,
+                     stored_features=stored)
             passes, limit = passes_and_limit(adapter, editor, records, roots, baseline, protocol, args.repeats,
-                                             args.batch_size)
+                                             args.batch_size, stored)
             loop = cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol,
-                                           batch_size=args.batch_size), args.repeats) / len(records)
+                                           batch_size=args.batch_size, stored_features=stored),
+                          args.repeats) / len(records)
             name = f"{entry['family']}/{method}"
             rest = loop - limit - images_ms
             figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": loop / limit,

@@ -19,6 +19,7 @@ from mmke.evaluate import (
     DEFAULT_BATCH_SIZE, EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, measured_batch,
     read_positions,
 )
+from mmke.image_features import StoredImageFeatures
 from mmke.methods.base import Editor
 from mmke.models.base import VLMAdapter
 from mmke.metrics import target_nll
@@ -96,22 +97,25 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
 
 
 def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
-                     protocol: Protocol, repeats: int, batch_size: int = DEFAULT_BATCH_SIZE
-                     ) -> tuple[dict[str, float], float]:
+                     protocol: Protocol, repeats: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                     stored_features: StoredImageFeatures | None = None) -> tuple[dict[str, float], float]:
     """The passes per edit, counted with hooks over one run of the edits, and the limit: those
     passes timed alone (:func:`limit_ms`, CPU ms per edit)."""
     counts, side, trained = Counter(), [], set()
     with counted(adapter, editor, counts, side, trained):
-        evaluate(adapter, editor, records, roots, baseline, protocol, batch_size=batch_size)
+        evaluate(adapter, editor, records, roots, baseline, protocol, batch_size=batch_size,
+                 stored_features=stored_features)
     passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
     limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), protocol, passes["backward"], trained,
-                     sum(side) / len(records), repeats)
+                     sum(side) / len(records), repeats, stored_features is not None)
     return passes, limit
 
 
 def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, protocol: Protocol,
-             backward_per_edit: float, trained: set[str], side_ms_per_edit: float, repeats: int) -> float:
-    """The passes the method needs per edit, each timed alone (mean over the records)."""
+             backward_per_edit: float, trained: set[str], side_ms_per_edit: float, repeats: int,
+             stored: bool = False) -> float:
+    """The passes the method needs per edit, each timed alone (mean over the records). ``stored``:
+    the baseline's features stand in for the image encoder where the method keeps them."""
     editor.bind_images(images)
     frozen = editor.keeps_image_features(model=adapter)
     total = 0.0
@@ -129,7 +133,7 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
                 forward = cpu_ms(lambda: adapter.logits(batch, positions), repeats)
             with torch.no_grad():
                 distinct = list({id(source): i for i, source in enumerate(batch.sources)}.values())
-                encode = cpu_ms(lambda: adapter.image_features(batch, distinct), repeats)
+                encode = 0.0 if stored and frozen else cpu_ms(lambda: adapter.image_features(batch, distinct), repeats)
         finally:
             edit.revert()
         total += forward + encode

@@ -23,7 +23,8 @@ the goal being at most half.
     PYTHONPATH=src python benchmarks/scale.py --small --edits 1     # tiny shapes, seconds (the test)
 
 ``--steps N`` caps FT-style ``num_steps`` (reported with the figures); without it the paper's
-hparams run unchanged. ``--limit`` (CPU) also times the passes each method cannot avoid, alone, as
+hparams run unchanged. ``--stored-features`` keeps the baseline's image features and hands them
+to the edits, as the workflow does with ``evaluation.store_image_features`` (config/mmedit.yaml). ``--limit`` (CPU) also times the passes each method cannot avoid, alone, as
 benchmarks/edit_speed.py does on the demo's tiny models, and prints the loop's ratio to them: at the
 paper's sizes, what the loop adds beyond its model passes.
 """
@@ -53,6 +54,7 @@ from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, load_records
 from mmke.evaluate import Protocol, evaluate, run_baseline
 from mmke.hparams import read_hparams
+from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.models.base import adapter_class
@@ -227,7 +229,8 @@ def registered_methods() -> list[str]:
 
 
 def run_method(method: str, model_name: str, adapter, records, roots, data: Mapping[str, Path], baseline,
-               resources: Mapping[str, Path], meter: Meter, args, aux: Callable) -> dict:
+               resources: Mapping[str, Path], meter: Meter, args, aux: Callable,
+               stored: StoredImageFeatures | None = None) -> dict:
     """One method's edits on the loaded model: seconds per edit and peak memory."""
     path = REPO / "config" / "hparams" / method / f"{model_name}.yaml"
     hparams = read_hparams(path)
@@ -252,13 +255,13 @@ def run_method(method: str, model_name: str, adapter, records, roots, data: Mapp
     else:
         editor.prepare(resources)
     wall, cpu = time.perf_counter(), time.process_time()
-    result = evaluate(adapter, editor, records, roots, baseline, Protocol())
+    result = evaluate(adapter, editor, records, roots, baseline, Protocol(), stored_features=stored)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak, reserved = meter.peak_gib(), meter.reserved_gib()
     row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows),
            "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "reserved_gib": reserved, "notes": notes}
     if args.limit:
-        row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"])
+        row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"], stored)
     del editor
     gc.collect()
     if adapter.device.type == "cuda":
@@ -266,10 +269,12 @@ def run_method(method: str, model_name: str, adapter, records, roots, data: Mapp
     return row
 
 
-def limit_figures(adapter, editor, records, roots, baseline, loop_cpu_s: float) -> dict:
+def limit_figures(adapter, editor, records, roots, baseline, loop_cpu_s: float,
+                  stored: StoredImageFeatures | None = None) -> dict:
     """The passes the edits needed (counted in a second run of the same edits) and the limit they set,
     as benchmarks/edit_speed.py measures them on the tiny models: CPU s per edit, and the loop's ratio."""
-    passes, limit_ms = passes_and_limit(adapter, editor, records, roots, baseline, Protocol(), repeats=1)
+    passes, limit_ms = passes_and_limit(adapter, editor, records, roots, baseline, Protocol(), repeats=1,
+                                        stored_features=stored)
     limit = limit_ms / 1000
     return {"limit_cpu_s_per_edit": limit, "ratio": loop_cpu_s / limit, "passes": passes}
 
@@ -292,9 +297,13 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
               "methods": {}}
     print(f"  {params / 1e6:.1f}M parameters, built in {report['build_s']:.1f} s, {report['model_gib']:.2f} GiB")
     start = time.perf_counter()
-    baseline = run_baseline(adapter, records, roots, Protocol())
+    baseline = run_baseline(adapter, records, roots, Protocol(), keep_image_features=args.stored_features)
     report["baseline_s_per_record"] = (time.perf_counter() - start) / len(records)
     print(f"  baseline: {report['baseline_s_per_record']:.2f} s/record")
+    stored = None
+    if args.stored_features:
+        save_image_features(tmp / f"{model_name}.features.safetensors", baseline.image_features, {"model": model_name})
+        stored = StoredImageFeatures(tmp / f"{model_name}.features.safetensors")
     built: dict[str, Path] = {}
     aux = functools.partial(paper_aux, out=tmp / "aux" / model_name, device=device, dtype=dtype, small=args.small,
                             tokenizer=tokenizer, built=built)
@@ -306,7 +315,7 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
         print(f"  {method}: {len(records)} edit(s) ...")
         try:
             row = run_method(method, model_name, adapter, records, roots, data, baseline, resources, meter, args,
-                             aux)
+                             aux, stored)
         except Exception as err:  # one method's failure (e.g. out of memory) must not hide the others
             row = {"error": f"{type(err).__name__}: {err}"}
             print(f"  {method}: FAILED {row['error']}")
@@ -358,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", action="store_true",
                         help="CPU only: also count the passes and time them alone (benchmarks/passes.py), "
                              "printing the loop's ratio to that limit (runs every edit twice more)")
+    parser.add_argument("--stored-features", action="store_true",
+                        help="the edits read the baseline's image features (evaluation.store_image_features)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also through a pipe
@@ -385,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
             reports[model_name] = run_model(model_name, args, device, dtype, Path(tmp), meter, data)
     print_table(reports, device)
     result = {"device": str(device), "dtype": args.dtype, "small": args.small, "edits": args.edits,
-              "steps": args.steps, "memory": "cuda max_memory_allocated" if device.type == "cuda"
+              "steps": args.steps, "stored_features": args.stored_features, "memory": "cuda max_memory_allocated" if device.type == "cuda"
               else ("peak RSS (clear_refs)" if meter.exact else "process peak RSS (ru_maxrss)"),
               "easyedit_minigpt4_gb": EASYEDIT_MINIGPT4_GB, "models": reports}
     if args.json:

@@ -13,6 +13,8 @@ with redirect_output(snakemake.log[0]):
         snakemake.params.protocol,
         rows_out=snakemake.output.rows,
         tensors_out=snakemake.output.tensors,
+        features_out=snakemake.output.image_features,
+        store_image_features=snakemake.params.store_image_features,
         batch_size=snakemake.params.batch_size,
         device=snakemake.params.device,
     )

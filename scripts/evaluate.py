@@ -15,6 +15,7 @@ with redirect_output(snakemake.log[0]):
         hparams_path=snakemake.input.hparams,
         baseline_rows=snakemake.input.baseline_rows,
         baseline_tensors=snakemake.input.baseline_tensors,
+        image_features=snakemake.input.image_features,
         metrics_out=snakemake.output.metrics,
         records_out=snakemake.output.records,
         resources={name: snakemake.input[name] for name in snakemake.params.resources},

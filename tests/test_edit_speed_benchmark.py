@@ -9,9 +9,11 @@ import yaml
 from test_scale_benchmark import REPO, run_benchmark
 
 
-def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(tmp_path, tiny_blip2_dir, demo_evqa):
+@pytest.mark.parametrize("store", [False, True])
+def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(store, tmp_path, tiny_blip2_dir, demo_evqa):
     # a dataset name without demo resources: MEND runs an untrained network, which costs the same passes
     config = {"protocol": {"exact_match": True}, "methods": ["base", "FT-L", "MEND"],
+              "evaluation": {"store_image_features": store},
               "datasets": {"speed-evqa": {"kind": "evqa", "train": str(demo_evqa["train"]),
                                           "eval": str(demo_evqa["eval"]), "image_root": str(demo_evqa["images"])}},
               "models": {"tiny-blip2": {"family": "blip2", "path": str(tiny_blip2_dir), "image_size": 32}}}
@@ -25,7 +27,10 @@ def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(tmp_path,
     num_steps = yaml.safe_load((REPO / "config/hparams/FT-L/tiny-blip2.yaml").read_text())["num_steps"]
     # per edit: base shares one forward between the 2 records; FT-L trains num_steps times and
     # measures once; MEND takes one gradient and measures once, and runs its network
-    assert figures["blip2/base"]["passes"] == {"forward": 0.5, "backward": 0, "image_encoder": 0.5, "side": 0}
+    # with the baseline's features stored, no method here runs the image encoder
+    encoder = 0 if store else 0.5
+    assert figures["blip2/base"]["passes"] == {"forward": 0.5, "backward": 0, "image_encoder": encoder, "side": 0}
+    assert figures["blip2/FT-L"]["passes"]["image_encoder"] == 2 * encoder
     assert figures["blip2/FT-L"]["passes"]["forward"] == num_steps + 1
     assert figures["blip2/FT-L"]["passes"]["backward"] == num_steps
     assert figures["blip2/MEND"]["passes"]["forward"] == 2 and figures["blip2/MEND"]["passes"]["backward"] == 1

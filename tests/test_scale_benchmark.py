@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mmke.methods.base import METHODS, get_method
@@ -48,12 +49,19 @@ def test_scale_benchmark_refuses_an_unknown_method():
     assert done.returncode == 2 and "unknown method(s) ['NOPE']" in done.stderr
 
 
-def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(tmp_path):
+@pytest.mark.parametrize("stored", [False, True])
+def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(stored, tmp_path):
     out = tmp_path / "scale.json"
     done = run_benchmark("scale.py", "--small", "--device", "cpu", "--edits", "2", "--steps", "3",
-                         "--models", "blip2-opt-2.7b", "--methods", "base", "FT-L", "MEND", "--limit", "--json", str(out))
+                         "--models", "blip2-opt-2.7b", "--methods", "base", "FT-L", "FT-V", "MEND", "--limit",
+                         "--json", str(out), *(["--stored-features"] if stored else []))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["models"]["blip2-opt-2.7b"]["methods"]
+    # the baseline's features stand in for the image encoder, except for FT-V, which trains the Q-Former
+    encoder = [rows[m]["passes"]["image_encoder"] for m in ("base", "FT-L", "MEND")]
+    assert encoder == ([0, 0, 0] if stored else [0.5, 1, 1])
+    assert rows["FT-V"]["passes"]["image_encoder"] > 1
+    del rows["FT-V"]
     # per edit: base one shared forward of both records' items; FT-L 3 steps + its measurement; MEND
     # one gradient + its measurement
     assert rows["base"]["passes"]["forward"] == 0.5 and rows["base"]["passes"]["backward"] == 0

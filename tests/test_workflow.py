@@ -17,6 +17,8 @@ import pytest
 import yaml
 from workflow_copy import REPO, copy_workflow, snakemake_env
 
+from mmke.image_features import StoredImageFeatures
+
 METHODS = ("base", "FT-L", "FT-V", "IKE", "MEND")
 FIRST_MODEL_ONLY = ("FT-L", "FT-V", "MEND")
 MODELS = ("tiny-blip2", "tiny-blip2-b")
@@ -261,6 +263,35 @@ def test_remapped_hparams_file_reruns_only_that_methods_jobs(workdir):
     before = snapshot(workdir)
     run_snakemake(workdir)
     assert changed(before, snapshot(workdir)) == BASE_B_EVALUATIONS | TABLES
+
+
+@pytest.mark.slow
+def test_a_model_dropped_from_the_stored_features_reruns_only_its_baselines_and_evaluations(workdir):
+    """The demo's baselines store every eval image's features; a model taken off the list writes
+    empty files, and its evaluate jobs, which now encode the images, give the same records."""
+    features = {(model, dataset): workdir / f"results/baseline/{model}/{dataset}/image_features.safetensors"
+                for model in MODELS for dataset in DATASETS}
+    assert all(len(StoredImageFeatures(path)) == 3 * 6 for path in features.values())  # 6 records, 3 images
+    b_evaluations = BASE_B_EVALUATIONS | {path.replace("/base/", "/IKE/") for path in BASE_B_EVALUATIONS}
+    records = {path: (workdir / path).read_text() for path in b_evaluations if path.endswith(".jsonl")}
+    config_path = workdir / "config/config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["evaluation"]["store_image_features"] = ["tiny-blip2"]
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    before = snapshot(workdir)
+    run_snakemake(workdir)
+    b_baselines = {f"results/baseline/tiny-blip2-b/{d}/{f}" for d in DATASETS
+                   for f in ("pre.jsonl", "pre.safetensors", "image_features.safetensors")}
+    assert changed(before, snapshot(workdir)) == b_baselines | b_evaluations | TABLES
+    assert [len(StoredImageFeatures(path)) for (model, _), path in sorted(features.items())] == [18, 18, 0, 0]
+    assert {path: (workdir / path).read_text() for path in records} == records
+    wrong = workdir / "config/unknown-model.yaml"
+    wrong.write_text(yaml.safe_dump({**config, "evaluation": {**config["evaluation"],
+                                                              "store_image_features": ["tiny-blip2", "tiny-blip2-c"]}}))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--dry-run", "--configfile", str(wrong), "--directory",
+                           str(workdir)], cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "evaluation.store_image_features names unknown models ['tiny-blip2-c']" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

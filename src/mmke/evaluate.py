@@ -11,7 +11,8 @@ No work is done twice: a record's items (and, for methods whose edits leave the 
 the items of ``batch_size`` records) go through the model in one forward, text-only rows beside
 image rows; a record's images are decoded and preprocessed once; and while an edit leaves the
 image features alone (:meth:`mmke.methods.base.Editor.keeps_image_features`) each image's features
-are computed once. Every row is the row it would be alone, so the values are those of separate calls.
+are computed once, or not at all where the baseline job stored them (:mod:`mmke.image_features`).
+Every row is the row it would be alone, so the values are those of separate calls.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mmke import metrics
-from mmke.data.records import EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt
+from mmke.data.records import (
+    IMAGE_FIELDS, EditRecord, ImageRoots, RecordImages, lead_space, multimodal_locality_prompt,
+)
+from mmke.image_features import StoredImageFeatures
 from mmke.io import atomic_path, read_jsonl, read_safetensors, write_jsonl
 # The metric names and the summary live in a torch-free module (table and gather jobs read them).
 from mmke.metric_keys import (  # noqa: F401 (re-exported)
@@ -160,6 +164,9 @@ class Baseline:
     m_loc: dict[int, torch.Tensor]
     knows_pred: dict[int, float] = dataclasses.field(default_factory=dict)
     target_join: str = "space"
+    #: The features of the eval images by image key, when asked for (``run_baseline``); saved apart
+    #: (:func:`mmke.image_features.save_image_features`) and not by :meth:`save`.
+    image_features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def save(self, rows_path: str | Path, tensors_path: str | Path) -> None:
         write_jsonl(rows_path, ({"id": i, **acc, "knows_pred": self.knows_pred[i]}
@@ -272,25 +279,32 @@ def measured_batch(model: VLMAdapter, protocol: Protocol,
 
 def run_baseline(
     model: VLMAdapter, records: Sequence[EditRecord], roots: ImageRoots, protocol: Protocol,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE, keep_image_features: bool = False,
 ) -> Baseline:
     """Pre-edit accuracies and locality predictions, computed once per model x dataset.
 
-    ``batch_size`` records are measured in one forward (the values do not depend on it).
+    ``batch_size`` records are measured in one forward (the values do not depend on it). With
+    ``keep_image_features`` the features the forwards used are kept too, by image key
+    (``Baseline.image_features``, for :mod:`mmke.image_features`).
     """
     _check_batch_size(batch_size)
     images = RecordImages(roots)
     baseline = Baseline(protocol, {}, {}, {}, {}, model.target_join)
     progress = tqdm(total=len(records), desc="baseline", unit="record")
     for chunk in _chunks(records, batch_size):
-        requests = []
+        requests, keys, pictures = [], [], []
         for record in chunk:
             imgs = images(record)
             requests += [Request(record, imgs, MEASURED_ITEMS, _identity),
                          Request(record, imgs, (KNOWS_PRED_ITEM,), _identity)]
+            keys += [roots.key(field, getattr(record, field)) for field in imgs]
+            pictures += imgs.values()
         with model.frozen_image_features():
-            model.prefetch_image_features([image for request in requests for image in request.images.values()])
+            features = model.prefetch_image_features(pictures)
             results = iter(measure(model, protocol, requests))
+            if keep_image_features:
+                for key, feature in zip(keys, features or _one_record_at_a_time(model, pictures)):
+                    baseline.image_features.setdefault(key, feature.to("cpu"))
         for record in chunk:
             measured, knows = next(results), next(results)
             for item in LOCALITY_ITEMS:
@@ -302,6 +316,13 @@ def run_baseline(
     return baseline
 
 
+def _one_record_at_a_time(model: VLMAdapter, pictures: list) -> list[torch.Tensor]:
+    """The features of a chunk's images when they are more than the memo holds at once."""
+    per_record = len(IMAGE_FIELDS)
+    return [feature for i in range(0, len(pictures), per_record)
+            for feature in model.prefetch_image_features(pictures[i:i + per_record])]
+
+
 def evaluate(
     model: VLMAdapter,
     editor: Editor,
@@ -311,6 +332,7 @@ def evaluate(
     protocol: Protocol,
     schedule: Schedule = Schedule(),
     batch_size: int = DEFAULT_BATCH_SIZE,
+    stored_features: StoredImageFeatures | None = None,
 ) -> EvalResult:
     """Edit, measure, revert: one record at a time, or ``schedule.n_edits`` records at a time.
 
@@ -322,8 +344,10 @@ def evaluate(
     ``batch_size`` records are measured in one forward wherever their rows see the same weights:
     in single mode for methods whose edits leave the weights unchanged (their edits of those
     records are live at once, each on its own rows), and within a sequential group. The values
-    do not depend on it. Timings: ``loop_s`` covers apply + measure + revert (``edits_per_s`` is
-    records per loop second), ``apply_s`` only ``Editor.apply`` (``apply_edits_per_s``).
+    do not depend on it. ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
+    stand in for the image encoder while the edits leave the features alone. Timings: ``loop_s``
+    covers apply + measure + revert (``edits_per_s`` is records per loop second), ``apply_s``
+    only ``Editor.apply`` (``apply_edits_per_s``).
     """
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")
@@ -339,13 +363,14 @@ def evaluate(
     images = RecordImages(roots, memo=max(group_size, 1))
     editor.bind_images(images)
     frozen = editor.keeps_image_features(model)
+    stored = None if stored_features is None else (lambda image: stored_features.get(images.key(image)))
     rows: list[dict] = []
     seconds = {"loop_s": 0.0, "apply_s": 0.0}
     progress = tqdm(total=len(records), desc=editor.name, unit="edit")
     with _timed(seconds, "loop_s"):
         for group in _chunks(records, group_size):
             edits: list[Edit] = []
-            with model.frozen_image_features() if frozen else contextlib.nullcontext():
+            with model.frozen_image_features(stored) if frozen else contextlib.nullcontext():
                 model.prefetch_image_features([image for record in group for image in images(record).values()])
                 try:
                     with _timed(seconds, "apply_s"):

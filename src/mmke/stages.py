@@ -25,6 +25,7 @@ from mmke.data.records import ImageRoots, RecordImages, Records, load_records
 from mmke.evaluate import DEFAULT_BATCH_SIZE, Baseline, Protocol, Schedule, evaluate, run_baseline
 from mmke.gpus import claim_gpu
 from mmke.hparams import digest, read_hparams
+from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.io import broken_model_message, write_json, write_jsonl
 # The stages that need no torch live apart, so their jobs start in a fraction of the time.
 from mmke.light_stages import download_stage, gather_stage, plot_stage, summary_stage  # noqa: F401 (re-exported)
@@ -92,12 +93,20 @@ def recorded_protocol(protocol: Mapping[str, Any], adapter: VLMAdapter) -> dict[
 
 
 def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out: str | Path,
-                   tensors_out: str | Path, device: str = "auto", batch_size: int | None = None) -> Baseline:
-    """Pre-edit outputs; ``batch_size`` (``evaluation.batch_size``, None: the default) records per forward."""
+                   tensors_out: str | Path, device: str = "auto", batch_size: int | None = None,
+                   features_out: str | Path | None = None, store_image_features: bool = False) -> Baseline:
+    """Pre-edit outputs; ``batch_size`` (``evaluation.batch_size``, None: the default) records per forward.
+
+    ``features_out``: the eval images' features (:mod:`mmke.image_features`), or an empty file of
+    the same format unless ``store_image_features``, so that the workflow's outputs stay fixed.
+    """
     records, roots = load_eval_split(dataset)
     adapter = load_configured_model(model, device, protocol)
-    baseline = run_baseline(adapter, records, roots, Protocol(**protocol), batch_size or DEFAULT_BATCH_SIZE)
+    baseline = run_baseline(adapter, records, roots, Protocol(**protocol), batch_size or DEFAULT_BATCH_SIZE,
+                            keep_image_features=store_image_features)
     baseline.save(rows_out, tensors_out)
+    if features_out is not None:
+        save_image_features(features_out, baseline.image_features, model)
     return baseline
 
 
@@ -132,7 +141,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
                    hparams_path: str | Path, baseline_rows: str | Path, baseline_tensors: str | Path,
                    metrics_out: str | Path, records_out: str | Path, resources: Mapping[str, Path] | None = None,
                    evaluation: Mapping | None = None, device: str = "auto",
-                   shard: tuple[int, int] | None = None) -> dict:
+                   shard: tuple[int, int] | None = None, image_features: str | Path | None = None) -> dict:
     """Edit + measure one method x model x dataset; ``names`` holds the three config keys.
 
     ``evaluation`` is the config's single/sequential schedule (default: single edits) and
@@ -152,9 +161,10 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     if shard is not None:
         records = shard_slice(records, *shard, group=schedule.group_size(len(records)))
     adapter = load_configured_model(model, device, protocol)
+    stored = None if image_features is None else StoredImageFeatures(image_features, model)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
-                      Protocol(**protocol), schedule, batch_size)
+                      Protocol(**protocol), schedule, batch_size, stored_features=stored or None)
     write_jsonl(records_out, result.rows)
     report = {
         **{key: names[key] for key in ("method", "model", "dataset")},

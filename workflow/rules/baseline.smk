@@ -1,4 +1,5 @@
-# Pre-edit outputs of a model on a dataset: computed once, shared by every method.
+# Pre-edit outputs of a model on a dataset: computed once, shared by every method; with
+# `evaluation.store_image_features` also the eval images' features (else an empty file).
 
 
 rule baseline:
@@ -7,11 +8,13 @@ rule baseline:
     output:
         rows="results/baseline/{model}/{dataset}/pre.jsonl",
         tensors="results/baseline/{model}/{dataset}/pre.safetensors",
+        image_features="results/baseline/{model}/{dataset}/image_features.safetensors",
     params:
         model=model_spec,
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         batch_size=config["evaluation"].get("batch_size"),
+        store_image_features=lambda wc: stores_image_features(wc.model),
         device=config.get("device", "auto"),
     log:
         "logs/baseline/{model}/{dataset}.log",

@@ -95,7 +95,26 @@ SEQUENTIAL_DIR = "results/sequential"
 
 def single_evaluation():
     """The `evaluation:` block the single-schedule evaluate jobs run with (loop settings)."""
-    return {key: value for key, value in config.get("evaluation", {}).items() if key != "sequential"}
+    return {key: value for key, value in config.get("evaluation", {}).items()
+            if key not in ("sequential", "store_image_features")}
+
+
+def stores_image_features(model):
+    """Whether the baseline jobs of `model` store the eval images' features for the evaluate jobs
+    (`evaluation.store_image_features`: true, false or a list of model names)."""
+    chosen = config.get("evaluation", {}).get("store_image_features", False)
+    return chosen if isinstance(chosen, bool) else model in chosen
+
+
+def _check_store_image_features():
+    chosen = config.get("evaluation", {}).get("store_image_features", False)
+    unknown = [] if isinstance(chosen, bool) else sorted(set(chosen) - set(MODELS))
+    if unknown:
+        raise ValueError(f"config evaluation.store_image_features names unknown models {unknown}; "
+                         f"models: {', '.join(MODELS)}")
+
+
+_check_store_image_features()
 
 
 def sequential_evaluation():
@@ -411,6 +430,7 @@ def evaluate_inputs(wildcards):
         "hparams": hparams_file(wildcards),
         "baseline_rows": f"{prefix}/pre.jsonl",
         "baseline_tensors": f"{prefix}/pre.safetensors",
+        "image_features": f"{prefix}/image_features.safetensors",
     }
 
 

@@ -90,6 +90,15 @@ class ImageRoots:
             return safe_join(self.rephrase or self.image, rel)
         raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
 
+    def key(self, field: str, rel: str) -> str:
+        """A name for image field ``field``'s file ``rel`` that does not depend on where the roots
+        live (the baseline job that stores an image's features and the jobs that read them may
+        run on different machines): the root's role and the relative path. A name only: the
+        file is read through :meth:`resolve`, which refuses escapes."""
+        if field not in IMAGE_FIELDS:
+            raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
+        return f"rephrase/{rel}" if field == "image_rephrase" and self.rephrase is not None else f"image/{rel}"
+
 
 class Records(list):
     """The records of one split (a list), with the ids the skip rules dropped in ``skipped``.
@@ -108,29 +117,35 @@ class RecordImages:
 
     With ``memo`` > 0 the images of the last ``memo`` records are kept, so a record's images are
     decoded once however many steps (edit, measurement) read them; the same objects come back,
-    which also lets the model adapter reuse their pixels and features.
+    which also lets the model adapter reuse their pixels and features, and :meth:`key` name them.
     """
 
     def __init__(self, roots: ImageRoots, memo: int = 0):
         self.roots = roots
         self.memo = memo
         self._recent: OrderedDict[int, tuple[EditRecord, dict[str, object]]] = OrderedDict()
+        self._keys: dict[int, tuple[object, str]] = {}  # id(image) -> (image, ImageRoots.key) of kept records
 
     def __call__(self, record: EditRecord) -> dict[str, object]:
         entry = self._recent.get(record.id)
         if entry is not None and entry[0] == record:
             self._recent.move_to_end(record.id)
             return dict(entry[1])
-        images = {
-            "image": load_rgb(self.roots.resolve("image", record.image)),
-            "image_rephrase": load_rgb(self.roots.resolve("image_rephrase", record.image_rephrase)),
-            "m_loc": load_rgb(self.roots.resolve("m_loc", record.m_loc)),
-        }
+        images = {field: load_rgb(self.roots.resolve(field, getattr(record, field))) for field in IMAGE_FIELDS}
         if self.memo > 0:
             self._recent[record.id] = (record, images)
+            for field, image in images.items():
+                self._keys[id(image)] = (image, self.roots.key(field, getattr(record, field)))
             while len(self._recent) > self.memo:
-                self._recent.popitem(last=False)
+                for image in self._recent.popitem(last=False)[1][1].values():
+                    self._keys.pop(id(image), None)
         return dict(images)
+
+    def key(self, image: object) -> str | None:
+        """The :meth:`ImageRoots.key` of an image this object returned for a record it still
+        keeps (identity, not equality); None for any other object."""
+        entry = self._keys.get(id(image))
+        return entry[1] if entry is not None and entry[0] is image else None
 
 
 def multimodal_locality_prompt(record: EditRecord, template: str = "trainer") -> str:

@@ -237,52 +237,67 @@ class VLMAdapter(abc.ABC):
         """
 
     @contextlib.contextmanager
-    def frozen_image_features(self) -> Iterator[None]:
+    def frozen_image_features(self, stored: Callable[[object], torch.Tensor | None] | None = None
+                              ) -> Iterator[None]:
         """While open, ``logits`` computes each image object's features once and reuses them.
 
         The caller promises that no parameter upstream of the features changes meanwhile (the
         edit is :meth:`downstream_of_features`, or leaves the weights alone). Features are taken
         without gradient: nothing upstream of them is trained in here. Nested use shares the
         outer memo. Exact: the same module calls on the same pixels, only fewer of them.
+
+        ``stored``: an image object's features computed earlier by this model (the baseline
+        job's, :mod:`mmke.image_features`), or None; an image it knows is not encoded at all.
         """
         if self._feature_memo is not None:
             yield
             return
         self._feature_memo = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
+        self._stored_features = stored
         try:
             yield
         finally:
             self._feature_memo = None
+            self._stored_features = None
 
     _feature_memo: Memo | None = None
+    _stored_features: Callable[[object], torch.Tensor | None] | None = None
 
     def batch_image_features(self, batch: Batch) -> list[torch.Tensor] | None:
         """The features of every image of ``batch`` from the memo of :meth:`frozen_image_features`,
-        computing (without gradient) those not seen yet; None when no memo is open or the batch
-        does not name its images (then ``logits`` computes them from the pixels as part of the graph).
+        taking those not seen yet from its ``stored`` features or computing them (without
+        gradient); None when no memo is open or the batch does not name its images (then
+        ``logits`` computes them from the pixels as part of the graph).
         """
         memo = self._feature_memo
         if memo is None or batch.pixel_values is None or not batch.sources:
             return None
         index = {id(source): i for i, source in reversed(list(enumerate(batch.sources)))}  # first row of each
+        stored = self._stored_features or (lambda source: None)
 
         def compute(missing: list[object]) -> list[torch.Tensor]:
-            with torch.no_grad():
-                return self.image_features(batch, [index[id(source)] for source in missing])
+            found = {id(source): stored(source) for source in missing}
+            new = [source for source in missing if found[id(source)] is None]
+            if new:
+                with torch.no_grad():
+                    found |= zip(map(id, new), self.image_features(batch, [index[id(source)] for source in new]))
+            return [found[id(source)].to(self.device) for source in missing]
 
         return memo.get_many(batch.sources, compute)
 
-    def prefetch_image_features(self, images: Sequence[Image.Image]) -> None:
+    def prefetch_image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor] | None:
         """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, in
         one encoder call, so a record's (or a batch of records') images cost one pass rather than
-        one per forward that first meets them. Outside it (or if they would not fit): nothing."""
+        one per forward that first meets them; returns every image's features, in order. Outside
+        it (or if they would not fit): nothing, and None."""
         distinct = list({id(image): image for image in images}.values())
         if self._feature_memo is None or not distinct or len(distinct) > self.FEATURE_MEMO_SIZE:
-            return
+            return None
         # The class's own template, not a live edit's interception of teacher_forced (SERAC's router
         # registers what it will score): these pixels and features are what the items' batches use.
         batch = type(self).teacher_forced(self, [""] * len(distinct), ["."] * len(distinct), distinct)
-        self.batch_image_features(batch)
+        features = dict(zip(map(id, distinct), self.batch_image_features(batch)))
+        return [features[id(image)] for image in images]
 
     @contextlib.contextmanager
     def frozen_layers_below(self, trained: Iterable[str]) -> Iterator[None]:

@@ -1,0 +1,138 @@
+"""The baseline job's stored image features stand in for the image encoder of every evaluate job
+whose edits leave the features alone, with the values of computing them (mmke.image_features)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from mmke.data.demo import write_demo_dataset
+from mmke.data.records import ImageRoots, RecordImages
+from mmke.evaluate import Protocol, Schedule, evaluate, run_baseline
+from mmke.hparams import build_hparams
+from mmke.image_features import StoredImageFeatures, save_image_features
+from mmke.io import read_jsonl
+from mmke.methods.base import get_method
+from mmke.models import load_model
+from mmke.models.tiny import build_tiny_blip2
+from mmke.stages import baseline_stage, evaluate_stage
+
+METHODS = {"base": {}, "FT-L": {"scopes": ["llm.mlp.last2"], "num_steps": 3, "lr": 1e-2},
+           "FT-V": {"scopes": ["qformer"], "num_steps": 2, "lr": 1e-2},
+           "WISE": {"scope": "llm.layers.-1.mlp.in", "n_iter": 3}}
+
+
+def editor(method: str):
+    cls = get_method(method)
+    return cls(build_hparams(cls.hparams_class, {"method": method, **METHODS[method]}))
+
+
+@contextlib.contextmanager
+def encoder_calls(adapter):
+    """How often the vision tower runs, as a one-element list filled while open."""
+    calls = [0]
+    handle = adapter.model.vision_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_blip2_dir, eval_records, roots, tmp_path_factory):
+    """The baseline with its features kept, and those features written and opened as a job would."""
+    baseline = run_baseline(load_model("blip2", tiny_blip2_dir, image_size=32), eval_records, roots, Protocol(),
+                            batch_size=3, keep_image_features=True)
+    path = tmp_path_factory.mktemp("features") / "image_features.safetensors"
+    save_image_features(path, baseline.image_features, {"family": "blip2"})
+    return baseline, StoredImageFeatures(path, {"family": "blip2"})
+
+
+def test_the_baseline_keeps_one_feature_per_image_file_equal_to_computing_it(stored, eval_records, roots, adapter):
+    baseline, features = stored
+    files = {roots.key(field, getattr(record, field))
+             for record in eval_records for field in ("image", "image_rephrase", "m_loc")}
+    assert set(baseline.image_features) == files and len(features) == len(files)
+    record = eval_records[1]
+    image = RecordImages(roots)(record)["image_rephrase"]
+    batch = adapter.teacher_forced([""], ["."], [image])
+    with torch.no_grad():
+        (computed,) = adapter.image_features(batch, [0])
+    assert torch.equal(features.get(roots.key("image_rephrase", record.image_rephrase)), computed)
+    assert features.get("image/not-there.png") is None and features.get(None) is None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_stored_features_give_the_records_of_computing_them_and_skip_the_encoder(method, stored, tiny_blip2_dir,
+                                                                                eval_records, roots):
+    baseline, features = stored
+    rows, calls = [], []
+    for store in (None, features):
+        model = load_model("blip2", tiny_blip2_dir, image_size=32)
+        with encoder_calls(model) as count:
+            rows.append(evaluate(model, editor(method), eval_records, roots, baseline, Protocol(),
+                                 stored_features=store).rows)
+        calls.append(count[0])
+    assert rows[0] == rows[1]
+    if method == "FT-V":  # it trains the Q-Former: the baseline's features are not its model's
+        assert calls[1] == calls[0] > 0
+    else:
+        assert calls[0] > 0 and calls[1] == 0
+
+
+def test_a_sequential_group_larger_than_the_memo_reads_every_feature_from_the_store(stored, adapter, eval_records,
+                                                                                    roots, monkeypatch):
+    """Measured after all edits, a group's images have left the memo: the store still has them."""
+    baseline, features = stored
+    monkeypatch.setattr(adapter, "FEATURE_MEMO_SIZE", 2)
+    with encoder_calls(adapter) as count:
+        result = evaluate(adapter, editor("FT-L"), eval_records, roots, baseline, Protocol(),
+                          Schedule("sequential", "all"), stored_features=features)
+    assert count[0] == 0 and len(result.rows) == len(eval_records)
+
+
+def test_image_keys_name_the_root_and_the_relative_path(tmp_path):
+    roots = ImageRoots(tmp_path / "images", tmp_path / "rephrased")
+    assert roots.key("image", "a/b.png") == roots.key("m_loc", "a/b.png") == "image/a/b.png"
+    assert roots.key("image_rephrase", "a/b.png") == "rephrase/a/b.png"
+    assert ImageRoots(tmp_path).key("image_rephrase", "a/b.png") == "image/a/b.png"
+    with pytest.raises(ValueError, match="unknown image field 'loc'"):
+        roots.key("loc", "a/b.png")
+
+
+def test_record_images_name_only_the_images_they_still_keep(eval_records, roots):
+    images = RecordImages(roots, memo=1)
+    first = images(eval_records[0])
+    assert images.key(first["m_loc"]) == roots.key("m_loc", eval_records[0].m_loc)
+    images(eval_records[1])  # the first record leaves the memo
+    assert images.key(first["m_loc"]) is None
+    assert images.key(first["m_loc"].copy()) is None  # an equal picture is not the object
+
+
+def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_path):
+    model = {"family": "blip2", "path": str(build_tiny_blip2(tmp_path / "model", seed=0)), "image_size": 32}
+    write_demo_dataset(tmp_path / "data", "evqa", n_train=2, n_eval=3, seed=0, image_size=32)
+    dataset = {"kind": "evqa", "eval": str(tmp_path / "data/eval.json"), "image_root": str(tmp_path / "data/images")}
+    protocol = {"exact_match": True, "mloc_template": "trainer"}
+    (tmp_path / "ft.yaml").write_text("method: FT-L\nscopes: [llm.mlp.last1]\nnum_steps: 2\n")
+    outputs = {}
+    for store in (False, True):
+        base = dict(rows_out=tmp_path / f"pre{store}.jsonl", tensors_out=tmp_path / f"pre{store}.safetensors",
+                    features_out=tmp_path / f"features{store}.safetensors")
+        baseline_stage(model, dataset, protocol, device="cpu", store_image_features=store, **base)
+        assert len(StoredImageFeatures(base["features_out"], model)) == (9 if store else 0)
+        common = dict(names={"method": "FT-L", "model": "tiny", "dataset": "d"}, model=model, dataset=dataset,
+                      protocol=protocol, hparams_path=tmp_path / "ft.yaml", baseline_rows=base["rows_out"],
+                      baseline_tensors=base["tensors_out"], image_features=base["features_out"], device="cpu")
+        evaluate_stage(**common, metrics_out=tmp_path / f"m{store}.json", records_out=tmp_path / f"r{store}.jsonl")
+        outputs[store] = read_jsonl(tmp_path / f"r{store}.jsonl")
+    assert outputs[True] == outputs[False]
+    with pytest.raises(ValueError, match=r"featuresTrue.safetensors: features of model settings .* rerun the baseline"):
+        evaluate_stage(**{**common, "model": {**model, "image_size": 64}}, metrics_out=tmp_path / "x.json",
+                       records_out=tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "featuresTrue.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"cut.safetensors: corrupt or truncated .* rule baseline writes it again"):
+        StoredImageFeatures(tmp_path / "cut.safetensors")
