@@ -16,7 +16,7 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.io import read_jsonl
 from mmke.methods.base import get_method
 from mmke.models import load_model
-from mmke.models.tiny import build_tiny_blip2
+from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
 from mmke.stages import baseline_stage, evaluate_stage
 
 METHODS = {"base": {}, "FT-L": {"scopes": ["llm.mlp.last2"], "num_steps": 3, "lr": 1e-2},
@@ -136,3 +136,38 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "featuresTrue.safetensors").read_bytes()[:20])
     with pytest.raises(ValueError, match=r"cut.safetensors: corrupt or truncated .* rule baseline writes it again"):
         StoredImageFeatures(tmp_path / "cut.safetensors")
+
+
+@pytest.fixture(scope="module")
+def other_families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {"minigpt4": ("minigpt4", build_tiny_minigpt4(root / "minigpt4", image_size=32), 32),
+            "llava": ("hf_vlm", build_tiny_llava(root / "llava", image_size=32), None),
+            "qwen2vl": ("hf_vlm", build_tiny_qwen2vl(root / "qwen2vl", image_size=32), None)}
+
+
+@pytest.mark.parametrize("family", ["minigpt4", "llava", "qwen2vl"])
+def test_every_family_reads_stored_features_with_the_records_of_computing_them(family, other_families, eval_records,
+                                                                                roots, tmp_path, monkeypatch):
+    """Qwen2-VL's features differ in length per image (its dynamic resolution): stored per image."""
+    kind, path, image_size = other_families[family]
+    baseline = run_baseline(load_model(kind, path, image_size=image_size), eval_records, roots, Protocol(),
+                            batch_size=2, keep_image_features=True)
+    save_image_features(tmp_path / "features.safetensors", baseline.image_features, {"family": family})
+    features = StoredImageFeatures(tmp_path / "features.safetensors")
+    rows, calls = [], []
+    for store in (None, features):
+        model = load_model(kind, path, image_size=image_size)
+        count = [0]
+
+        def image_features(batch, which, compute=model.image_features):
+            count[0] += len(which)
+            return compute(batch, which)
+
+        monkeypatch.setattr(model, "image_features", image_features)
+        for method in ("base", "FT-L"):
+            rows.append(evaluate(model, editor(method), eval_records, roots, baseline, Protocol(), batch_size=2,
+                                 stored_features=store).rows)
+        calls.append(count[0])
+    assert rows[:2] == rows[2:]
+    assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == 0

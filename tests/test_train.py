@@ -547,6 +547,8 @@ def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradien
     with torch.no_grad():
         expected = {name: before[name] - delta for name, delta in editor.deltas(model, item)}
     assert list(expected) == list(params) and len(expected) > 1
+    # with grad (training's graph) the deltas are computed out of place: the same values
+    assert all(torch.equal(expected[name], before[name] - delta.detach()) for name, delta in editor.deltas(model, item))
     written_when_yielded = []
     deltas = editor.deltas
 
@@ -583,3 +585,7 @@ def test_ke_delta_is_the_gated_gradient_without_building_the_gates():
     assert network.delta(0, condition, grad.bfloat16()).dtype == torch.float32  # a bf16 model's gradient
     delta.sum().backward()  # training reaches the heads through it
     assert network.heads[0].weight.grad is not None and network.heads[0].weight.grad.abs().sum() > 0
+    for dtype in (torch.float32, torch.bfloat16):  # an edit writes one matrix in place: the same bits
+        with torch.no_grad():
+            in_place = network.delta(0, condition, grad.to(dtype, copy=True))
+        assert torch.equal(in_place, network.delta(0, condition, grad.to(dtype)).detach())

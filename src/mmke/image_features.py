@@ -7,7 +7,11 @@ every eval image anyway, and every method that leaves those weights alone (all b
 edits scoped to the vision side) would compute them again, once per record, in each of its jobs:
 on the paper's BLIP-2 the EVA ViT-g at 364 px on a record's three images is a large share of a
 whole edit. Stored once, they are read instead; the values are the baseline's own, so an
-unedited model measured in an evaluate job agrees with its baseline bit for bit.
+unedited model measured in an evaluate job agrees with its baseline bit for bit. On this CPU an
+image's features do not depend on the images encoded beside it, so the records equal those of
+computing them (tests/test_stored_features.py); a GPU's kernels may differ in the last bits by
+batch shape, and then every job reads the same stored values rather than its own slightly
+different ones.
 
 The file is keyed by :meth:`mmke.data.records.ImageRoots.key` (the image's root and relative
 path), holds tensors in the model's dtype, and names the model settings it was computed with; an

@@ -55,11 +55,19 @@ class KENetwork(nn.Module):
     def delta(self, index: int, condition: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``max_scale * sigmoid(s) * (grad * A + B)`` with the rank-1 ``A = softmax(a_out) a_in^T``
         and ``B = softmax(b_out) b_in^T`` applied as row and column scalings and one rank-1 update:
-        neither is built as a full matrix (on a 7B model each would be another 45M floats)."""
+        neither is built as a full matrix (on a 7B model each would be another 45M floats).
+
+        Without grad (an edit, not training) the scalings and the update are written into one
+        float32 copy of ``grad`` (``grad`` itself if it is float32), not three new matrices: the
+        same operations in the same order, so the same values bit for bit.
+        """
         out, inp = self.shapes[index]
         a_out, a_in, b_out, b_in, scale = self.heads[index](condition).split([out, inp, out, inp, 1])
         step = self.max_scale * scale.sigmoid()
-        return torch.addr(grad * (step * a_out.softmax(-1))[:, None] * a_in[None, :], step * b_out.softmax(-1), b_in)
+        rows, bias_rows = step * a_out.softmax(-1), step * b_out.softmax(-1)
+        if torch.is_grad_enabled():  # training backpropagates through every intermediate
+            return torch.addr(grad * rows[:, None] * a_in[None, :], bias_rows, b_in)
+        return grad.to(rows.dtype).mul_(rows[:, None]).mul_(a_in[None, :]).addr_(bias_rows, b_in)
 
 
 @register_method

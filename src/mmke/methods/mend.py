@@ -152,4 +152,7 @@ class MEND(WeightDeltaEditor):
             # the network computes in its own dtype (float32) whatever the model's (bf16 at scale)
             x, delta = (factor.to(network.edit_lrs.dtype) for factor in factors.pop(name))
             x_new, delta_new = network.transforms[key](x, delta, mode)
-            yield name, network.edit_lrs[index] * (delta_new.T @ x_new)
+            # an edit (no grad) scales the product in place: one full-size matrix, not two
+            product = delta_new.T @ x_new
+            yield name, (network.edit_lrs[index] * product if torch.is_grad_enabled()
+                         else product.mul_(network.edit_lrs[index]))
