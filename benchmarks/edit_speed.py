@@ -9,10 +9,11 @@ records of one dataset:
 * ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats): one
   fused forward of a record's measured items, the image encoder once per distinct image (per step
   too where the method trains upstream of the features; never where the config stores the
-  baseline's features, ``evaluation.store_image_features``, and the method keeps them), one forward + backward of the edit item
-  per training step the method takes (after the first, without the decoder layers below the
-  trained ones, whose outputs the loops keep), and the time inside its own models (MEND's and
-  KE's editor networks, SERAC's classifier and counterfactual model, IKE's sentence encoder);
+  baseline's features, ``evaluation.store_image_features``, and the method keeps them), one
+  forward + backward of the edit item per training step the method takes (after the first,
+  without the decoder layers below the trained ones, whose outputs the loops keep), and the time
+  inside its own models (MEND's and KE's editor networks, SERAC's classifier and counterfactual
+  model, IKE's sentence encoder);
 * ``images``: decoding a record's images and preprocessing them as the family does, once each,
   timed alone: part of the loop, but no model pass, so outside the limit; ``rest`` is what the
   loop spends beyond the limit and the images (Python, tokenization, bookkeeping);

@@ -4,6 +4,7 @@ whose edits leave the features alone, with the values of computing them (mmke.im
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -109,6 +110,9 @@ def test_record_images_name_only_the_images_they_still_keep(eval_records, roots)
     images(eval_records[1])  # the first record leaves the memo
     assert images.key(first["m_loc"]) is None
     assert images.key(first["m_loc"].copy()) is None  # an equal picture is not the object
+    second = images(eval_records[1])
+    images(dataclasses.replace(eval_records[2], id=eval_records[1].id))  # another record, the same id
+    assert images.key(second["image"]) is None
 
 
 def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_path):

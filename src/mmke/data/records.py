@@ -133,13 +133,18 @@ class RecordImages:
             return dict(entry[1])
         images = {field: load_rgb(self.roots.resolve(field, getattr(record, field))) for field in IMAGE_FIELDS}
         if self.memo > 0:
+            if entry is not None:  # another record under the same id: its images are dropped
+                self._forget(self._recent.pop(record.id)[1])
             self._recent[record.id] = (record, images)
             for field, image in images.items():
                 self._keys[id(image)] = (image, self.roots.key(field, getattr(record, field)))
             while len(self._recent) > self.memo:
-                for image in self._recent.popitem(last=False)[1][1].values():
-                    self._keys.pop(id(image), None)
+                self._forget(self._recent.popitem(last=False)[1][1])
         return dict(images)
+
+    def _forget(self, images: dict[str, object]) -> None:
+        for image in images.values():
+            self._keys.pop(id(image), None)
 
     def key(self, image: object) -> str | None:
         """The :meth:`ImageRoots.key` of an image this object returned for a record it still
