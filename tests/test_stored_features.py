@@ -83,6 +83,16 @@ def test_stored_features_give_the_records_of_computing_them_and_skip_the_encoder
         assert calls[0] > 0 and calls[1] == 0
 
 
+def test_the_baseline_encodes_each_image_once_also_when_a_chunk_exceeds_the_memo(tiny_blip2_dir, eval_records,
+                                                                                  roots, monkeypatch):
+    model = load_model("blip2", tiny_blip2_dir, image_size=32)
+    monkeypatch.setattr(model, "FEATURE_MEMO_SIZE", 4)  # a chunk of 4 records has 12 images
+    with encoder_calls(model) as count:
+        kept = run_baseline(model, eval_records, roots, Protocol(), batch_size=4, keep_image_features=True)
+    assert count[0] == len(eval_records)  # one encoder call per record's three images, none in the forward
+    assert kept.accuracy == run_baseline(model, eval_records, roots, Protocol(), batch_size=1).accuracy
+
+
 def test_a_sequential_group_larger_than_the_memo_reads_every_feature_from_the_store(stored, adapter, eval_records,
                                                                                     roots, monkeypatch):
     """Measured after all edits, a group's images have left the memo: the store still has them."""

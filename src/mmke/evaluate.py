@@ -299,12 +299,15 @@ def run_baseline(
                          Request(record, imgs, (KNOWS_PRED_ITEM,), _identity)]
             keys += [roots.key(field, getattr(record, field)) for field in imgs]
             pictures += imgs.values()
-        with model.frozen_image_features():
+        kept: dict[int, torch.Tensor] = {}  # id(image) -> its features, when they are kept
+        with model.frozen_image_features(lambda image: kept.get(id(image))):
             features = model.prefetch_image_features(pictures)
-            results = iter(measure(model, protocol, requests))
-            if keep_image_features:
-                for key, feature in zip(keys, features or _one_record_at_a_time(model, pictures)):
+            if keep_image_features:  # every image encoded once, also when the chunk's exceed the memo
+                features = features or _one_record_at_a_time(model, pictures)
+                kept.update(zip(map(id, pictures), features))
+                for key, feature in zip(keys, features):
                     baseline.image_features.setdefault(key, feature.to("cpu"))
+            results = iter(measure(model, protocol, requests))
         for record in chunk:
             measured, knows = next(results), next(results)
             for item in LOCALITY_ITEMS:

@@ -148,6 +148,8 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     ``batch_size``, the records measured in one forward (:func:`mmke.evaluate.evaluate`).
     ``shard=(index, count)`` measures only that contiguous block of the eval split (see
     :mod:`mmke.shards`); :func:`gather_stage` merges the blocks into the unsharded result.
+    ``image_features``: the baseline job's file of the eval images' features
+    (:mod:`mmke.image_features`; empty when the model stores none, and then every image is encoded).
     """
     start = time.perf_counter()
     settings = dict(evaluation or {})
@@ -164,7 +166,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     stored = None if image_features is None else StoredImageFeatures(image_features, model)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
-                      Protocol(**protocol), schedule, batch_size, stored_features=stored or None)
+                      Protocol(**protocol), schedule, batch_size, stored_features=stored)
     write_jsonl(records_out, result.rows)
     report = {
         **{key: names[key] for key in ("method", "model", "dataset")},

@@ -99,16 +99,17 @@ def single_evaluation():
             if key not in ("sequential", "store_image_features")}
 
 
+# `evaluation.store_image_features`: true, false or a list of model names.
+STORE_IMAGE_FEATURES = config.get("evaluation", {}).get("store_image_features", False)
+
+
 def stores_image_features(model):
-    """Whether the baseline jobs of `model` store the eval images' features for the evaluate jobs
-    (`evaluation.store_image_features`: true, false or a list of model names)."""
-    chosen = config.get("evaluation", {}).get("store_image_features", False)
-    return chosen if isinstance(chosen, bool) else model in chosen
+    """Whether the baseline jobs of `model` store the eval images' features for the evaluate jobs."""
+    return STORE_IMAGE_FEATURES if isinstance(STORE_IMAGE_FEATURES, bool) else model in STORE_IMAGE_FEATURES
 
 
 def _check_store_image_features():
-    chosen = config.get("evaluation", {}).get("store_image_features", False)
-    unknown = [] if isinstance(chosen, bool) else sorted(set(chosen) - set(MODELS))
+    unknown = [] if isinstance(STORE_IMAGE_FEATURES, bool) else sorted(set(STORE_IMAGE_FEATURES) - set(MODELS))
     if unknown:
         raise ValueError(f"config evaluation.store_image_features names unknown models {unknown}; "
                          f"models: {', '.join(MODELS)}")
