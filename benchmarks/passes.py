@@ -157,14 +157,23 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
     return total / len(records) + side_ms_per_edit
 
 
-def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int) -> float:
-    """CPU ms per record to decode its images and preprocess them as the family does, once each:
-    work the loop cannot skip either, but no model pass, so it lies outside the limit."""
+def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int,
+                  stored: StoredImageFeatures | None = None) -> float:
+    """CPU ms per record to read its images and preprocess them as the family does, once each:
+    work the loop cannot skip either, but no model pass, so it lies outside the limit.
+
+    ``stored``: the features the loop reads (a method that keeps them). A family with fixed image
+    positions then decodes nothing, as in the loop, and this is the images' path checks alone.
+    """
+    undecoded = stored.__contains__ if stored is not None and adapter.fixed_image_positions else None
+    store = None if stored is None else (lambda image: stored.get(getattr(image, "key", None)))
+
     def load() -> None:
-        images = RecordImages(roots)  # fresh objects: nothing memoised from an earlier call
+        images = RecordImages(roots, undecoded=undecoded)  # fresh objects: nothing memoised from an earlier call
         for record in records:
             pictures = list(images(record).values())
-            type(adapter).teacher_forced(adapter, [""] * len(pictures), ["."] * len(pictures), pictures)
+            with adapter.frozen_image_features(store) if store else contextlib.nullcontext():
+                type(adapter).teacher_forced(adapter, [""] * len(pictures), ["."] * len(pictures), pictures)
 
     return cpu_ms(load, repeats) / len(records)
 
@@ -173,12 +182,9 @@ def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int) -> float:
 def only_trainable(adapter: VLMAdapter, names: set[str]) -> Iterator[None]:
     """Gradients for the named parameters only (those the method trains), dropped afterwards."""
     params = adapter.named_parameters()
-    flags = {name: param.requires_grad for name, param in params.items()}
     try:
-        for name, param in params.items():
-            param.requires_grad_(name in names)
-        yield
+        with adapter.trainable_only(params[name] for name in names):
+            yield
     finally:
-        for name, param in params.items():
-            param.requires_grad_(flags[name])
-            param.grad = None
+        for name in names:
+            params[name].grad = None

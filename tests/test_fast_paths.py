@@ -338,6 +338,61 @@ def test_layers_below_the_trained_ones_run_once_per_edit(adapter, eval_records, 
     assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
 
 
+@pytest.mark.parametrize("method", ["KE", "MEND"])
+def test_edit_gradients_record_no_graph_below_the_edited_layer(method, adapter, eval_records, roots, monkeypatch):
+    """KE and MEND take the edit item's gradient with only the edited weights requiring grad (a
+    loaded model has every flag set): layer 0, below the edited last layer, records no graph. The
+    edited weights equal, bit for bit, those of taking it with every flag set; the flags come back."""
+    hp = read_hparams(REPO / f"config/hparams/{method}/tiny-blip2.yaml", overrides={"scope": "llm.mlp.last1"})
+    torch.manual_seed(0)
+    edit = make_editor(hp)
+    edit.build(adapter).eval()  # an untrained network, as a checkpoint's is used (MEND's norms fixed)
+    edit.bind_images(roots)
+    below = adapter.model.language_model.model.decoder.layers[0].fc1
+    before = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
+
+    def edited() -> tuple[list[bool], dict[str, torch.Tensor]]:
+        graphs = []
+        handle = below.register_forward_hook(lambda module, args, output: graphs.append(output.requires_grad))
+        try:
+            done = edit.apply(adapter, [eval_records[0]])
+            after = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
+            done.revert()
+        finally:
+            handle.remove()
+        return graphs, after
+
+    assert all(p.requires_grad for p in adapter.model.parameters())
+    graphs, fast = edited()
+    assert all(p.requires_grad for p in adapter.model.parameters())
+    monkeypatch.setattr(adapter, "trainable_only", lambda params: contextlib.nullcontext())
+    every_flag, slow = edited()
+    assert graphs == [False] and every_flag == [True]
+    changed = [name for name in fast if not torch.equal(fast[name], before[name])]
+    assert changed and all(name.startswith("language_model.model.decoder.layers.1.") for name in changed)
+    assert all(torch.equal(fast[name], slow[name]) for name in fast)
+
+
+def test_trainable_only_puts_every_flag_back_also_after_an_error(adapter):
+    """Only the given parameters require grad inside, a tensor injected after loading included;
+    afterwards (here after an exception) every flag is what it was, False ones too."""
+    params = adapter.named_parameters()
+    frozen_before = next(iter(params.values()))
+    chosen = params["language_model.model.decoder.layers.1.fc2.weight"]
+    injected = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    frozen_before.requires_grad_(False)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), adapter.trainable_only([chosen, injected]):
+            assert [name for name, p in params.items() if p.requires_grad] == [
+                "language_model.model.decoder.layers.1.fc2.weight"]
+            assert injected.requires_grad
+            raise RuntimeError("inside")
+        assert not frozen_before.requires_grad and not injected.requires_grad
+        assert sum(p.requires_grad for p in params.values()) == len(params) - 1
+    finally:
+        frozen_before.requires_grad_(True)
+
+
 def test_a_repeated_call_returns_copies_and_puts_back_the_forward_it_found():
     """frozen_layers_below's stand-in: equal inputs give a copy of the kept output, other inputs
     are computed; an instance forward (as accelerate's device-map hooks set) comes back on removal."""

@@ -16,7 +16,6 @@ from mmke.data.records import RecordImages, multimodal_locality_prompt
 from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import read_hparams
 from mmke.methods.base import make_editor
-from mmke.methods.lifelong import frozen, unfreeze
 from mmke.methods.wise import Shard, merge, route, ties_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,19 +133,18 @@ def test_wise_takes_the_unrelated_rows_distance_from_one_forward_per_edit(adapte
     text, _ = unrelated_items(adapter, record, roots)
     editor = editor_for("WISE", roots, n_iter=3)
     memory = editor.install(adapter)
-    flags = frozen(adapter)
     try:
-        seen = memory.layer_io(adapter, text)
-        side = (memory.layer.weight + 0.05 * torch.randn_like(memory.layer.weight)).requires_grad_(True)
-        memory.training = side
-        adapter.logits(text, positions=torch.zeros_like(text.attention_mask, dtype=torch.bool))
-        whole = memory.distance
-        once = memory.trained(*seen)[1]
-        assert once.item() > 0 and torch.equal(once, whole)
-        assert torch.equal(torch.autograd.grad(once.sum(), side)[0], torch.autograd.grad(whole.sum(), side)[0])
+        with adapter.trainable_only(()):
+            seen = memory.layer_io(adapter, text)
+            side = (memory.layer.weight + 0.05 * torch.randn_like(memory.layer.weight)).requires_grad_(True)
+            memory.training = side
+            adapter.logits(text, positions=torch.zeros_like(text.attention_mask, dtype=torch.bool))
+            whole = memory.distance
+            once = memory.trained(*seen)[1]
+            assert once.item() > 0 and torch.equal(once, whole)
+            assert torch.equal(torch.autograd.grad(once.sum(), side)[0], torch.autograd.grad(whole.sum(), side)[0])
     finally:
         memory.training = None
-        unfreeze(adapter, flags)
         memory.remove()
     calls = []
     handle = memory.layer.register_forward_hook(lambda *args: calls.append(1))

@@ -9,7 +9,10 @@ import dataclasses
 import pytest
 import torch
 
+import mmke.data.images as images_module
+import mmke.data.records as records_module
 from mmke.data.demo import write_demo_dataset
+from mmke.data.images import UndecodedImage, decoded, load_rgb
 from mmke.data.records import ImageRoots, RecordImages
 from mmke.evaluate import Protocol, Schedule, evaluate, run_baseline
 from mmke.hparams import build_hparams
@@ -41,6 +44,21 @@ def encoder_calls(adapter):
         handle.remove()
 
 
+@contextlib.contextmanager
+def decodes(monkeypatch):
+    """How many image files are decoded, as a one-element list filled while open."""
+    calls = [0]
+
+    def counted(path, load=images_module.load_rgb):
+        calls[0] += 1
+        return load(path)
+
+    with monkeypatch.context() as patch:
+        for module in (images_module, records_module):
+            patch.setattr(module, "load_rgb", counted)
+        yield calls
+
+
 @pytest.fixture(scope="module")
 def stored(tiny_blip2_dir, eval_records, roots, tmp_path_factory):
     """The baseline with its features kept, and those features written and opened as a job would."""
@@ -67,20 +85,23 @@ def test_the_baseline_keeps_one_feature_per_image_file_equal_to_computing_it(sto
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_stored_features_give_the_records_of_computing_them_and_skip_the_encoder(method, stored, tiny_blip2_dir,
-                                                                                eval_records, roots):
+                                                                                eval_records, roots, monkeypatch):
+    """...and BLIP-2's fixed query positions need no pixels then: no image file is decoded."""
     baseline, features = stored
-    rows, calls = [], []
+    rows, calls, decoded_files = [], [], []
     for store in (None, features):
         model = load_model("blip2", tiny_blip2_dir, image_size=32)
-        with encoder_calls(model) as count:
+        with encoder_calls(model) as count, decodes(monkeypatch) as files:
             rows.append(evaluate(model, editor(method), eval_records, roots, baseline, Protocol(),
                                  stored_features=store).rows)
         calls.append(count[0])
+        decoded_files.append(files[0])
     assert rows[0] == rows[1]
     if method == "FT-V":  # it trains the Q-Former: the baseline's features are not its model's
-        assert calls[1] == calls[0] > 0
+        assert calls[1] == calls[0] > 0 and decoded_files[1] == decoded_files[0] == 3 * len(eval_records)
     else:
         assert calls[0] > 0 and calls[1] == 0
+        assert decoded_files == [3 * len(eval_records), 0]
 
 
 def test_the_baseline_encodes_each_image_once_also_when_a_chunk_exceeds_the_memo(tiny_blip2_dir, eval_records,
@@ -169,7 +190,7 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
                             batch_size=2, keep_image_features=True)
     save_image_features(tmp_path / "features.safetensors", baseline.image_features, {"family": family})
     features = StoredImageFeatures(tmp_path / "features.safetensors")
-    rows, calls = [], []
+    rows, calls, decoded_files = [], [], []
     for store in (None, features):
         model = load_model(kind, path, image_size=image_size)
         count = [0]
@@ -179,9 +200,41 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
             return compute(batch, which)
 
         monkeypatch.setattr(model, "image_features", image_features)
-        for method in ("base", "FT-L"):
-            rows.append(evaluate(model, editor(method), eval_records, roots, baseline, Protocol(), batch_size=2,
-                                 stored_features=store).rows)
+        with decodes(monkeypatch) as files:
+            for method in ("base", "FT-L"):
+                rows.append(evaluate(model, editor(method), eval_records, roots, baseline, Protocol(), batch_size=2,
+                                     stored_features=store).rows)
         calls.append(count[0])
+        decoded_files.append(files[0])
     assert rows[:2] == rows[2:]
     assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == 0
+    # MiniGPT-4's query positions are fixed: no pixels needed. LLaVA's and Qwen2-VL's processors
+    # make the image tokens from the pixels (Qwen2-VL's count follows the image's size).
+    assert decoded_files == [2 * 3 * len(eval_records), 0 if family == "minigpt4" else 2 * 3 * len(eval_records)]
+
+
+def test_undecoded_images_keep_their_key_and_their_root_check(eval_records, roots, tmp_path):
+    record = eval_records[0]
+    images = RecordImages(roots, memo=1, undecoded=lambda key: key == roots.key("image", record.image))
+    first = images(record)
+    assert isinstance(first["image"], UndecodedImage) and not isinstance(first["m_loc"], UndecodedImage)
+    assert first["image"].path == roots.resolve("image", record.image)
+    assert list(decoded(first["image"]).getdata()) == list(load_rgb(first["image"].path).getdata())
+    assert decoded(first["m_loc"]) is first["m_loc"]
+    images(eval_records[1])  # the record leaves the memo: an undecoded image still names its file
+    assert images.key(first["image"]) == roots.key("image", record.image) and images.key(first["m_loc"]) is None
+    outside = dataclasses.replace(record, image="../outside.png")
+    with pytest.raises(ValueError, match="escapes image root"):
+        RecordImages(roots, undecoded=lambda key: True)(outside)
+
+
+def test_a_batch_without_pixels_is_refused_once_its_store_is_closed(stored, adapter, eval_records, roots):
+    baseline, features = stored
+    images = RecordImages(roots, undecoded=features.__contains__)(eval_records[0])
+    with adapter.frozen_image_features(lambda image: features.get(image.key)):
+        batch = adapter.teacher_forced(["a"], [" b"], [images["image"]])
+        assert batch.pixel_values is None
+        with torch.no_grad():
+            adapter.logits(batch)
+    with pytest.raises(RuntimeError, match="built without pixels, for stored features that are not open now"):
+        adapter.logits(batch)

@@ -363,9 +363,11 @@ def evaluate(
     _check_batch_size(batch_size)
     together = schedule.mode == "single" and editor.weights_unchanged
     group_size = batch_size if together else schedule.group_size(len(records))
-    images = RecordImages(roots, memo=max(group_size, 1))
-    editor.bind_images(images)
     frozen = editor.keeps_image_features(model)
+    # where stored features stand in for every image pass, the family may not need the pixels at all
+    undecoded = stored_features.__contains__ if frozen and stored_features and model.fixed_image_positions else None
+    images = RecordImages(roots, memo=max(group_size, 1), undecoded=undecoded)
+    editor.bind_images(images)
     stored = None if stored_features is None else (lambda image: stored_features.get(images.key(image)))
     rows: list[dict] = []
     seconds = {"loop_s": 0.0, "apply_s": 0.0}

@@ -71,6 +71,9 @@ class StoredImageFeatures:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
     def get(self, key: str | None) -> torch.Tensor | None:
         """The stored features of image ``key``; None when the file has none for it."""
         return self._file.get_tensor(key) if key in self._keys else None

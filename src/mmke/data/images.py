@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -39,3 +40,25 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return image.convert("RGB")  # convert() loads the data and returns a detached copy
     except _PIL_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+@dataclass(frozen=True, eq=False)
+class UndecodedImage:
+    """An image file whose pixels are read only if something asks for them (:func:`decoded`).
+
+    The evaluation loop hands these out for images whose features the baseline job stored, in a
+    family whose sequences do not depend on the image (BLIP-2's and MiniGPT-4's fixed query
+    positions): no pass of such an edit needs the pixels, and decoding and preprocessing a record's
+    three images would be most of what a small model's edit loop spends beyond its passes. Like a
+    decoded image, the object itself is its identity (the adapters' memos key on it); ``key`` is
+    its :meth:`mmke.data.records.ImageRoots.key`. The path was checked against its root when
+    the object was made; the baseline job decoded the file, so corruption surfaced there.
+    """
+
+    path: Path
+    key: str
+
+
+def decoded(image: Image.Image | UndecodedImage) -> Image.Image:
+    """The pixels of ``image``, read now if it is an :class:`UndecodedImage`."""
+    return load_rgb(image.path) if isinstance(image, UndecodedImage) else image

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .images import load_rgb, safe_join
+from .images import UndecodedImage, load_rgb, safe_join
 
 FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
           "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
@@ -118,11 +118,14 @@ class RecordImages:
     With ``memo`` > 0 the images of the last ``memo`` records are kept, so a record's images are
     decoded once however many steps (edit, measurement) read them; the same objects come back,
     which also lets the model adapter reuse their pixels and features, and :meth:`key` name them.
+    An image whose :meth:`ImageRoots.key` satisfies ``undecoded`` comes back as an
+    :class:`~mmke.data.images.UndecodedImage` (its path checked, its pixels not read).
     """
 
-    def __init__(self, roots: ImageRoots, memo: int = 0):
+    def __init__(self, roots: ImageRoots, memo: int = 0, undecoded: Callable[[str], bool] | None = None):
         self.roots = roots
         self.memo = memo
+        self.undecoded = undecoded
         self._recent: OrderedDict[int, tuple[EditRecord, dict[str, object]]] = OrderedDict()
         self._keys: dict[int, tuple[object, str]] = {}  # id(image) -> (image, ImageRoots.key) of kept records
 
@@ -131,7 +134,7 @@ class RecordImages:
         if entry is not None and entry[0] == record:
             self._recent.move_to_end(record.id)
             return dict(entry[1])
-        images = {field: load_rgb(self.roots.resolve(field, getattr(record, field))) for field in IMAGE_FIELDS}
+        images = {field: self._read(field, getattr(record, field)) for field in IMAGE_FIELDS}
         if self.memo > 0:
             if entry is not None:  # another record under the same id: its images are dropped
                 self._forget(self._recent.pop(record.id)[1])
@@ -142,13 +145,21 @@ class RecordImages:
                 self._forget(self._recent.popitem(last=False)[1][1])
         return dict(images)
 
+    def _read(self, field: str, rel: str) -> object:
+        path = self.roots.resolve(field, rel)
+        if self.undecoded is not None and self.undecoded(key := self.roots.key(field, rel)):
+            return UndecodedImage(path, key)
+        return load_rgb(path)
+
     def _forget(self, images: dict[str, object]) -> None:
         for image in images.values():
             self._keys.pop(id(image), None)
 
     def key(self, image: object) -> str | None:
         """The :meth:`ImageRoots.key` of an image this object returned for a record it still
-        keeps (identity, not equality); None for any other object."""
+        keeps (identity, not equality), or of any :class:`UndecodedImage`; None otherwise."""
+        if isinstance(image, UndecodedImage):
+            return image.key
         entry = self._keys.get(id(image))
         return entry[1] if entry is not None and entry[0] is image else None
 

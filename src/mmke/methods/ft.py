@@ -58,21 +58,14 @@ class FineTune(Editor):
         snapshot = model.snapshot(params)
         batch = model.teacher_forced([r.prompt for r in records], [r.target for r in records],
                                      [self.images(r)["image"] for r in records])
-        every = model.named_parameters()
-        flags = {name: p.requires_grad for name, p in every.items()}
         # FT-L: every step reads the edit image's features from one computation (FT-V trains them)
         frozen = model.frozen_image_features() if model.downstream_of_features(params) else contextlib.nullcontext()
         try:
-            for name, p in every.items():
-                p.requires_grad_(name in params)
-            with frozen:
+            with model.trainable_only(params.values()), frozen:
                 self._optimise(model, params, snapshot, batch)
         except BaseException:
             model.restore(snapshot)
             raise
-        finally:
-            for name, p in every.items():
-                p.requires_grad_(flags[name])
         return Edit(model, snapshot)
 
     def _optimise(self, model: VLMAdapter, params: dict[str, torch.nn.Parameter],

@@ -24,7 +24,7 @@ import torch
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
 from mmke.metrics import target_nll
-from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, key_positions, scope_module, unfreeze
+from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, key_positions, scope_module
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
 
@@ -114,9 +114,8 @@ class GRACE(LifelongEditor):
     def edit(self, memory: GRACEMemory, model: VLMAdapter, record: EditRecord) -> None:
         hp = self.hparams
         batch = model.teacher_forced([record.prompt], [record.target], [self.images(record)["image"]])
-        flags = frozen(model)
-        try:
-            with model.frozen_layers_below(self.edited_parameters(model)):  # run once per edit
+        try:  # only the codebook value trains; the lower layers run once per edit
+            with model.trainable_only(()), model.frozen_layers_below(self.edited_parameters(model)):
                 with torch.no_grad():  # the query; the codebook does not change the layer's input
                     model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
                 query = memory.queries[0]
@@ -130,7 +129,6 @@ class GRACE(LifelongEditor):
                     optimiser.step()
         finally:
             memory.training = None
-            unfreeze(model, flags)
         values = book.values.clone()
         values[index] = value.detach()
         memory.book = dataclasses.replace(book, values=values)

@@ -215,15 +215,8 @@ def scope_modules(model: VLMAdapter, scopes: Sequence[str], who: str) -> list[st
     return list(dict.fromkeys(paths))
 
 
-def frozen(model: VLMAdapter) -> dict[str, bool]:
-    """Freeze every model parameter; returns the flags to put back with :func:`unfreeze`."""
-    flags = {name: p.requires_grad for name, p in model.model.named_parameters()}
-    for p in model.model.parameters():
-        p.requires_grad_(False)
-    return flags
-
-
 def unfreeze(model: VLMAdapter, flags: dict[str, bool]) -> None:
+    """Put back the ``requires_grad`` flags recorded by name (before peft froze the base model)."""
     for name, p in model.model.named_parameters():
         if name in flags:
             p.requires_grad_(flags[name])

@@ -26,7 +26,7 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
 from mmke.metrics import target_nll
-from mmke.methods.lifelong import LifelongEditor, Memory, frozen, scope_modules, unfreeze
+from mmke.methods.lifelong import LifelongEditor, Memory, scope_modules, unfreeze
 from mmke.models.base import VLMAdapter
 
 ADAPTER = "mmke_edit"  # the peft adapter's name
@@ -108,16 +108,11 @@ class LoRA(LifelongEditor):
         batch = model.teacher_forced([record.prompt], [record.target], [self.images(record)["image"]])
         optimiser = torch.optim.SGD(memory.params.values(), lr=hp.lr, weight_decay=hp.weight_decay)
         schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp.sh_lr)
-        flags = frozen(model)
-        try:
-            for p in memory.params.values():
-                p.requires_grad_(True)
+        with model.trainable_only(memory.params.values()):
             for _ in range(hp.num_steps):
                 optimiser.zero_grad(set_to_none=True)
                 target_nll(model.logits(batch), batch.labels).backward()
                 optimiser.step()
                 schedule.step()
             optimiser.zero_grad(set_to_none=True)
-        finally:
-            unfreeze(model, flags)
         memory.edits += 1

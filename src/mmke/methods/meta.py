@@ -178,10 +178,7 @@ def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
     (unpadded) positions, so that ``grad W = delta^T x``. Otherwise it is ``(grad W,)``.
     """
     params = model.named_parameters()  # the adapter's dict, built once (no module-tree walk per edit)
-    with torch.enable_grad(), contextlib.ExitStack() as stack:
-        for name in names:
-            stack.callback(params[name].requires_grad_, params[name].requires_grad)
-            params[name].requires_grad_(True)
+    with torch.enable_grad(), model.trainable_only(params[name] for name in names), contextlib.ExitStack() as stack:
         if not capture_linear_io:
             loss = target_nll(model.logits(batch), batch.labels)
             grads = torch.autograd.grad(loss, [params[name] for name in names])

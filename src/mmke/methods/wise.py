@@ -48,7 +48,7 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
 from mmke.metrics import target_nll
-from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, frozen, scope_module, unfreeze
+from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, scope_module
 from mmke.models.base import Batch, VLMAdapter
 
 #: Rows longer than this are routed on their largest token distance, shorter ones on the mean.
@@ -292,11 +292,10 @@ class WISE(LifelongEditor):
         alpha, beta, gamma = hp.act_margin
         optimiser = torch.optim.SGD([side], lr=hp.edit_lr, weight_decay=WEIGHT_DECAY)
         low, high = main - hp.norm_constraint, main + hp.norm_constraint  # the box the side weight stays in
-        flags = frozen(model)
         memory.training = side
         previous, act = float("inf"), 0.0
-        try:
-            with model.frozen_layers_below(self.edited_parameters(model)):  # run once per edit
+        try:  # only the side weight trains; the lower layers run once per edit
+            with model.trainable_only(()), model.frozen_layers_below(self.edited_parameters(model)):
                 for _ in range(hp.n_iter):
                     nll = target_nll(model.logits(edit), edit.labels)
                     inside = memory.distance[0]
@@ -314,7 +313,6 @@ class WISE(LifelongEditor):
                         side.clamp_(low, high)
         finally:
             memory.training = None
-            unfreeze(model, flags)
         memory.edits += 1
         memory.book = self._bookkeep(dataclasses.replace(book, side=side.detach(), mask=mask,
                                                          acts=(*book.acts, act)), main, memory.edits)

@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from mmke.data.images import UndecodedImage
 from mmke.data.records import lead_space
 
 IGNORE_INDEX = -100
@@ -59,15 +60,17 @@ class Batch:
     input_ids: torch.LongTensor  # [B, T]; image/query positions hold a placeholder id
     attention_mask: torch.LongTensor  # [B, T]
     labels: torch.LongTensor  # [B, T]; -100 everywhere except target tokens
-    pixel_values: torch.Tensor | None  # one entry per image: [N, 3, H, W] for BLIP-2; the processor's layout otherwise
+    # One entry per image: [N, 3, H, W] for BLIP-2; the processor's layout otherwise. None: no images,
+    # or images whose stored features stand in for them (VLMAdapter.stored_features_stand_in).
+    pixel_values: torch.Tensor | None
     # Further model inputs some families need next to the pixels (Qwen2-VL's image_grid_thw,
     # LLaVA-OneVision's image_sizes), passed to the model by name.
     image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     # The rows that carry an image, in the order of the images; None: every row if there are pixels.
     # A batch may mix image items with text-only ones (the measured items of a record in one forward).
     image_rows: torch.Tensor | None = None
-    # The image objects the pixels came from, one per image: within VLMAdapter.frozen_image_features
-    # their features are computed once per object and reused (empty: never cached).
+    # The image objects, one per image: within VLMAdapter.frozen_image_features their features are
+    # computed (or read) once per object and reused (empty: never cached, or no images).
     sources: tuple[object, ...] = ()
 
     def to(self, device: torch.device | str) -> Batch:
@@ -192,6 +195,12 @@ class VLMAdapter(abc.ABC):
     target_join: str = "space"
     #: How many images :meth:`frozen_image_features` (and the pixel memos) keep: a batch of records.
     FEATURE_MEMO_SIZE: ClassVar[int] = 32
+    #: Whether the family's sequences are the same whatever the image (a fixed number of query
+    #: positions), so that a batch of images whose features are stored needs no pixels: the
+    #: evaluation loop then leaves those images undecoded (:class:`mmke.data.images.UndecodedImage`).
+    #: Families whose token count follows the image's size, or whose processor makes tokens and
+    #: pixels in one call, decode every image.
+    fixed_image_positions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Cache each family's ``scopes`` per adapter instance: parameter names never change after
@@ -247,7 +256,8 @@ class VLMAdapter(abc.ABC):
         outer memo. Exact: the same module calls on the same pixels, only fewer of them.
 
         ``stored``: an image object's features computed earlier by this model (the baseline
-        job's, :mod:`mmke.image_features`), or None; an image it knows is not encoded at all.
+        job's, :mod:`mmke.image_features`), or None; an image it knows is not encoded at all,
+        and in a family with :attr:`fixed_image_positions` a batch of such images carries no pixels.
         """
         if self._feature_memo is not None:
             yield
@@ -270,7 +280,7 @@ class VLMAdapter(abc.ABC):
         ``logits`` computes them from the pixels as part of the graph).
         """
         memo = self._feature_memo
-        if memo is None or batch.pixel_values is None or not batch.sources:
+        if memo is None or not batch.sources:
             return None
         index = {id(source): i for i, source in reversed(list(enumerate(batch.sources)))}  # first row of each
         stored = self._stored_features or (lambda source: None)
@@ -284,6 +294,13 @@ class VLMAdapter(abc.ABC):
             return [found[id(source)].to(self.device) for source in missing]
 
         return memo.get_many(batch.sources, compute)
+
+    def stored_features_stand_in(self, sources: Sequence[object]) -> bool:
+        """Whether a batch of ``sources`` may go without pixels: the family's sequences do not
+        depend on the image, and every image is an undecoded one (made only for stored keys)
+        while stored features are open, so every feature the batch needs will be read."""
+        return (self.fixed_image_positions and self._stored_features is not None
+                and all(isinstance(source, UndecodedImage) for source in sources))
 
     def prefetch_image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor] | None:
         """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, in
@@ -337,6 +354,27 @@ class VLMAdapter(abc.ABC):
         if getattr(self, "_params", None) is None:
             self._params = dict(self.model.named_parameters())
         return self._params
+
+    @contextlib.contextmanager
+    def trainable_only(self, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+        """While open, of the model's parameters only ``params`` require grad; every flag is put
+        back afterwards.
+
+        An edit's backward then reaches only what it trains, and the layers below the lowest
+        trained one record no graph at all (a loaded model has every flag set). ``params`` may
+        include tensors injected after loading (LoRA's adapters). Gradients are the same values:
+        freezing a weight removes only the branches of the graph that lead to it.
+        """
+        chosen = {id(p): p for p in params}
+        every = {id(p): p for p in self.named_parameters().values()} | chosen
+        flags = {key: p.requires_grad for key, p in every.items()}
+        try:
+            for key, p in every.items():
+                p.requires_grad_(key in chosen)
+            yield
+        finally:
+            for key, p in every.items():
+                p.requires_grad_(flags[key])
 
     @abc.abstractmethod
     def scopes(self) -> dict[str, list[str]]:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
 
+from mmke.data.images import decoded
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
@@ -33,6 +34,8 @@ from mmke.models.base import (
 @register_model("blip2")
 class Blip2Adapter(VLMAdapter):
     """BLIP-2 with a decoder-only (OPT) language model; also the base of MiniGPT-4."""
+
+    fixed_image_positions = True  # num_query_tokens positions per image, whatever the image
 
     def __init__(self, model: Blip2ForConditionalGeneration, tokenizer, image_processor,
                  device: torch.device):
@@ -80,11 +83,14 @@ class Blip2Adapter(VLMAdapter):
         The processor treats each image on its own, so an image object seen recently (the same
         record's image in its edit and its measured items) is processed once and reused.
         """
-        pixels = torch.stack(self._pixels.get_many(
-            images, lambda missing: list(self.image_processor(images=missing, return_tensors="pt")["pixel_values"])))
-        height, width = pixels.shape[-2:]
-        self.note_resize([image.size for image in images], [(width, height)] * len(images))
-        return pixels
+        def process(missing: list) -> list[torch.Tensor]:
+            pictures = [decoded(image) for image in missing]
+            pixels = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+            height, width = pixels.shape[-2:]
+            self.note_resize([picture.size for picture in pictures], [(width, height)] * len(pictures))
+            return list(pixels)
+
+        return torch.stack(self._pixels.get_many(images, process))
 
     def _encode(self, text: str) -> list[int]:
         return self._encode_all([text])[0]
@@ -127,15 +133,20 @@ class Blip2Adapter(VLMAdapter):
         starts = torch.tensor([len(head) + length for head, length in zip(heads, prompt_lengths)])
         labels = input_ids.masked_fill(~attention_mask.bool() | (position < starts[:, None]), IGNORE_INDEX)
         sources = tuple(image for image in pictures if image is not None)
-        pixel_values = self.pixel_values(sources) if sources else None
+        pixel_values = self.pixel_values(sources) if sources and not self.stored_features_stand_in(sources) else None
         image_rows = None if all(with_image) or not sources else torch.tensor(with_image)
         return Batch(input_ids, attention_mask, labels, pixel_values, image_rows=image_rows,
                      sources=sources).to(self.device)
 
     def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
         """The projected Q-Former outputs ``[num_query_tokens, D]`` of the chosen images."""
-        pixels = batch.pixel_values.to(self.device)[list(which)]
-        return list(self._project_images(pixels).unbind(0))
+        return list(self._project_images(self._batch_pixels(batch)[list(which)]).unbind(0))
+
+    def _batch_pixels(self, batch: Batch) -> torch.Tensor:
+        if batch.pixel_values is None:  # stored features stood in for them, but are not open any more
+            raise RuntimeError(f"the batch of images {list(batch.sources)} was built without pixels, "
+                               "for stored features that are not open now (frozen_image_features)")
+        return batch.pixel_values.to(self.device)
 
     def _project_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixels, interpolate_pos_encoding=True, return_dict=True).pooler_output
@@ -150,11 +161,11 @@ class Blip2Adapter(VLMAdapter):
         """
         batch = batch.to(self.device)
         language_model = self.model.language_model
-        if batch.pixel_values is None:
+        if not batch.sources and batch.pixel_values is None:
             inputs = {"input_ids": batch.input_ids}
         else:
             cached = self.batch_image_features(batch)
-            image = self._project_images(batch.pixel_values) if cached is None else torch.stack(cached)
+            image = self._project_images(self._batch_pixels(batch)) if cached is None else torch.stack(cached)
             embeds = language_model.get_input_embeddings()(batch.input_ids)
             start = len(self.image_prompt()[0])
             rows = (torch.arange(len(embeds), device=self.device) if batch.image_rows is None
