@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, help="default: the config's evaluation.batch_size")
+    parser.add_argument("--batch-tokens", type=int, help="default: the config's evaluation.batch_tokens")
     parser.add_argument("--methods", nargs="*", help="default: the config's methods")
     parser.add_argument("--models", nargs="*", help="default: the config's models")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -109,11 +110,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(args.config.read_text())
     protocol = Protocol(**config.get("protocol", {}))
+    settings = config.get("evaluation", {})
+    args.batch_size = args.batch_size or settings.get("batch_size") or DEFAULT_BATCH_SIZE
+    args.batch_tokens = args.batch_tokens or settings.get("batch_tokens")
     os.chdir(REPO)  # the config's and hparams files' paths are relative to the repository
     records, roots = load_eval_split(config["datasets"][args.dataset])
     records = records[:args.records]
     figures: dict[str, dict] = {}
-    print(f"{len(records)} {args.dataset} records, batch_size {args.batch_size}, {args.threads} thread(s), "
+    print(f"{len(records)} {args.dataset} records, batch_size {args.batch_size}, batch_tokens {args.batch_tokens}, "
+          f"{args.threads} thread(s), "
           f"CPU ms per edit (median of {args.repeats}), stored image features: "
           f"{config.get('evaluation', {}).get('store_image_features', False)}")
     features_path = Path(tempfile.mkdtemp()) / "image_features.safetensors"
@@ -123,7 +128,8 @@ def main() -> None:
         entry = config["models"][model_name]
         adapter = load_configured_model(entry, "cpu", config.get("protocol"))
         store = stores_image_features(config, model_name)
-        baseline = run_baseline(adapter, records, roots, protocol, args.batch_size, keep_image_features=store)
+        baseline = run_baseline(adapter, records, roots, protocol, args.batch_size, keep_image_features=store,
+                                batch_tokens=args.batch_tokens)
         stored = None
         if store:  # as the workflow does: the baseline's features, written and read back
             save_image_features(features_path, baseline.image_features, entry)
@@ -140,13 +146,12 @@ def main() -> None:
                 editor.build(adapter)  # no demo checkpoint: an untrained network costs the same passes
             else:
                 editor.prepare(found)
-            # warm-up: lazy networks built, first-call allocations made
-            evaluate(adapter, editor, records[:1], roots, baseline, protocol, batch_size=args.batch_size,
-                     stored_features=stored)
+            settings = {"batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "stored_features": stored}
+            evaluate(adapter, editor, records[:1], roots, baseline, protocol, **settings)  # warm-up: lazy
+            # networks built, first-call allocations made
             passes, limit = passes_and_limit(adapter, editor, records, roots, baseline, protocol, args.repeats,
-                                             args.batch_size, stored)
-            loop = cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol,
-                                           batch_size=args.batch_size, stored_features=stored),
+                                             **settings)
+            loop = cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol, **settings),
                           args.repeats) / len(records)
             name = f"{entry['family']}/{method}"
             images = images_ms[editor.keeps_image_features(adapter)]

@@ -16,7 +16,7 @@ import torch
 
 from mmke.data.records import ImageRoots, RecordImages
 from mmke.evaluate import (
-    DEFAULT_BATCH_SIZE, EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, measured_batch,
+    EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, measured_batch,
     read_positions,
 )
 from mmke.image_features import StoredImageFeatures
@@ -97,17 +97,16 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
 
 
 def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
-                     protocol: Protocol, repeats: int, batch_size: int = DEFAULT_BATCH_SIZE,
-                     stored_features: StoredImageFeatures | None = None) -> tuple[dict[str, float], float]:
-    """The passes per edit, counted with hooks over one run of the edits, and the limit: those
-    passes timed alone (:func:`limit_ms`, CPU ms per edit)."""
+                     protocol: Protocol, repeats: int, **loop) -> tuple[dict[str, float], float]:
+    """The passes per edit, counted with hooks over one run of the edits (``loop``: the keyword
+    settings of :func:`mmke.evaluate.evaluate`), and the limit: those passes timed alone
+    (:func:`limit_ms`, CPU ms per edit)."""
     counts, side, trained = Counter(), [], set()
     with counted(adapter, editor, counts, side, trained):
-        evaluate(adapter, editor, records, roots, baseline, protocol, batch_size=batch_size,
-                 stored_features=stored_features)
+        evaluate(adapter, editor, records, roots, baseline, protocol, **loop)
     passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
     limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), protocol, passes["backward"], trained,
-                     sum(side) / len(records), repeats, stored_features is not None)
+                     sum(side) / len(records), repeats, loop.get("stored_features") is not None)
     return passes, limit
 
 

@@ -16,5 +16,6 @@ with redirect_output(snakemake.log[0]):
         features_out=snakemake.output.image_features,
         store_image_features=snakemake.params.store_image_features,
         batch_size=snakemake.params.batch_size,
+        batch_tokens=snakemake.params.batch_tokens,
         device=snakemake.params.device,
     )

@@ -14,11 +14,11 @@ import torch
 
 from conftest import REPO
 from mmke.data.records import RecordImages
-from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluate, measure, run_baseline
+from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluate, measure, run_baseline, token_parts
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
 from mmke.models import load_model
-from mmke.models.base import RepeatedCall
+from mmke.models.base import Batch, RepeatedCall
 from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
 from mmke.models.tiny_aux import build_tiny_aux
 from mmke.stages import embed_stage
@@ -224,6 +224,31 @@ def test_records_in_batches_equal_batch_size_one(method, adapter, eval_records, 
     assert one.rows == three.rows
     assert one.summary == three.summary
     assert "logits" not in adapter.__dict__  # SERAC's nested routers all came off
+    # A token budget smaller than a batch of three records: more, smaller forwards, the same values
+    shapes = []
+    logits = adapter.logits
+    adapter.logits = lambda batch, positions=None: shapes.append(tuple(batch.input_ids.shape)) or logits(batch, positions)
+    try:
+        evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3)
+        whole = list(shapes)
+        shapes.clear()
+        capped = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3, batch_tokens=100)
+    finally:
+        del adapter.logits
+    assert capped.rows == one.rows
+    assert len(shapes) > len(whole)
+    assert max(rows * width for rows, width in shapes) < max(rows * width for rows, width in whole)
+
+
+def test_token_parts_split_requests_where_their_padded_rows_outgrow_the_budget():
+    """Rows of requests 0,0,1,2,2 with lengths 3,5,4,9,2: request 1 joins request 0 (3 rows x 5 <=
+    16); request 2 would make 5 rows x 9, so it starts a part, alone even though above the budget."""
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in (3, 5, 4, 9, 2)])
+    batch = Batch(torch.zeros_like(mask), mask, torch.zeros_like(mask), None)
+    owners = [(index, None) for index in (0, 0, 1, 2, 2)]
+    assert token_parts(batch, owners, 3, 16) == [range(0, 2), range(2, 3)]
+    assert token_parts(batch, owners, 3, 45) == [range(0, 3)]
+    assert token_parts(batch, owners, 3, 5) == [range(0, 1), range(1, 2), range(2, 3)]
 
 
 def test_serac_routes_each_row_by_its_own_records_edit(adapter, eval_records, roots, serac_parts, tmp_path, demo_evqa):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -156,13 +157,16 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
     for store in (False, True):
         base = dict(rows_out=tmp_path / f"pre{store}.jsonl", tensors_out=tmp_path / f"pre{store}.safetensors",
                     features_out=tmp_path / f"features{store}.safetensors")
-        baseline_stage(model, dataset, protocol, device="cpu", store_image_features=store, **base)
+        tokens = 40 if store else None  # a token budget too: the baseline's forwards split, the values stay
+        baseline_stage(model, dataset, protocol, device="cpu", store_image_features=store, batch_tokens=tokens, **base)
         assert len(StoredImageFeatures(base["features_out"], model)) == (9 if store else 0)
         common = dict(names={"method": "FT-L", "model": "tiny", "dataset": "d"}, model=model, dataset=dataset,
                       protocol=protocol, hparams_path=tmp_path / "ft.yaml", baseline_rows=base["rows_out"],
                       baseline_tensors=base["tensors_out"], image_features=base["features_out"], device="cpu")
-        evaluate_stage(**common, metrics_out=tmp_path / f"m{store}.json", records_out=tmp_path / f"r{store}.jsonl")
-        outputs[store] = read_jsonl(tmp_path / f"r{store}.jsonl")
+        evaluate_stage(**common, metrics_out=tmp_path / f"m{store}.json", records_out=tmp_path / f"r{store}.jsonl",
+                       evaluation={"batch_tokens": tokens})
+        outputs[store] = read_jsonl(tmp_path / f"r{store}.jsonl"), read_jsonl(base["rows_out"])
+        assert json.loads((tmp_path / f"m{store}.json").read_text())["batch_tokens"] == tokens
     assert outputs[True] == outputs[False]
     with pytest.raises(ValueError, match=r"featuresTrue.safetensors: features of model settings .* rerun the baseline"):
         evaluate_stage(**{**common, "model": {**model, "image_size": 64}}, metrics_out=tmp_path / "x.json",

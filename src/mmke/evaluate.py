@@ -218,7 +218,7 @@ class Request:
 
 @torch.no_grad()
 def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
-            own_rows: bool = False) -> list[dict[str, object]]:
+            own_rows: bool = False, max_tokens: int | None = None) -> list[dict[str, object]]:
     """Every item of every request in one teacher-forced forward; per request, by item name, the
     item's scores (``{name: ..., name_em: ..., name_token: ...}``) or its top-k ids ``[T, k]``.
 
@@ -227,8 +227,14 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     output layer runs only where a value is read: before each scored label, and at every real
     position of a top-k row. With IKE's long contexts and a 32k-150k vocabulary, the full
     ``[B, T, V]`` float32 logits would be most of the memory a measurement takes.
+
+    ``max_tokens``: at most this many token positions (rows x padded width) per forward; the
+    requests are then measured in consecutive parts (one request's rows always share one).
     """
     batch, owners = measured_batch(model, protocol, requests)
+    if max_tokens is not None and len(requests) > 1 and batch.input_ids.numel() > max_tokens:
+        return [result for part in token_parts(batch, owners, len(requests), max_tokens)
+                for result in measure(model, protocol, [requests[index] for index in part], own_rows)]
     edits = {id(request.edit): request.edit for request in requests if request.edit is not None}
     positions = read_positions(batch, owners)
     if own_rows:
@@ -255,6 +261,25 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     return results
 
 
+def token_parts(batch: Batch, owners: Sequence[tuple[int, Item]], n_requests: int,
+                max_tokens: int) -> list[range]:
+    """Consecutive runs of request indices whose rows, right-padded to their longest, fill at most
+    ``max_tokens`` positions (a request larger than that alone). Rows never see each other, so a
+    part's values are those of the whole batch; on a CPU a batch that outgrows the caches slows
+    every elementwise op, which long rows (IKE's demonstrations) feel first."""
+    rows, width = [0] * n_requests, [0] * n_requests
+    for length, (index, _) in zip(batch.attention_mask.sum(dim=1).tolist(), owners):
+        rows[index] += 1
+        width[index] = max(width[index], length)
+    parts, start, count, longest = [], 0, 0, 0
+    for index in range(n_requests):
+        if count and (count + rows[index]) * max(longest, width[index]) > max_tokens:
+            parts.append(range(start, index))
+            start, count, longest = index, 0, 0
+        count, longest = count + rows[index], max(longest, width[index])
+    return parts + [range(start, n_requests)]
+
+
 def read_positions(batch: Batch, owners: Sequence[tuple[int, Item]]) -> torch.Tensor:
     """``[B, T]`` mask of the positions whose logits a measurement reads: every real position of a
     top-k row (locality compares them all), the positions before a label elsewhere."""
@@ -279,11 +304,12 @@ def measured_batch(model: VLMAdapter, protocol: Protocol,
 
 def run_baseline(
     model: VLMAdapter, records: Sequence[EditRecord], roots: ImageRoots, protocol: Protocol,
-    batch_size: int = DEFAULT_BATCH_SIZE, keep_image_features: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE, keep_image_features: bool = False, batch_tokens: int | None = None,
 ) -> Baseline:
     """Pre-edit accuracies and locality predictions, computed once per model x dataset.
 
-    ``batch_size`` records are measured in one forward (the values do not depend on it). With
+    ``batch_size`` records are measured in one forward, of at most ``batch_tokens`` token
+    positions (:func:`measure`; the values depend on neither). With
     ``keep_image_features`` the features the forwards used are kept too, by image key
     (``Baseline.image_features``, for :mod:`mmke.image_features`).
     """
@@ -307,7 +333,7 @@ def run_baseline(
                 kept.update(zip(map(id, pictures), features))
                 for key, feature in zip(keys, features):
                     baseline.image_features.setdefault(key, feature.to("cpu"))
-            results = iter(measure(model, protocol, requests))
+            results = iter(measure(model, protocol, requests, max_tokens=batch_tokens))
         for record in chunk:
             measured, knows = next(results), next(results)
             for item in LOCALITY_ITEMS:
@@ -336,6 +362,7 @@ def evaluate(
     schedule: Schedule = Schedule(),
     batch_size: int = DEFAULT_BATCH_SIZE,
     stored_features: StoredImageFeatures | None = None,
+    batch_tokens: int | None = None,
 ) -> EvalResult:
     """Edit, measure, revert: one record at a time, or ``schedule.n_edits`` records at a time.
 
@@ -347,7 +374,8 @@ def evaluate(
     ``batch_size`` records are measured in one forward wherever their rows see the same weights:
     in single mode for methods whose edits leave the weights unchanged (their edits of those
     records are live at once, each on its own rows), and within a sequential group. The values
-    do not depend on it. ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
+    do not depend on it, nor on ``batch_tokens``, the most token positions of one such forward
+    (:func:`measure`). ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
     stand in for the image encoder while the edits leave the features alone. Timings: ``loop_s``
     covers apply + measure + revert (``edits_per_s`` is records per loop second), ``apply_s``
     only ``Editor.apply`` (``apply_edits_per_s``).
@@ -389,7 +417,8 @@ def evaluate(
                                                      "edits cannot accumulate (use evaluation mode 'single')")
                     pairs = list(zip(group, edits))
                     for chunk in _chunks(pairs, batch_size):
-                        rows += _measure(model, chunk, images, protocol, baseline, own_rows=together)
+                        rows += _measure(model, chunk, images, protocol, baseline, own_rows=together,
+                                         max_tokens=batch_tokens)
                         progress.update(len(chunk))
                 finally:
                     for edit in reversed(edits):
@@ -400,7 +429,7 @@ def evaluate(
 
 
 def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images: RecordImages,
-             protocol: Protocol, baseline: Baseline, own_rows: bool) -> list[dict]:
+             protocol: Protocol, baseline: Baseline, own_rows: bool, max_tokens: int | None) -> list[dict]:
     """records.jsonl rows: pre- and post-edit values of records under their live edits.
 
     Pre-edit values come from the baseline, except for in-context edits, whose pre-edit scores
@@ -413,7 +442,7 @@ def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images
         requests.append(Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit))
         if edit.in_context:
             requests.append(Request(record, imgs, EDIT_ITEMS + (PORTABILITY_ITEM,), edit.pre_prompt, edit))
-    results = iter(measure(model, protocol, requests, own_rows=own_rows))
+    results = iter(measure(model, protocol, requests, own_rows=own_rows, max_tokens=max_tokens))
     rows = []
     for record, edit in pairs:
         post = next(results)

@@ -94,8 +94,10 @@ def recorded_protocol(protocol: Mapping[str, Any], adapter: VLMAdapter) -> dict[
 
 def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out: str | Path,
                    tensors_out: str | Path, device: str = "auto", batch_size: int | None = None,
-                   features_out: str | Path | None = None, store_image_features: bool = False) -> Baseline:
-    """Pre-edit outputs; ``batch_size`` (``evaluation.batch_size``, None: the default) records per forward.
+                   features_out: str | Path | None = None, store_image_features: bool = False,
+                   batch_tokens: int | None = None) -> Baseline:
+    """Pre-edit outputs; ``batch_size`` (``evaluation.batch_size``, None: the default) records per
+    forward, of at most ``batch_tokens`` token positions (``evaluation.batch_tokens``, None: no cap).
 
     ``features_out``: the eval images' features (:mod:`mmke.image_features`), or an empty file of
     the same format unless ``store_image_features``, so that the workflow's outputs stay fixed.
@@ -103,7 +105,7 @@ def baseline_stage(model: Mapping, dataset: Mapping, protocol: Mapping, rows_out
     records, roots = load_eval_split(dataset)
     adapter = load_configured_model(model, device, protocol)
     baseline = run_baseline(adapter, records, roots, Protocol(**protocol), batch_size or DEFAULT_BATCH_SIZE,
-                            keep_image_features=store_image_features)
+                            keep_image_features=store_image_features, batch_tokens=batch_tokens)
     baseline.save(rows_out, tensors_out)
     if features_out is not None:
         save_image_features(features_out, baseline.image_features, model)
@@ -144,8 +146,9 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
                    shard: tuple[int, int] | None = None, image_features: str | Path | None = None) -> dict:
     """Edit + measure one method x model x dataset; ``names`` holds the three config keys.
 
-    ``evaluation`` is the config's single/sequential schedule (default: single edits) and
-    ``batch_size``, the records measured in one forward (:func:`mmke.evaluate.evaluate`).
+    ``evaluation`` is the config's single/sequential schedule (default: single edits),
+    ``batch_size``, the records measured in one forward, and ``batch_tokens``, the most token
+    positions of one (:func:`mmke.evaluate.evaluate`).
     ``shard=(index, count)`` measures only that contiguous block of the eval split (see
     :mod:`mmke.shards`); :func:`gather_stage` merges the blocks into the unsharded result.
     ``image_features``: the baseline job's file of the eval images' features
@@ -154,6 +157,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     start = time.perf_counter()
     settings = dict(evaluation or {})
     batch_size = settings.pop("batch_size", None) or DEFAULT_BATCH_SIZE
+    batch_tokens = settings.pop("batch_tokens", None)
     schedule = Schedule(**settings)
     hparams = read_hparams(hparams_path, expect_method=names["method"])
     editor = make_editor(hparams)
@@ -166,7 +170,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     stored = None if image_features is None else StoredImageFeatures(image_features, model)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
-                      Protocol(**protocol), schedule, batch_size, stored_features=stored)
+                      Protocol(**protocol), schedule, batch_size, stored_features=stored, batch_tokens=batch_tokens)
     write_jsonl(records_out, result.rows)
     report = {
         **{key: names[key] for key in ("method", "model", "dataset")},
@@ -176,8 +180,9 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         "hparams": dataclasses.asdict(hparams),
         "hparams_digest": digest(hparams),
         "protocol": recorded_protocol(protocol, adapter),
-        "evaluation": dataclasses.asdict(schedule),  # what the values depend on; batch_size is not
+        "evaluation": dataclasses.asdict(schedule),  # what the values depend on; the batch settings are not
         "batch_size": batch_size,
+        "batch_tokens": batch_tokens,
         "versions": {"mmke": mmke.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "timings": {"load_s": load_s, **result.timings},

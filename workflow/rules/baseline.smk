@@ -14,6 +14,7 @@ rule baseline:
         dataset=lambda wc: DATASETS[wc.dataset],
         protocol=config["protocol"],
         batch_size=config["evaluation"].get("batch_size"),
+        batch_tokens=config["evaluation"].get("batch_tokens"),
         store_image_features=lambda wc: stores_image_features(wc.model),
         device=config.get("device", "auto"),
     log:
