@@ -251,8 +251,12 @@ def test_token_parts_split_requests_where_their_padded_rows_outgrow_the_budget()
     assert token_parts(batch, owners, 3, 5) == [range(0, 1), range(1, 2), range(2, 3)]
 
 
-def test_serac_routes_each_row_by_its_own_records_edit(adapter, eval_records, roots, serac_parts, tmp_path, demo_evqa):
-    """Two live edits measured in one batch: each row is scored as under its own edit alone."""
+@pytest.mark.parametrize("max_tokens", [None, 1])
+def test_serac_routes_each_row_by_its_own_records_edit(adapter, eval_records, roots, serac_parts, tmp_path, demo_evqa,
+                                                       max_tokens):
+    """Two live edits measured in one batch: each row is scored as under its own edit alone; also
+    when a token budget measures each record's rows in a forward of their own, where the other
+    record's edit owns no row."""
     serac = batchable_editor("SERAC", adapter, tmp_path, demo_evqa, serac_parts)
     serac.bind_images(roots)
     protocol = Protocol()
@@ -264,11 +268,20 @@ def test_serac_routes_each_row_by_its_own_records_edit(adapter, eval_records, ro
         alone += measure(adapter, protocol, [Request(record, imgs, EDIT_ITEMS, live.prompt, live)])
         live.revert()
     edits = serac.apply_each(adapter, records)
+    told = [[] for _ in edits]
+    for calls, live in zip(told, edits):
+        live.measure_rows = lambda rows, calls=calls, own=live.measure_rows: calls.append(rows) or own(rows)
     together = measure(adapter, protocol, [Request(record, imgs, EDIT_ITEMS, live.prompt, live)
-                                           for record, imgs, live in zip(records, images, edits)], own_rows=True)
+                                           for record, imgs, live in zip(records, images, edits)], own_rows=True,
+                       max_tokens=max_tokens)
     for live in reversed(edits):
         live.revert()
     assert together == alone
+    assert len(EDIT_ITEMS) == 3  # rows 0-2 are the first record's, 3-5 the second's
+    if max_tokens is None:
+        assert told == [[[0, 1, 2], None], [[3, 4, 5], None]]
+    else:  # one forward per record: the other record's edit owns none of its rows
+        assert told == [[[0, 1, 2], None, [], None], [[], None, [0, 1, 2], None]]
 
 
 def test_scopes_are_looked_up_once_per_adapter(adapter, monkeypatch):

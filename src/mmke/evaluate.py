@@ -232,20 +232,29 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     requests are then measured in consecutive parts (one request's rows always share one).
     """
     batch, owners = measured_batch(model, protocol, requests)
-    if max_tokens is not None and len(requests) > 1 and batch.input_ids.numel() > max_tokens:
-        return [result for part in token_parts(batch, owners, len(requests), max_tokens)
-                for result in measure(model, protocol, [requests[index] for index in part], own_rows)]
-    edits = {id(request.edit): request.edit for request in requests if request.edit is not None}
+    # with own_rows every live edit is told its rows, also in a part that holds none of them
+    edits = list({id(request.edit): request.edit for request in requests if request.edit is not None}.values())
+    if max_tokens is None or len(requests) == 1 or batch.input_ids.numel() <= max_tokens:
+        return _measure_batch(model, requests, batch, owners, edits if own_rows else [], protocol)
+    results = []
+    for part in token_parts(batch, owners, len(requests), max_tokens):
+        part_requests = [requests[index] for index in part]
+        results += _measure_batch(model, part_requests, *measured_batch(model, protocol, part_requests),
+                                  edits if own_rows else [], protocol)
+    return results
+
+
+def _measure_batch(model: VLMAdapter, requests: Sequence[Request], batch: Batch, owners: Sequence[tuple[int, Item]],
+                   edits: Sequence[Edit], protocol: Protocol) -> list[dict[str, object]]:
+    """:func:`measure` on one built batch; ``edits`` are told which of its rows are theirs."""
     positions = read_positions(batch, owners)
-    if own_rows:
-        for edit in edits.values():
-            edit.measure_rows([row for row, (index, _) in enumerate(owners) if requests[index].edit is edit])
+    for edit in edits:
+        edit.measure_rows([row for row, (index, _) in enumerate(owners) if requests[index].edit is edit])
     try:
         logits = model.logits(batch, positions)  # [N, V]: the positions' rows, row-major
     finally:
-        if own_rows:
-            for edit in edits.values():
-                edit.measure_rows(None)
+        for edit in edits:
+            edit.measure_rows(None)
     predicted = torch.full_like(batch.labels, -1)
     predicted[positions] = logits.argmax(dim=-1)
     bounds = [0, *positions.sum(dim=1).cumsum(0).tolist()]  # row r's logits: bounds[r]:bounds[r + 1]
