@@ -212,9 +212,9 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
         decoded_files.append(files[0])
     assert rows[:2] == rows[2:]
     assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == 0
-    # MiniGPT-4's query positions are fixed: no pixels needed. LLaVA's and Qwen2-VL's processors
-    # make the image tokens from the pixels (Qwen2-VL's count follows the image's size).
-    assert decoded_files == [2 * 3 * len(eval_records), 0 if family == "minigpt4" else 2 * 3 * len(eval_records)]
+    # MiniGPT-4's query positions are fixed, and LLaVA-1.5's image tokens (its processor crops every
+    # image to one size): no pixels needed. Qwen2-VL's count follows the image's size.
+    assert decoded_files == [2 * 3 * len(eval_records), 2 * 3 * len(eval_records) if family == "qwen2vl" else 0]
 
 
 def test_undecoded_images_keep_their_key_and_their_root_check(eval_records, roots, tmp_path):

@@ -85,6 +85,15 @@ class Batch:
         )
 
 
+def batch_pixels(batch: Batch) -> torch.Tensor:
+    """``batch.pixel_values``; a batch built without them (its images' stored features stood in,
+    :meth:`VLMAdapter.stored_features_stand_in`) is refused once those features are not open."""
+    if batch.pixel_values is None:
+        raise RuntimeError(f"the batch of images {list(batch.sources)} was built without pixels, "
+                           "for stored features that are not open now (frozen_image_features)")
+    return batch.pixel_values
+
+
 class Memo:
     """At most ``size`` values, the least recently used dropped first, so per-record work (a
     prompt's tokens, an image's pixels, its features) is done once however often the record's

@@ -21,6 +21,7 @@ from mmke.models.base import (
     Batch,
     Memo,
     VLMAdapter,
+    batch_pixels,
     check_items,
     decoder_layer_prefixes,
     layer_scopes,
@@ -140,13 +141,7 @@ class Blip2Adapter(VLMAdapter):
 
     def image_features(self, batch: Batch, which: Sequence[int]) -> list[torch.Tensor]:
         """The projected Q-Former outputs ``[num_query_tokens, D]`` of the chosen images."""
-        return list(self._project_images(self._batch_pixels(batch)[list(which)]).unbind(0))
-
-    def _batch_pixels(self, batch: Batch) -> torch.Tensor:
-        if batch.pixel_values is None:  # stored features stood in for them, but are not open any more
-            raise RuntimeError(f"the batch of images {list(batch.sources)} was built without pixels, "
-                               "for stored features that are not open now (frozen_image_features)")
-        return batch.pixel_values.to(self.device)
+        return list(self._project_images(batch_pixels(batch).to(self.device)[list(which)]).unbind(0))
 
     def _project_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixels, interpolate_pos_encoding=True, return_dict=True).pooler_output
@@ -165,7 +160,7 @@ class Blip2Adapter(VLMAdapter):
             inputs = {"input_ids": batch.input_ids}
         else:
             cached = self.batch_image_features(batch)
-            image = self._project_images(self._batch_pixels(batch)) if cached is None else torch.stack(cached)
+            image = self._project_images(batch_pixels(batch)) if cached is None else torch.stack(cached)
             embeds = language_model.get_input_embeddings()(batch.input_ids)
             start = len(self.image_prompt()[0])
             rows = (torch.arange(len(embeds), device=self.device) if batch.image_rows is None

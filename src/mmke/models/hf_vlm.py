@@ -38,11 +38,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedC
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
+from mmke.data.images import decoded
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
     Memo,
     VLMAdapter,
+    batch_pixels,
     check_items,
     decoder_layer_prefixes,
     layer_scopes,
@@ -138,6 +140,22 @@ class HFVLMAdapter(VLMAdapter):
         self._images = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
         # image inputs (LLaVA-OneVision's image_sizes) that the family's feature function takes
         self._feature_args = frozenset(inspect.signature(model.model.get_image_features).parameters)
+        self.fixed_image_positions = self._fixed_image_size() is not None
+
+    def _fixed_image_size(self) -> tuple[int, int] | None:
+        """(width, height) every image reaches the vision tower at, where the family's tokens do
+        not depend on the image: LLaVA-1.5, whose processor center-crops to one size. None where
+        the token count follows the image's size (Qwen2-VL, LLaVA-OneVision's tiles)."""
+        image_processor = self.processor.image_processor
+        crop = getattr(image_processor, "crop_size", None)
+        if self.model.config.model_type != "llava" or not getattr(image_processor, "do_center_crop", False) or not crop:
+            return None
+        return crop["width"], crop["height"]
+
+    @functools.cached_property
+    def _blank_image(self) -> Image.Image:
+        """An image of the fixed size: its placeholder expands as every image's does."""
+        return Image.new("RGB", self._fixed_image_size())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -174,9 +192,9 @@ class HFVLMAdapter(VLMAdapter):
         one and batch them by concatenation, zero-padding tiled layouts (LLaVA-OneVision) to the
         batch's most tiles, which :func:`concat_padded` repeats.
         """
-        def process(missing: list[Image.Image]) -> list[tuple[dict[str, torch.Tensor], str]]:
+        def process(missing: list) -> list[tuple[dict[str, torch.Tensor], str]]:
             parts = []
-            for image in self.prepare_images(missing):
+            for image in self.prepare_images([decoded(image) for image in missing]):
                 processed = dict(self.processor.image_processor(images=[image], return_tensors="pt"))
                 parts.append((processed, self.processor.replace_image_token(processed, image_idx=0)))
             return parts
@@ -218,8 +236,13 @@ class HFVLMAdapter(VLMAdapter):
                                      lambda new: [self.chat_prompt(prompt, has) for prompt, has in new])
         texts = [chat + self.target_text(target) for chat, target in zip(chats, targets)]
         sources = tuple(image for image in pictures if image is not None)
-        self.processor.validate_inputs(images=list(sources) or None, text=texts)
-        processed, expansions = self.processed_images(sources) if sources else ({}, [])
+        if sources and self.stored_features_stand_in(sources):  # no pixels: each image expands as a blank one
+            self.processor.validate_inputs(images=[self._blank_image] * len(sources), text=texts)
+            processed, (expansion,) = {}, self.processed_images([self._blank_image])[1]
+            expansions = [expansion] * len(sources)
+        else:
+            self.processor.validate_inputs(images=list(sources) or None, text=texts)
+            processed, expansions = self.processed_images(sources) if sources else ({}, [])
         expanded, _ = self.processor.get_text_with_replacements(list(texts), expansions)
         tokens = self._tokenized(expanded + texts + chats)
         count = len(texts)
@@ -243,7 +266,7 @@ class HFVLMAdapter(VLMAdapter):
         """The model's own ``get_image_features`` (vision tower + projector) on the chosen images:
         the embeddings its forward scatters into each image's tokens, one tensor per image."""
         which = list(which)
-        pixels = batch.pixel_values.to(self.device)
+        pixels = batch_pixels(batch).to(self.device)
         kwargs = {}
         if "image_grid_thw" in batch.image_inputs:  # Qwen-VL: every image's patches in one flat tensor
             grid = batch.image_inputs["image_grid_thw"].to(self.device)
@@ -267,8 +290,8 @@ class HFVLMAdapter(VLMAdapter):
         cached = self.batch_image_features(batch)
         if cached is not None:
             inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=cached)}
-        elif batch.pixel_values is not None:
-            inputs["pixel_values"] = batch.pixel_values.to(self.model.dtype)
+        elif batch.pixel_values is not None or batch.sources:
+            inputs["pixel_values"] = batch_pixels(batch).to(self.model.dtype)
         hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
         return output_logits(self.model, hidden, positions)
 
