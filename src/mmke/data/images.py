@@ -47,8 +47,8 @@ class UndecodedImage:
     """An image file whose pixels are read only if something asks for them (:func:`decoded`).
 
     The evaluation loop hands these out for images whose features the baseline job stored, in a
-    family whose sequences do not depend on the image (BLIP-2's and MiniGPT-4's fixed query
-    positions): no pass of such an edit needs the pixels, and decoding and preprocessing a record's
+    family whose sequences do not depend on the image (BLIP-2's and MiniGPT-4's query positions,
+    LLaVA-1.5's crop to one size): no pass of such an edit needs the pixels, and decoding and preprocessing a record's
     three images would be most of what a small model's edit loop spends beyond its passes. Like a
     decoded image, the object itself is its identity (the adapters' memos key on it); ``key`` is
     its :meth:`mmke.data.records.ImageRoots.key`. The path was checked against its root when

@@ -204,11 +204,11 @@ class VLMAdapter(abc.ABC):
     target_join: str = "space"
     #: How many images :meth:`frozen_image_features` (and the pixel memos) keep: a batch of records.
     FEATURE_MEMO_SIZE: ClassVar[int] = 32
-    #: Whether the family's sequences are the same whatever the image (a fixed number of query
-    #: positions), so that a batch of images whose features are stored needs no pixels: the
-    #: evaluation loop then leaves those images undecoded (:class:`mmke.data.images.UndecodedImage`).
-    #: Families whose token count follows the image's size, or whose processor makes tokens and
-    #: pixels in one call, decode every image.
+    #: Whether the family's sequences are the same whatever the image (BLIP-2's query positions,
+    #: LLaVA-1.5's tokens of one crop size), so that a batch of images whose features are stored
+    #: needs no pixels: the evaluation loop then leaves those images undecoded
+    #: (:class:`mmke.data.images.UndecodedImage`). Families whose token count follows the image's
+    #: size (Qwen2-VL, LLaVA-OneVision) decode every image.
     fixed_image_positions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
