@@ -16,7 +16,7 @@ import torch
 
 from mmke.data.records import ImageRoots, RecordImages
 from mmke.evaluate import (
-    EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, measured_batch,
+    EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, loop_images, measured_batch,
     read_positions,
 )
 from mmke.image_features import StoredImageFeatures
@@ -164,11 +164,9 @@ def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int,
     ``stored``: the features the loop reads (a method that keeps them). A family with fixed image
     positions then decodes nothing, as in the loop, and this is the images' path checks alone.
     """
-    undecoded = stored.__contains__ if stored is not None and adapter.fixed_image_positions else None
-    store = None if stored is None else (lambda image: stored.get(getattr(image, "key", None)))
-
     def load() -> None:
-        images = RecordImages(roots, undecoded=undecoded)  # fresh objects: nothing memoised from an earlier call
+        # fresh objects: nothing memoised from an earlier call; undecoded as the loop leaves them
+        images, store = loop_images(adapter, roots, 0, stored, keeps_features=True)
         for record in records:
             pictures = list(images(record).values())
             with adapter.frozen_image_features(store) if store else contextlib.nullcontext():
