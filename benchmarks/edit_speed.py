@@ -16,8 +16,8 @@ records of one dataset:
   model, IKE's sentence encoder);
 * ``images``: decoding a record's images and preprocessing them as the family does, once each,
   timed alone: part of the loop, but no model pass, so outside the limit (where stored features
-  stand in for the encoder and the family's image positions are fixed, BLIP-2 and MiniGPT-4, the
-  loop decodes nothing, and this is the path checks); ``rest`` is what the loop spends beyond the
+  stand in for the encoder the loop decodes nothing, and this is the path checks, plus the
+  headers' sizes in Qwen2-VL and LLaVA-OneVision); ``rest`` is what the loop spends beyond the
   limit and the images (Python, tokenization, bookkeeping);
 * ``passes``: per edit, counted with forward hooks on the language model's decoder (``forward``),
   its output's gradient hook (``backward``), the vision encoder (``image_encoder``) and the

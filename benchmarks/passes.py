@@ -161,12 +161,13 @@ def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int,
     """CPU ms per record to read its images and preprocess them as the family does, once each:
     work the loop cannot skip either, but no model pass, so it lies outside the limit.
 
-    ``stored``: the features the loop reads (a method that keeps them). A family with fixed image
-    positions then decodes nothing, as in the loop, and this is the images' path checks alone.
+    ``stored``: the features the loop reads (a method that keeps them). Then, as in the loop,
+    nothing is decoded: this is the images' path checks (and their headers' sizes where the
+    family's image tokens follow them).
     """
     def load() -> None:
         # fresh objects: nothing memoised from an earlier call; undecoded as the loop leaves them
-        images, store = loop_images(adapter, roots, 0, stored, keeps_features=True)
+        images, store = loop_images(roots, 0, stored, keeps_features=True)
         for record in records:
             pictures = list(images(record).values())
             with adapter.frozen_image_features(store) if store else contextlib.nullcontext():

@@ -185,11 +185,26 @@ def other_families(tmp_path_factory):
             "qwen2vl": ("hf_vlm", build_tiny_qwen2vl(root / "qwen2vl", image_size=32), None)}
 
 
+@pytest.fixture(scope="module")
+def varied_roots(eval_records, roots, tmp_path_factory):
+    """The eval images at four shapes: Qwen2-VL gives each shape its own number of image tokens."""
+    root = tmp_path_factory.mktemp("varied")
+    shapes = [(64, 64), (96, 32), (32, 96), (80, 48)]
+    names = sorted({getattr(record, field) for record in eval_records for field in ("image", "image_rephrase", "m_loc")})
+    for index, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        load_rgb(roots.resolve("image", name)).resize(shapes[index % len(shapes)]).save(root / name)
+    return ImageRoots(root)
+
+
 @pytest.mark.parametrize("family", ["minigpt4", "llava", "qwen2vl"])
 def test_every_family_reads_stored_features_with_the_records_of_computing_them(family, other_families, eval_records,
-                                                                                roots, tmp_path, monkeypatch):
-    """Qwen2-VL's features differ in length per image (its dynamic resolution): stored per image."""
+                                                                                varied_roots, tmp_path, monkeypatch):
+    """No family decodes an image whose features are stored, and the records are those of decoding
+    it: Qwen2-VL's image tokens (and its features' length) follow each image's size, which an
+    undecoded image reads from its file's header."""
     kind, path, image_size = other_families[family]
+    roots = varied_roots
     baseline = run_baseline(load_model(kind, path, image_size=image_size), eval_records, roots, Protocol(),
                             batch_size=2, keep_image_features=True)
     save_image_features(tmp_path / "features.safetensors", baseline.image_features, {"family": family})
@@ -212,9 +227,9 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
         decoded_files.append(files[0])
     assert rows[:2] == rows[2:]
     assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == 0
-    # MiniGPT-4's query positions are fixed, and LLaVA-1.5's image tokens (its processor crops every
-    # image to one size): no pixels needed. Qwen2-VL's count follows the image's size.
-    assert decoded_files == [2 * 3 * len(eval_records), 2 * 3 * len(eval_records) if family == "qwen2vl" else 0]
+    assert decoded_files == [2 * 3 * len(eval_records), 0]
+    if family == "qwen2vl":  # the shapes matter: images with different numbers of image tokens
+        assert len({features.get(key).shape[0] for key in baseline.image_features}) > 1
 
 
 def test_undecoded_images_keep_their_key_and_their_root_check(eval_records, roots, tmp_path):
@@ -224,12 +239,19 @@ def test_undecoded_images_keep_their_key_and_their_root_check(eval_records, root
     assert isinstance(first["image"], UndecodedImage) and not isinstance(first["m_loc"], UndecodedImage)
     assert first["image"].path == roots.resolve("image", record.image)
     assert list(decoded(first["image"]).getdata()) == list(load_rgb(first["image"].path).getdata())
+    assert first["image"].size == load_rgb(first["image"].path).size  # from the header
     assert decoded(first["m_loc"]) is first["m_loc"]
     images(eval_records[1])  # the record leaves the memo: an undecoded image still names its file
     assert images.key(first["image"]) == roots.key("image", record.image) and images.key(first["m_loc"]) is None
     outside = dataclasses.replace(record, image="../outside.png")
     with pytest.raises(ValueError, match="escapes image root"):
         RecordImages(roots, undecoded=lambda key: True)(outside)
+
+
+def test_an_undecoded_image_with_a_broken_header_names_its_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
+        UndecodedImage(tmp_path / "broken.png", "image/broken.png").size
 
 
 def test_a_batch_without_pixels_is_refused_once_its_store_is_closed(stored, adapter, eval_records, roots):

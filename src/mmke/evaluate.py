@@ -401,7 +401,7 @@ def evaluate(
     together = schedule.mode == "single" and editor.weights_unchanged
     group_size = batch_size if together else schedule.group_size(len(records))
     frozen = editor.keeps_image_features(model)
-    images, stored = loop_images(model, roots, max(group_size, 1), stored_features, frozen)
+    images, stored = loop_images(roots, max(group_size, 1), stored_features, frozen)
     editor.bind_images(images)
     rows: list[dict] = []
     seconds = {"loop_s": 0.0, "apply_s": 0.0}
@@ -434,14 +434,14 @@ def evaluate(
     return EvalResult(rows, summarize(rows), timings)
 
 
-def loop_images(model: VLMAdapter, roots: ImageRoots, memo: int, stored_features: StoredImageFeatures | None,
+def loop_images(roots: ImageRoots, memo: int, stored_features: StoredImageFeatures | None,
                 keeps_features: bool) -> tuple[RecordImages, Callable[[object], torch.Tensor | None] | None]:
     """The edit loop's image loader, and its images' stored features (for
     :meth:`VLMAdapter.frozen_image_features`; None without a store). Where the stored features
-    stand in for every image pass (the method keeps them) and the family's tokens do not depend
-    on the image, the images the store knows are left undecoded."""
-    fixed = keeps_features and stored_features is not None and model.fixed_image_positions
-    images = RecordImages(roots, memo=memo, undecoded=stored_features.__contains__ if fixed else None)
+    stand in for every image pass (the method keeps them), the images the store knows are left
+    undecoded (:meth:`VLMAdapter.stored_features_stand_in`)."""
+    stand_in = keeps_features and stored_features is not None
+    images = RecordImages(roots, memo=memo, undecoded=stored_features.__contains__ if stand_in else None)
     if stored_features is None:
         return images, None
     return images, lambda image: stored_features.get(images.key(image))

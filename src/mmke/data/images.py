@@ -7,6 +7,7 @@ goes through :func:`safe_join`.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -46,17 +47,27 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 class UndecodedImage:
     """An image file whose pixels are read only if something asks for them (:func:`decoded`).
 
-    The evaluation loop hands these out for images whose features the baseline job stored, in a
-    family whose sequences do not depend on the image (BLIP-2's and MiniGPT-4's query positions,
-    LLaVA-1.5's crop to one size): no pass of such an edit needs the pixels, and decoding and preprocessing a record's
-    three images would be most of what a small model's edit loop spends beyond its passes. Like a
-    decoded image, the object itself is its identity (the adapters' memos key on it); ``key`` is
-    its :meth:`mmke.data.records.ImageRoots.key`. The path was checked against its root when
-    the object was made; the baseline job decoded the file, so corruption surfaced there.
+    The evaluation loop hands these out for images whose features the baseline job stored, to
+    methods that keep those features: no pass of such an edit needs the pixels, and decoding and
+    preprocessing a record's three images would be most of what a small model's edit loop spends
+    beyond its passes. A family whose image tokens follow the image's size (Qwen2-VL,
+    LLaVA-OneVision) reads ``size`` from the file's header. Like a decoded image, the object
+    itself is its identity (the adapters' memos key on it); ``key`` is its
+    :meth:`mmke.data.records.ImageRoots.key`. The path was checked against its root when the
+    object was made; the baseline job decoded the file, so corruption surfaced there.
     """
 
     path: Path
     key: str
+
+    @functools.cached_property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as the decoded image would have it, from the header alone."""
+        try:
+            with Image.open(self.path) as image:
+                return image.size
+        except _PIL_ERRORS as err:
+            raise ValueError(f"cannot read image {self.path}: {err}") from err
 
 
 def decoded(image: Image.Image | UndecodedImage) -> Image.Image:

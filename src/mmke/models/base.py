@@ -204,12 +204,6 @@ class VLMAdapter(abc.ABC):
     target_join: str = "space"
     #: How many images :meth:`frozen_image_features` (and the pixel memos) keep: a batch of records.
     FEATURE_MEMO_SIZE: ClassVar[int] = 32
-    #: Whether the family's sequences are the same whatever the image (BLIP-2's query positions,
-    #: LLaVA-1.5's tokens of one crop size), so that a batch of images whose features are stored
-    #: needs no pixels: the evaluation loop then leaves those images undecoded
-    #: (:class:`mmke.data.images.UndecodedImage`). Families whose token count follows the image's
-    #: size (Qwen2-VL, LLaVA-OneVision) decode every image.
-    fixed_image_positions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Cache each family's ``scopes`` per adapter instance: parameter names never change after
@@ -266,7 +260,7 @@ class VLMAdapter(abc.ABC):
 
         ``stored``: an image object's features computed earlier by this model (the baseline
         job's, :mod:`mmke.image_features`), or None; an image it knows is not encoded at all,
-        and in a family with :attr:`fixed_image_positions` a batch of such images carries no pixels.
+        and a batch of such images left undecoded carries no pixels (:meth:`stored_features_stand_in`).
         """
         if self._feature_memo is not None:
             yield
@@ -305,11 +299,11 @@ class VLMAdapter(abc.ABC):
         return memo.get_many(batch.sources, compute)
 
     def stored_features_stand_in(self, sources: Sequence[object]) -> bool:
-        """Whether a batch of ``sources`` may go without pixels: the family's sequences do not
-        depend on the image, and every image is an undecoded one (made only for stored keys)
-        while stored features are open, so every feature the batch needs will be read."""
-        return (self.fixed_image_positions and self._stored_features is not None
-                and all(isinstance(source, UndecodedImage) for source in sources))
+        """Whether a batch of ``sources`` goes without pixels: every image is an undecoded one
+        (made only for stored keys) while stored features are open, so every feature the batch
+        needs will be read. Its tokens are then those of the images' sizes (a family whose image
+        tokens follow the size reads it from the file's header, :class:`UndecodedImage`)."""
+        return self._stored_features is not None and all(isinstance(source, UndecodedImage) for source in sources)
 
     def prefetch_image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor] | None:
         """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, in

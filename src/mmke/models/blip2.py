@@ -36,7 +36,6 @@ from mmke.models.base import (
 class Blip2Adapter(VLMAdapter):
     """BLIP-2 with a decoder-only (OPT) language model; also the base of MiniGPT-4."""
 
-    fixed_image_positions = True  # num_query_tokens positions per image, whatever the image
 
     def __init__(self, model: Blip2ForConditionalGeneration, tokenizer, image_processor,
                  device: torch.device):

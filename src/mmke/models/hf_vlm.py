@@ -38,7 +38,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedC
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
-from mmke.data.images import decoded
+from mmke.data.images import UndecodedImage, decoded
 from mmke.models.base import (
     IGNORE_INDEX,
     Batch,
@@ -140,7 +140,7 @@ class HFVLMAdapter(VLMAdapter):
         self._images = Memo(self.FEATURE_MEMO_SIZE, by_identity=True)
         # image inputs (LLaVA-OneVision's image_sizes) that the family's feature function takes
         self._feature_args = frozenset(inspect.signature(model.model.get_image_features).parameters)
-        self.fixed_image_positions = self._fixed_image_size() is not None
+        self._blanks = Memo(self.FEATURE_MEMO_SIZE)  # by size: see _stand_in
 
     def _fixed_image_size(self) -> tuple[int, int] | None:
         """(width, height) every image reaches the vision tower at, where the family's tokens do
@@ -152,10 +152,13 @@ class HFVLMAdapter(VLMAdapter):
             return None
         return crop["width"], crop["height"]
 
-    @functools.cached_property
-    def _blank_image(self) -> Image.Image:
-        """An image of the fixed size: its placeholder expands as every image's does."""
-        return Image.new("RGB", self._fixed_image_size())
+    def _stand_in(self, image: UndecodedImage) -> Image.Image:
+        """A blank image the processor treats as ``image`` in everything but the pixels: the same
+        placeholder expansion and the same inputs beside the pixels (Qwen-VL's ``image_grid_thw``,
+        LLaVA-OneVision's ``image_sizes``), which follow the image's size alone (one size after
+        LLaVA-1.5's center crop). One object per size, so each size is processed once."""
+        size = self._fixed_image_size() or image.size
+        return self._blanks.get_many([size], lambda sizes: [Image.new("RGB", size) for size in sizes])[0]
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -183,9 +186,11 @@ class HFVLMAdapter(VLMAdapter):
             return [fetch_image(image) for image in images]
         return list(images)
 
-    def processed_images(self, images: Sequence[Image.Image]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """The image processor's output for ``images`` as one batch, and the text each image's
-        placeholder expands into (the processor's own ``replace_image_token``).
+    def processed_images(self, images: Sequence[Image.Image], pixels: bool = True
+                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The image processor's output for ``images`` as one batch (without ``pixel_values``
+        unless ``pixels``), and the text each image's placeholder expands into (the processor's
+        own ``replace_image_token``).
 
         Each image object is prepared and processed once and remembered, so a record's images
         cost one pass however often its items meet the model: the processors treat images one by
@@ -200,7 +205,8 @@ class HFVLMAdapter(VLMAdapter):
             return parts
 
         parts = self._images.get_many(images, process)
-        keys = [key for key in parts[0][0] if key not in self.processor.unused_input_names]
+        keys = [key for key in parts[0][0]
+                if key not in self.processor.unused_input_names and (pixels or key != "pixel_values")]
         return ({key: concat_padded([processed[key] for processed, _ in parts]) for key in keys},
                 [expansion for _, expansion in parts])
 
@@ -236,13 +242,10 @@ class HFVLMAdapter(VLMAdapter):
                                      lambda new: [self.chat_prompt(prompt, has) for prompt, has in new])
         texts = [chat + self.target_text(target) for chat, target in zip(chats, targets)]
         sources = tuple(image for image in pictures if image is not None)
-        if sources and self.stored_features_stand_in(sources):  # no pixels: each image expands as a blank one
-            self.processor.validate_inputs(images=[self._blank_image] * len(sources), text=texts)
-            processed, (expansion,) = {}, self.processed_images([self._blank_image])[1]
-            expansions = [expansion] * len(sources)
-        else:
-            self.processor.validate_inputs(images=list(sources) or None, text=texts)
-            processed, expansions = self.processed_images(sources) if sources else ({}, [])
+        stand_in = bool(sources) and self.stored_features_stand_in(sources)  # no pixels: blanks of their sizes
+        processed_sources = [self._stand_in(image) for image in sources] if stand_in else list(sources)
+        self.processor.validate_inputs(images=processed_sources or None, text=texts)
+        processed, expansions = self.processed_images(processed_sources, pixels=not stand_in) if sources else ({}, [])
         expanded, _ = self.processor.get_text_with_replacements(list(texts), expansions)
         tokens = self._tokenized(expanded + texts + chats)
         count = len(texts)
@@ -254,7 +257,7 @@ class HFVLMAdapter(VLMAdapter):
         attention_mask = (position < lengths[:, None]).long()
         starts = lengths - torch.tensor([len(text) - len(chat) for text, chat in zip(unexpanded, prompt_only)])
         labels = input_ids.masked_fill(~attention_mask.bool() | (position < starts[:, None]), IGNORE_INDEX)
-        if sources and (model_sizes := self._model_image_sizes(processed, len(sources))) is not None:
+        if sources and not stand_in and (model_sizes := self._model_image_sizes(processed, len(sources))) is not None:
             self.note_resize([image.size for image in sources], model_sizes)
         image_inputs = {key: value for key, value in processed.items() if key != "pixel_values"}
         if self.processor.return_mm_token_type_ids:  # Qwen-VL: which positions hold image tokens
