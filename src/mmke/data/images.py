@@ -22,13 +22,18 @@ _PIL_ERRORS = (OSError, SyntaxError, struct.error, EOFError, ValueError, Image.D
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:
     """Resolved absolute path of ``rel`` under ``root``; ValueError if it would end up outside."""
-    base = Path(root).resolve()
+    return join_under_resolved(Path(root).resolve(), rel)
+
+
+def join_under_resolved(base: Path, rel: str) -> Path:
+    """:func:`safe_join` under a root already resolved (``Path.resolve``): a loader that reads
+    many files of one root resolves it once, not once per file."""
     if not rel:
         raise ValueError(f"empty image path under image root {base}")
     if Path(rel).is_absolute():
         raise ValueError(f"absolute path {rel!r} escapes image root {base}")
     # Resolving follows symlinks too, so a link inside the root that points outside is caught here.
-    path = (base / rel).resolve()
+    path = Path(os.path.realpath(os.path.join(base, rel)))  # Path.resolve() without its wrapping
     if not path.is_relative_to(base):
         raise ValueError(f"path {rel!r} escapes image root {base} (resolves to {path})")
     return path

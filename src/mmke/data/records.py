@@ -7,6 +7,7 @@ the whole job, found here it costs a second.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .images import UndecodedImage, load_rgb, safe_join
+from .images import UndecodedImage, join_under_resolved, load_rgb
 
 FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
           "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
@@ -85,10 +86,15 @@ class ImageRoots:
     def resolve(self, field: str, rel: str) -> Path:
         """Absolute path of image field ``field``'s value ``rel``, refusing escapes from its root."""
         if field in ("image", "m_loc"):
-            return safe_join(self.image, rel)
+            return join_under_resolved(self._resolved[0], rel)
         if field == "image_rephrase":
-            return safe_join(self.rephrase or self.image, rel)
+            return join_under_resolved(self._resolved[1], rel)
         raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
+
+    @functools.cached_property
+    def _resolved(self) -> tuple[Path, Path]:
+        """The image and rephrase roots, resolved on first use: once per loader, not per image."""
+        return self.image.resolve(), (self.rephrase or self.image).resolve()
 
     def key(self, field: str, rel: str) -> str:
         """A name for image field ``field``'s file ``rel`` that does not depend on where the roots
