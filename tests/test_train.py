@@ -28,6 +28,7 @@ from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, RecordImages, load_records
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
+from mmke.methods.meta import RowwiseDelta
 from mmke.models.base import Batch, load_model
 from mmke.models.tiny import build_tiny_blip2
 from mmke.models.tiny_aux import build_tiny_aux
@@ -534,9 +535,12 @@ def test_serac_writes_the_edit_in_the_edited_models_target_form(monkeypatch, joi
 
 
 @pytest.mark.parametrize("method", ["MEND", "KE"])
-def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradients(world, eval_records, method):
-    """apply() writes W - delta per weight before the next delta exists (one full-size change alive
-    at a time), and every delta is the one computed on the unedited model."""
+def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradients(world, eval_records, method,
+                                                                                  monkeypatch):
+    """apply() writes W - delta per weight before the next delta exists (at most one full-size
+    change alive at a time; KE's a row at a time here), and every delta is the one computed on
+    the unedited model, bit for bit that of training's graph."""
+    monkeypatch.setattr(RowwiseDelta, "CPU_BLOCK_ELEMENTS", 1)
     model = load_model("blip2", world / "model")
     editor = make_editor(read_hparams(hparams_file(world, method)))
     editor.build(model).eval()
@@ -545,7 +549,7 @@ def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradien
     before = {name: p.detach().clone() for name, p in params.items()}
     item = train.edit_item(model, eval_records[:1], [editor.images(eval_records[0])["image"]])
     with torch.no_grad():
-        expected = {name: before[name] - delta for name, delta in editor.deltas(model, item)}
+        expected = {name: subtracted(before[name], delta) for name, delta in editor.deltas(model, item)}
     assert list(expected) == list(params) and len(expected) > 1
     # with grad (training's graph) the deltas are computed out of place: the same values
     assert all(torch.equal(expected[name], before[name] - delta.detach()) for name, delta in editor.deltas(model, item))
@@ -566,7 +570,16 @@ def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradien
     assert all(torch.equal(params[name], before[name]) for name in params)
 
 
-def test_ke_delta_is_the_gated_gradient_without_building_the_gates():
+def subtracted(weight: torch.Tensor, delta) -> torch.Tensor:
+    """``weight - delta`` as an edit writes it (a KE change without grad comes in row blocks)."""
+    weight = weight.clone()
+    if isinstance(delta, RowwiseDelta):
+        delta.subtract_from(weight)
+        return weight
+    return weight.sub_(delta.to(weight.dtype))
+
+
+def test_ke_delta_is_the_gated_gradient_without_building_the_gates(monkeypatch):
     from mmke.methods.ke import KEHParams, KENetwork
 
     torch.manual_seed(0)
@@ -585,7 +598,12 @@ def test_ke_delta_is_the_gated_gradient_without_building_the_gates():
     assert network.delta(0, condition, grad.bfloat16()).dtype == torch.float32  # a bf16 model's gradient
     delta.sum().backward()  # training reaches the heads through it
     assert network.heads[0].weight.grad is not None and network.heads[0].weight.grad.abs().sum() > 0
-    for dtype in (torch.float32, torch.bfloat16):  # an edit writes one matrix in place: the same bits
-        with torch.no_grad():
-            in_place = network.delta(0, condition, grad.to(dtype, copy=True))
-        assert torch.equal(in_place, network.delta(0, condition, grad.to(dtype)).detach())
+    # an edit writes the change a block of rows at a time, each in place: the same bits
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = torch.zeros(6, 5, dtype=dtype).sub_(network.delta(0, condition, grad.to(dtype)).detach().to(dtype))
+        for block_elements in (1, 10, 1 << 16):  # a row per block, two rows (5 wide), every row
+            monkeypatch.setattr(RowwiseDelta, "CPU_BLOCK_ELEMENTS", block_elements)
+            weight = torch.zeros(6, 5, dtype=dtype)
+            with torch.no_grad():
+                network.delta(0, condition, grad.to(dtype, copy=True)).subtract_from(weight)
+            assert torch.equal(weight, whole)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmke.methods.base import register_method
-from mmke.methods.meta import MetaHParams, WeightDeltaEditor, edit_loss_gradients
+from mmke.methods.meta import MetaHParams, RowwiseDelta, WeightDeltaEditor, edit_loss_gradients
 from mmke.models.base import VLMAdapter
 from mmke.train import Item
 
@@ -52,14 +52,14 @@ class KENetwork(nn.Module):
         mask = mask.unsqueeze(-1).to(states.dtype)
         return ((states * mask).sum(1) / mask.sum(1)).mean(0)
 
-    def delta(self, index: int, condition: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def delta(self, index: int, condition: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | RowwiseDelta:
         """``max_scale * sigmoid(s) * (grad * A + B)`` with the rank-1 ``A = softmax(a_out) a_in^T``
         and ``B = softmax(b_out) b_in^T`` applied as row and column scalings and one rank-1 update:
         neither is built as a full matrix (on a 7B model each would be another 45M floats).
 
-        Without grad (an edit, not training) the scalings and the update are written into one
-        float32 copy of ``grad`` (``grad`` itself if it is float32), not three new matrices: the
-        same operations in the same order, so the same values bit for bit.
+        Without grad (an edit, not training) it is a :class:`RowwiseDelta`: each block of rows is
+        written into one float32 copy of those rows of ``grad`` (``grad`` itself if it is float32)
+        by the same operations in the same order, so the same values bit for bit.
         """
         out, inp = self.shapes[index]
         a_out, a_in, b_out, b_in, scale = self.heads[index](condition).split([out, inp, out, inp, 1])
@@ -67,7 +67,8 @@ class KENetwork(nn.Module):
         rows, bias_rows = step * a_out.softmax(-1), step * b_out.softmax(-1)
         if torch.is_grad_enabled():  # training backpropagates through every intermediate
             return torch.addr(grad * rows[:, None] * a_in[None, :], bias_rows, b_in)
-        return grad.to(rows.dtype).mul_(rows[:, None]).mul_(a_in[None, :]).addr_(bias_rows, b_in)
+        return RowwiseDelta(out, lambda part: grad[part].to(rows.dtype).mul_(rows[part, None]).mul_(a_in[None, :])
+                            .addr_(bias_rows[part], b_in))
 
 
 @register_method
@@ -82,7 +83,7 @@ class KE(WeightDeltaEditor):
                 raise ValueError(f"{name}: KE edits weight matrices, got shape {tuple(shape)}")
         return KENetwork(model.model.get_input_embeddings().embedding_dim, shapes, self.hparams)
 
-    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor]]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
         network = self.network
         grads = edit_loss_gradients(model, edit.batch, network.names)
         texts = [prompt + target for prompt, target in zip(edit.prompts, edit.targets)]
