@@ -133,8 +133,9 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
 
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
         params = self.edited_parameters(model)
-        return swapped_parameters(model.model, {name: params[name].detach() - delta
-                                                for name, delta in self.deltas(model, batch.edit)})
+        return swapped_parameters(model.model, {
+            name: delta.subtracted_from(params[name].detach()) if isinstance(delta, RowwiseDelta)
+            else params[name].detach() - delta for name, delta in self.deltas(model, batch.edit)})
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         """Snapshot the edited weights, then write ``W - delta`` in place (one step, no training)."""
@@ -154,7 +155,8 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
 @dataclasses.dataclass(frozen=True)
 class RowwiseDelta:
     """A weight change whose rows are computed each from the same rows of its inputs (KE's gated
-    gradient): an edit subtracts it a block of rows at a time, never holding it whole.
+    gradient, MEND's scaled product): an edit subtracts it a block of rows at a time, never
+    holding a whole float32 matrix more than the method needs (KE none, MEND its product).
 
     On a CPU each block stays in cache while it is computed, cast and subtracted: on OPT-2.7b's
     2560 x 10240 matrices that is a quarter of the time of the same operations on whole float32
@@ -170,10 +172,16 @@ class RowwiseDelta:
 
     def subtract_from(self, weight: torch.Tensor) -> None:
         """``weight -= change``, in the weight's dtype (as ``weight.sub_(change.to(weight.dtype))``)."""
-        step = max(1, self.CPU_BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.device.type == "cpu" else self.rows
-        for start in range(0, self.rows, step):
-            part = slice(start, min(start + step, self.rows))
+        for part in self._parts(weight):
             weight[part].sub_(self.block(part).to(weight.dtype))
+
+    def subtracted_from(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight - change`` as a new tensor (validation during training, which runs without grad)."""
+        return torch.cat([weight[part] - self.block(part) for part in self._parts(weight)])
+
+    def _parts(self, weight: torch.Tensor) -> Iterator[slice]:
+        step = max(1, self.CPU_BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.device.type == "cpu" else self.rows
+        return (slice(start, min(start + step, self.rows)) for start in range(0, self.rows, step))
 
 
 @contextlib.contextmanager
