@@ -606,7 +606,7 @@ def test_ke_delta_is_the_gated_gradient_without_building_the_gates(monkeypatch):
             weight = torch.zeros(6, 5, dtype=dtype)
             with torch.no_grad():
                 network.delta(0, condition, grad.to(dtype, copy=True)).subtract_from(weight)
-                # validation during training: W - delta as a new tensor, float32 as the sum promotes
+                # training_edit without grad: W - delta as a new tensor, float32 as the sum promotes
                 written_out = network.delta(0, condition, grad.to(dtype, copy=True)).subtracted_from(weight)
             assert torch.equal(weight, whole)
             assert written_out.dtype == torch.float32

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mmke.methods.base import register_method
-from mmke.methods.meta import MetaHParams, RowwiseDelta, WeightDeltaEditor, edit_loss_gradients
+from mmke.methods.meta import MetaHParams, WeightDeltaEditor, edit_loss_gradients
 from mmke.models.base import VLMAdapter
 from mmke.train import Item
 
@@ -145,16 +145,14 @@ class MEND(WeightDeltaEditor):
         return [{"params": list(network.transforms.parameters()), "lr": self.hparams.lr},
                 {"params": [network.edit_lrs], "lr": self.hparams.lr_lr}]
 
-    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
+    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor]]:
         network = self.network
         factors = edit_loss_gradients(model, edit.batch, network.names, capture_linear_io=True)
         for index, (name, key, mode) in enumerate(zip(network.names, network.keys, network.modes)):
             # the network computes in its own dtype (float32) whatever the model's (bf16 at scale)
             x, delta = (factor.to(network.edit_lrs.dtype) for factor in factors.pop(name))
             x_new, delta_new = network.transforms[key](x, delta, mode)
+            # an edit (no grad) scales the product in place: one full-size matrix, not two
             product = delta_new.T @ x_new
-            if torch.is_grad_enabled():
-                yield name, network.edit_lrs[index] * product
-            else:  # an edit scales, casts and subtracts the product a block of rows at a time, in place
-                yield name, RowwiseDelta(product.shape[0], lambda part, product=product, lr=network.edit_lrs[index]:
-                                         product[part].mul_(lr))
+            yield name, (network.edit_lrs[index] * product if torch.is_grad_enabled()
+                         else product.mul_(network.edit_lrs[index]))

@@ -155,8 +155,7 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
 @dataclasses.dataclass(frozen=True)
 class RowwiseDelta:
     """A weight change whose rows are computed each from the same rows of its inputs (KE's gated
-    gradient, MEND's scaled product): an edit subtracts it a block of rows at a time, never
-    holding a whole float32 matrix more than the method needs (KE none, MEND its product).
+    gradient): an edit subtracts it a block of rows at a time, never holding it whole.
 
     On a CPU each block stays in cache while it is computed, cast and subtracted: on OPT-2.7b's
     2560 x 10240 matrices that is a quarter of the time of the same operations on whole float32
@@ -176,7 +175,8 @@ class RowwiseDelta:
             weight[part].sub_(self.block(part).to(weight.dtype))
 
     def subtracted_from(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight - change`` as a new tensor (validation during training, which runs without grad)."""
+        """``weight - change`` as a new tensor, in the dtype the subtraction promotes to: what
+        :meth:`WeightDeltaEditor.training_edit` swaps in when called without grad (scoring a network)."""
         return torch.cat([weight[part] - self.block(part) for part in self._parts(weight)])
 
     def _parts(self, weight: torch.Tensor) -> Iterator[slice]:
