@@ -161,6 +161,7 @@ class RowwiseDelta:
     2560 x 10240 matrices that is a quarter of the time of the same operations on whole float32
     matrices, which miss the cache at every step. The same operations on the same elements, so
     the same bits. On an accelerator one block is the whole matrix: there launches cost more.
+    Write it once: a block may be computed in place in its inputs (KE's float32 gradient).
     """
 
     rows: int

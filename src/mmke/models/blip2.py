@@ -36,7 +36,6 @@ from mmke.models.base import (
 class Blip2Adapter(VLMAdapter):
     """BLIP-2 with a decoder-only (OPT) language model; also the base of MiniGPT-4."""
 
-
     def __init__(self, model: Blip2ForConditionalGeneration, tokenizer, image_processor,
                  device: torch.device):
         self.model = model
