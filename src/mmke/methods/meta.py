@@ -145,11 +145,16 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         snapshot = model.snapshot(params)
         with torch.no_grad():
             for name, delta in self.deltas(model, edit):
-                if isinstance(delta, RowwiseDelta):
-                    delta.subtract_from(params[name])
-                else:
-                    params[name].sub_(delta.to(params[name].dtype))
+                subtract_in_place(params[name], delta)
         return Edit(model, snapshot)
+
+
+def subtract_in_place(weight: torch.Tensor, delta: torch.Tensor | RowwiseDelta) -> None:
+    """``weight -= delta`` in the weight's dtype: how an edit writes a change of :meth:`WeightDeltaEditor.deltas`."""
+    if isinstance(delta, RowwiseDelta):
+        delta.subtract_from(weight)
+    else:
+        weight.sub_(delta.to(weight.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
