@@ -7,6 +7,7 @@ from dataclasses import fields
 import pytest
 from PIL import Image
 
+import mmke.data.records as records_module
 from mmke.data import (
     DataError,
     EditRecord,
@@ -163,6 +164,29 @@ def test_image_rephrase_resolves_against_rephrase_root(tmp_path):
     with pytest.raises(DataError) as err:
         load_evqa(path, ImageRoots(data))
     assert_names(err.value, path, 0, "image_rephrase")
+
+
+def test_roots_check_each_path_once_and_refuse_an_escape_every_time(tmp_path, monkeypatch):
+    """Loading checks every image path; the edit loop's later lookups walk no file system."""
+    path = write_dataset(tmp_path, [row(0), row(1, m_loc="img/0.png")])  # m_loc shares record 0's image
+    roots = ImageRoots(tmp_path)
+    load_evqa(path, roots, check_images=False)
+    walks = []
+    real = records_module.join_under_resolved
+    monkeypatch.setattr(records_module, "join_under_resolved", lambda base, rel: walks.append(rel) or real(base, rel))
+    expected = tmp_path.resolve() / "img" / "0.png"
+    assert roots.resolve("image", "img/0.png") == roots.resolve("m_loc", "img/0.png") == expected
+    assert roots.resolve("image_rephrase", "reph/1.png") == tmp_path.resolve() / "reph" / "1.png"
+    assert walks == []  # all checked while loading
+    assert roots.resolve("image", "img/new.png") == tmp_path.resolve() / "img" / "new.png"
+    assert roots.resolve("image", "img/new.png") == tmp_path.resolve() / "img" / "new.png"
+    assert walks == ["img/new.png"]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="escapes image root"):
+            roots.resolve("image", "../outside.png")
+    assert walks == ["img/new.png", "../outside.png", "../outside.png"]
+    with pytest.raises(ValueError, match="unknown image field 'picture'"):
+        roots.resolve("picture", "img/0.png")
 
 
 def test_check_images_false_skips_file_checks_but_not_escapes(tmp_path):

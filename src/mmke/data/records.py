@@ -84,17 +84,29 @@ class ImageRoots:
         return cls(Path(dataset["image_root"]), Path(rephrase) if rephrase else None)
 
     def resolve(self, field: str, rel: str) -> Path:
-        """Absolute path of image field ``field``'s value ``rel``, refusing escapes from its root."""
-        if field in ("image", "m_loc"):
-            return join_under_resolved(self._resolved[0], rel)
-        if field == "image_rephrase":
-            return join_under_resolved(self._resolved[1], rel)
-        raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
+        """Absolute path of image field ``field``'s value ``rel``, refusing escapes from its root.
+
+        Each distinct path is checked once per roots object (one job): loading the records checks
+        them all, and the edit loop, which meets a record's images again at every step, only
+        looks them up. A refused path is not remembered, so it is refused every time.
+        """
+        if field not in IMAGE_FIELDS:
+            raise ValueError(f"unknown image field {field!r}; expected one of {', '.join(IMAGE_FIELDS)}")
+        role = int(field == "image_rephrase")  # image and m_loc live under the image root
+        path = self._checked.get((role, rel))
+        if path is None:
+            path = self._checked[role, rel] = join_under_resolved(self._resolved[role], rel)
+        return path
 
     @functools.cached_property
     def _resolved(self) -> tuple[Path, Path]:
         """The image and rephrase roots, resolved on first use: once per loader, not per image."""
         return self.image.resolve(), (self.rephrase or self.image).resolve()
+
+    @functools.cached_property
+    def _checked(self) -> dict[tuple[int, str], Path]:
+        """(root, relative path) -> the path :meth:`resolve` checked and returned."""
+        return {}
 
     def key(self, field: str, rel: str) -> str:
         """A name for image field ``field``'s file ``rel`` that does not depend on where the roots
