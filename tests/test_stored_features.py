@@ -9,6 +9,15 @@ import json
 
 import pytest
 import torch
+from tokenizers import AddedToken
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 import mmke.data.images as images_module
 import mmke.data.records as records_module
@@ -21,7 +30,15 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.io import read_jsonl
 from mmke.methods.base import get_method
 from mmke.models import load_model
-from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
+from mmke.models.hf_vlm import HFVLMAdapter
+from mmke.models.tiny import (
+    build_tiny_blip2,
+    build_tiny_llava,
+    build_tiny_minigpt4,
+    build_tiny_qwen2vl,
+    seeded,
+    train_tokenizer,
+)
 from mmke.stages import baseline_stage, evaluate_stage
 
 METHODS = {"base": {}, "FT-L": {"scopes": ["llm.mlp.last2"], "num_steps": 3, "lr": 1e-2},
@@ -179,10 +196,51 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
 
 @pytest.fixture(scope="module")
 def other_families(tmp_path_factory):
+    """family -> a function giving a fresh adapter of one tiny model (the same weights every call)."""
     root = tmp_path_factory.mktemp("families")
-    return {"minigpt4": ("minigpt4", build_tiny_minigpt4(root / "minigpt4", image_size=32), 32),
-            "llava": ("hf_vlm", build_tiny_llava(root / "llava", image_size=32), None),
-            "qwen2vl": ("hf_vlm", build_tiny_qwen2vl(root / "qwen2vl", image_size=32), None)}
+    minigpt4 = build_tiny_minigpt4(root / "minigpt4", image_size=32)
+    llava = build_tiny_llava(root / "llava", image_size=32)
+    qwen2vl = build_tiny_qwen2vl(root / "qwen2vl", image_size=32)
+    return {"minigpt4": lambda: load_model("minigpt4", minigpt4, image_size=32),
+            "llava": lambda: load_model("hf_vlm", llava),
+            "qwen2vl": lambda: load_model("hf_vlm", qwen2vl),
+            "onevision": tiny_onevision}
+
+
+class OneVisionImagesOnly(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor without its video processor, which transformers builds on
+    torchvision (not installed here). Made in memory, so no saved option can be dropped."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def tiny_onevision() -> HFVLMAdapter:
+    """A tiny random LLaVA-OneVision (SigLIP 32 px + 2-layer Qwen2), in memory: its images become
+    tiles of a grid chosen by their size (anyres), so its image tokens follow each image's size."""
+    tokenizer = train_tokenizer(1000)
+    tokenizer.add_tokens([AddedToken(token, normalized=False, special=True) for token in ("<image>", "<video>")],
+                         special_tokens=True)
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+                "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+                "{% else %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=4).to_dict(),
+        text_config=Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2,
+                                pad_token_id=tokenizer.pad_token_id).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=grid, vision_feature_select_strategy="full", vision_feature_layer=-1)
+    with seeded(0):
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=grid)
+    processor = OneVisionImagesOnly(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=64,
+                                    vision_feature_select_strategy="full", chat_template=template)
+    return HFVLMAdapter(model, processor, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -197,21 +255,20 @@ def varied_roots(eval_records, roots, tmp_path_factory):
     return ImageRoots(root)
 
 
-@pytest.mark.parametrize("family", ["minigpt4", "llava", "qwen2vl"])
+@pytest.mark.parametrize("family", ["minigpt4", "llava", "qwen2vl", "onevision"])
 def test_every_family_reads_stored_features_with_the_records_of_computing_them(family, other_families, eval_records,
                                                                                 varied_roots, tmp_path, monkeypatch):
     """No family decodes an image whose features are stored, and the records are those of decoding
     it: Qwen2-VL's image tokens (and its features' length) follow each image's size, which an
     undecoded image reads from its file's header."""
-    kind, path, image_size = other_families[family]
     roots = varied_roots
-    baseline = run_baseline(load_model(kind, path, image_size=image_size), eval_records, roots, Protocol(),
+    baseline = run_baseline(other_families[family](), eval_records, roots, Protocol(),
                             batch_size=2, keep_image_features=True)
     save_image_features(tmp_path / "features.safetensors", baseline.image_features, {"family": family})
     features = StoredImageFeatures(tmp_path / "features.safetensors")
     rows, calls, decoded_files = [], [], []
     for store in (None, features):
-        model = load_model(kind, path, image_size=image_size)
+        model = other_families[family]()
         count = [0]
 
         def image_features(batch, which, compute=model.image_features):
@@ -228,7 +285,7 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
     assert rows[:2] == rows[2:]
     assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == 0
     assert decoded_files == [2 * 3 * len(eval_records), 0]
-    if family == "qwen2vl":  # the shapes matter: images with different numbers of image tokens
+    if family in ("qwen2vl", "onevision"):  # the shapes matter: images with different numbers of image tokens
         assert len({features.get(key).shape[0] for key in baseline.image_features}) > 1
 
 
