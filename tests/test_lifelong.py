@@ -15,7 +15,8 @@ import torch
 from mmke.data.records import RecordImages, multimodal_locality_prompt
 from mmke.evaluate import Protocol, Schedule, evaluate
 from mmke.hparams import read_hparams
-from mmke.methods.base import make_editor
+from mmke.methods.base import Editor, make_editor
+from mmke.methods.lora import LoRAMemory
 from mmke.methods.wise import Shard, merge, route, ties_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,48 @@ def test_lora_injects_into_the_scopes_and_unloading_leaves_the_model_identical(a
     assert {name: p.requires_grad for name, p in adapter.model.named_parameters()} == flags
     assert not hasattr(adapter.model, "peft_config") and "logits" not in vars(adapter)
     assert torch.equal(logits(adapter, edit_item(adapter, record, roots)), before)
+
+
+@pytest.mark.parametrize("lora_type,mode", [("lora", "single"), ("lora", "sequential"), ("adalora", "single")])
+def test_lora_injects_once_per_evaluation_with_the_records_of_injecting_per_edit(adapter, eval_records, roots,
+                                                                                 baseline, monkeypatch, lora_type, mode):
+    """Within the loop's session peft injects the adapters once and each revert empties them; the
+    records equal those of injecting afresh for every edit, and the model ends as loaded."""
+    state = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    classes = {name: type(module) for name, module in adapter.model.named_modules()}
+    flags = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    injections = []
+    inject = LoRAMemory.__init__
+    monkeypatch.setattr(LoRAMemory, "__init__", lambda memory, *args: injections.append(1) or inject(memory, *args))
+    editor = editor_for("LoRA", roots, lora_type=lora_type, num_steps=4)
+    schedule = Schedule(mode, 2) if mode == "sequential" else Schedule()
+    groups = len(eval_records) if mode == "single" else -(-len(eval_records) // 2)
+    rows, injected = [], None
+    for session in (type(editor).session, Editor.session):  # the loop's, then none (an injection per edit)
+        monkeypatch.setattr(type(editor), "session", session)
+        injections.clear()
+        rows.append(evaluate(adapter, editor, eval_records, roots, baseline, Protocol(), schedule).rows)
+        assert not editor._memories
+        assert {name: type(module) for name, module in adapter.model.named_modules()} == classes
+        after = adapter.model.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
+        assert {name: p.requires_grad for name, p in adapter.model.named_parameters()} == flags
+        injected = injected if session is Editor.session else len(injections)
+    assert injected == 1 and len(injections) == groups > 1
+    assert rows[0] == rows[1]
+
+
+def test_a_session_left_with_a_live_edit_removes_the_memory_when_it_is_reverted(adapter, eval_records, roots):
+    editor = editor_for("LoRA", roots, num_steps=1)
+    classes = {name: type(module) for name, module in adapter.model.named_modules()}
+    with editor.session(adapter):
+        editor.apply(adapter, [eval_records[0]]).revert()
+        assert editor._memories  # emptied, kept for the next edit
+        live = editor.apply(adapter, [eval_records[1]])
+    assert editor._memories  # still holds the live edit
+    live.revert()
+    assert not editor._memories
+    assert {name: type(module) for name, module in adapter.model.named_modules()} == classes
 
 
 def test_lora_edit_depends_on_its_seed_not_on_the_global_generator(adapter, eval_records, roots):

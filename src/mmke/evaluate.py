@@ -385,9 +385,10 @@ def evaluate(
     records are live at once, each on its own rows), and within a sequential group. The values
     do not depend on it, nor on ``batch_tokens``, the most token positions of one such forward
     (:func:`measure`). ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
-    stand in for the image encoder while the edits leave the features alone. Timings: ``loop_s``
-    covers apply + measure + revert (``edits_per_s`` is records per loop second), ``apply_s``
-    only ``Editor.apply`` (``apply_edits_per_s``).
+    stand in for the image encoder while the edits leave the features alone. The edits run within
+    the editor's :meth:`~mmke.methods.base.Editor.session`, left after the last revert.
+    Timings: ``loop_s`` covers apply + measure + revert (``edits_per_s`` is records per loop
+    second), ``apply_s`` only ``Editor.apply`` (``apply_edits_per_s``).
     """
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")
@@ -406,7 +407,7 @@ def evaluate(
     rows: list[dict] = []
     seconds = {"loop_s": 0.0, "apply_s": 0.0}
     progress = tqdm(total=len(records), desc=editor.name, unit="edit")
-    with _timed(seconds, "loop_s"):
+    with _timed(seconds, "loop_s"), editor.session(model):
         for group in _chunks(records, group_size):
             edits: list[Edit] = []
             with model.frozen_image_features(stored) if frozen else contextlib.nullcontext():

@@ -9,6 +9,7 @@ an edit also owns the prompt transform the evaluation loop applies.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -109,6 +110,13 @@ class Editor(abc.ABC):
         if not self.weights_unchanged:
             raise TypeError(f"{self.name} changes the weights: its edits of several records cannot be live at once")
         return [self.apply(model, [record]) for record in records]
+
+    def session(self, model: VLMAdapter) -> contextlib.AbstractContextManager:
+        """Open around a run of edits on ``model`` (the evaluation loop's): what every edit would
+        set up and take down again may stay in place between them (LoRA's injected adapters), as
+        long as each revert leaves the model computing as before the edit. On exit the model is
+        as it was (same module tree, same tensors). Nothing by default."""
+        return contextlib.nullcontext()
 
     def keeps_image_features(self, model: VLMAdapter) -> bool:
         """Whether the model's image features stay those of the unedited model under this method's

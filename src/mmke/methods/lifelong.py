@@ -4,8 +4,10 @@ These methods do not overwrite the model's weights. Each keeps its edits in a me
 model (LoRA's adapter matrices, GRACE's codebook, WISE's side memory) that the first edit installs
 and later edits extend. In the sequential schedule the evaluation loop applies N edits and then
 reverts them newest first; so each :class:`MemoryEdit` remembers the memory's state it found and
-puts exactly that back, and the edit that installed the memory removes it again, leaving the model
-as loaded (same module tree, same tensors). The evaluation loop needs no special case for them.
+puts exactly that back, and the revert that empties the memory removes it again, leaving the model
+as loaded (same module tree, same tensors). The evaluation loop needs no special case for them,
+beyond opening the editor's session, in which a memory that is costly to install (LoRA's peft
+adapters) stays, emptied, for the next edit.
 
 Hooks that must know where a row's prompt ends or which positions are padding (GRACE's key
 token, WISE's activation distances) read the batch being scored from a :class:`BatchTap`.
@@ -14,8 +16,9 @@ token, WISE's activation distances) read the batch being scored from a :class:`B
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,6 +32,10 @@ class Memory(abc.ABC):
     """The edits of one editor on one model. ``state`` must be a value later edits never mutate."""
 
     edits: int = 0  # edits the memory holds
+    #: Whether, within :meth:`LifelongEditor.session`, the memory stays installed when its edits
+    #: are reverted, emptied instead of removed (its empty state computes as the model alone).
+    #: Worth it where installing costs more than a few hooks: peft's injection walks the module tree.
+    kept_between_edits: ClassVar[bool] = False
 
     @abc.abstractmethod
     def state(self) -> Any:
@@ -73,11 +80,12 @@ class HookedMemory(Memory):
 
 
 class MemoryEdit(Edit):
-    """A live edit of a lifelong editor; ``revert`` puts back the memory it found."""
+    """A live edit of a lifelong editor; ``revert`` puts back the memory it found, and removes
+    the memory once it holds no edit (unless a session keeps it, :meth:`LifelongEditor.keeps`)."""
 
-    def __init__(self, editor: "LifelongEditor", memory: Memory, found: Any, installed: bool):
+    def __init__(self, editor: "LifelongEditor", memory: Memory, found: Any):
         super().__init__()
-        self._editor, self._memory, self._found, self._installed = editor, memory, found, installed
+        self._editor, self._memory, self._found = editor, memory, found
         self._index = memory.edits  # the memory's edit count while this edit is the newest
 
     def revert(self) -> None:
@@ -86,11 +94,10 @@ class MemoryEdit(Edit):
         if self._memory.edits != self._index:
             raise RuntimeError(f"{self._editor.name}: edits must be reverted newest first "
                                f"(this is edit {self._index} of {self._memory.edits})")
-        if self._installed:
+        self._memory.load(self._found)
+        if self._memory.edits == 0 and not self._editor.keeps(self._memory):
             self._memory.remove()
             self._editor.forget(self._memory)
-        else:
-            self._memory.load(self._found)
         self._memory = None
 
 
@@ -100,6 +107,7 @@ class LifelongEditor(Editor):
     def __init__(self, hparams: HParams):
         super().__init__(hparams)
         self._memories: dict[int, Memory] = {}
+        self._sessions: set[int] = set()  # id of each model with an open session
 
     @abc.abstractmethod
     def scopes(self) -> list[str]:
@@ -122,7 +130,6 @@ class LifelongEditor(Editor):
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         memory = self._memories.get(id(model))
-        installed = memory is None
         if memory is None:
             memory = self._memories[id(model)] = self.install(model)
         found = memory.state()
@@ -130,12 +137,31 @@ class LifelongEditor(Editor):
             for record in records:
                 self.edit(memory, model, record)
         except BaseException:
-            MemoryEdit(self, memory, found, installed).revert()
+            MemoryEdit(self, memory, found).revert()
             raise
-        return MemoryEdit(self, memory, found, installed)
+        return MemoryEdit(self, memory, found)
 
     def forget(self, memory: Memory) -> None:
         self._memories = {key: value for key, value in self._memories.items() if value is not memory}
+
+    @contextlib.contextmanager
+    def session(self, model: VLMAdapter) -> Iterator[None]:
+        """While open, a memory that is :attr:`Memory.kept_between_edits` is installed by the first
+        edit only; reverting every edit empties it. On exit an empty memory is removed (one whose
+        edits are still live is removed by reverting them, as outside a session)."""
+        self._sessions.add(id(model))
+        try:
+            yield
+        finally:
+            self._sessions.discard(id(model))
+            memory = self._memories.get(id(model))
+            if memory is not None and memory.edits == 0:
+                memory.remove()
+                self.forget(memory)
+
+    def keeps(self, memory: Memory) -> bool:
+        """Whether ``memory`` stays installed when its last edit is reverted (an open session)."""
+        return memory.kept_between_edits and any(self._memories.get(key) is memory for key in self._sessions)
 
 
 class BatchTap:

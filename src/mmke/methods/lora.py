@@ -57,7 +57,14 @@ class LoRAHParams(HParams):
 
 
 class LoRAMemory(Memory):
-    """The injected adapters; their parameters are the state."""
+    """The injected adapters; their parameters are the state.
+
+    Kept between edits within a session: its empty state is the adapters as injected (``B = 0``,
+    ``A`` drawn from ``seed``), which computes as the model alone and is what injecting again
+    would give, so an edit from it equals an edit from a fresh injection.
+    """
+
+    kept_between_edits = True
 
     def __init__(self, model: VLMAdapter, hp: LoRAHParams, targets: list[str]):
         config_class, tuner_class = TUNERS[hp.lora_type]
