@@ -15,10 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from mmke.data.records import ImageRoots, RecordImages
-from mmke.evaluate import (
-    EDIT_ITEMS, MEASURED_ITEMS, Baseline, Protocol, Request, evaluate, loop_images, measured_batch,
-    read_positions,
-)
+from mmke.evaluate import Baseline, Protocol, edit_requests, evaluate, loop_images, measured_batch, read_positions
 from mmke.image_features import StoredImageFeatures
 from mmke.methods.base import Editor
 from mmke.models.base import VLMAdapter
@@ -105,14 +102,14 @@ def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageR
     with counted(adapter, editor, counts, side, trained):
         evaluate(adapter, editor, records, roots, baseline, protocol, **loop)
     passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
-    limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), protocol, passes["backward"], trained,
-                     sum(side) / len(records), repeats, loop.get("stored_features") is not None)
+    limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), baseline, protocol, passes["backward"],
+                     trained, sum(side) / len(records), repeats, loop.get("stored_features") is not None)
     return passes, limit
 
 
-def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, protocol: Protocol,
-             backward_per_edit: float, trained: set[str], side_ms_per_edit: float, repeats: int,
-             stored: bool = False) -> float:
+def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, baseline: Baseline,
+             protocol: Protocol, backward_per_edit: float, trained: set[str], side_ms_per_edit: float,
+             repeats: int, stored: bool = False) -> float:
     """The passes the method needs per edit, each timed alone (mean over the records). ``stored``:
     the baseline's features stand in for the image encoder where the method keeps them."""
     editor.bind_images(images)
@@ -122,11 +119,9 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
         imgs = images(record)
         edit = editor.apply(adapter, [record])
         try:
-            requests = [Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit)]
-            if edit.in_context:
-                requests.append(Request(record, imgs, EDIT_ITEMS, edit.pre_prompt, edit))
+            requests = edit_requests(record, imgs, edit, baseline)  # what the loop asks
             batch, owners = measured_batch(adapter, protocol, requests)
-            positions = read_positions(batch, owners)
+            positions = read_positions(batch, owners, requests)
             with adapter.frozen_image_features(), torch.no_grad():
                 adapter.logits(batch, positions)  # memoise the features: the forward alone is timed next
                 forward = cpu_ms(lambda: adapter.logits(batch, positions), repeats)

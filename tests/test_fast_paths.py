@@ -8,13 +8,25 @@ separate calls, or batch size 1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 
 from conftest import REPO
 from mmke.data.records import RecordImages
-from mmke.evaluate import EDIT_ITEMS, MEASURED_ITEMS, Protocol, Request, evaluate, measure, run_baseline, token_parts
+import mmke.evaluate as evaluate_module
+from mmke.evaluate import (
+    EDIT_ITEMS,
+    MEASURED_ITEMS,
+    Protocol,
+    Request,
+    evaluate,
+    measure,
+    read_positions,
+    run_baseline,
+    token_parts,
+)
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
 from mmke.models import load_model
@@ -325,6 +337,39 @@ def test_in_context_and_routed_rows_at_the_read_positions_equal_the_full_logits(
     fast = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3).rows
     full_output_layer(adapter, monkeypatch)
     assert evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3).rows == fast
+
+
+def test_locality_rows_read_only_the_positions_the_baseline_covers(adapter, eval_records, roots, baseline, tmp_path,
+                                                                   demo_evqa, serac_parts, monkeypatch):
+    """IKE's locality rows carry its demonstrations before the question; locality compares them
+    right-aligned with the context-free baseline, so only the baseline's length of last positions
+    is read, with the records of reading every position."""
+    edit = batchable_editor("IKE", adapter, tmp_path, demo_evqa, serac_parts)
+    read, logits = [], adapter.logits
+    monkeypatch.setattr(adapter, "logits", lambda batch, positions=None:
+                        read.append(int(positions.sum()) if positions is not None else 0) or logits(batch, positions))
+    tail = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3).rows
+    tail_read = sum(read)
+    every = evaluate_module.edit_requests
+    monkeypatch.setattr(evaluate_module, "edit_requests", lambda *args: [
+        dataclasses.replace(request, top_k_tail={}) for request in every(*args)])
+    read.clear()
+    assert evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3).rows == tail
+    assert sum(read) > tail_read + 5 * len(eval_records)  # demonstrations in front of each locality question
+
+
+def test_a_tail_longer_than_its_row_reads_the_whole_row():
+    ids = torch.ones(3, 6, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    labels = torch.full_like(ids, -100)
+    labels[2, 4:] = 1
+    batch = Batch(ids, mask, labels, None)
+    locality, scored = MEASURED_ITEMS[-1], MEASURED_ITEMS[0]
+    requests = [Request(None, {}, (locality,), str, top_k_tail={locality.name: 2}),
+                Request(None, {}, (locality,), str, top_k_tail={locality.name: 9}),
+                Request(None, {}, (scored,), str, top_k_tail={locality.name: 2})]
+    positions = read_positions(batch, [(0, locality), (1, locality), (2, scored)], requests)
+    assert positions.int().tolist() == [[0, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]]
 
 
 @pytest.mark.parametrize("method,values", [("GRACE", {"scope": "llm.layers.0.mlp.out", "n_iter": 5}),

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -214,6 +214,10 @@ class Request:
     items: Sequence[Item]
     prompt: Callable[[str], str]
     edit: Edit | None = None
+    #: Per top-k item (by name), how many of its row's last real positions are read; all where
+    #: absent. Locality compares right-aligned with the baseline's predictions, so positions
+    #: before the baseline's length (an in-context edit's demonstrations) are never compared.
+    top_k_tail: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -247,7 +251,7 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
 def _measure_batch(model: VLMAdapter, requests: Sequence[Request], batch: Batch, owners: Sequence[tuple[int, Item]],
                    edits: Sequence[Edit], protocol: Protocol) -> list[dict[str, object]]:
     """:func:`measure` on one built batch; ``edits`` are told which of its rows are theirs."""
-    positions = read_positions(batch, owners)
+    positions = read_positions(batch, owners, requests)
     for edit in edits:
         edit.measure_rows([row for row, (index, _) in enumerate(owners) if requests[index].edit is edit])
     try:
@@ -289,11 +293,20 @@ def token_parts(batch: Batch, owners: Sequence[tuple[int, Item]], n_requests: in
     return parts + [range(start, n_requests)]
 
 
-def read_positions(batch: Batch, owners: Sequence[tuple[int, Item]]) -> torch.Tensor:
-    """``[B, T]`` mask of the positions whose logits a measurement reads: every real position of a
-    top-k row (locality compares them all), the positions before a label elsewhere."""
-    top_k_rows = torch.tensor([item.top_k is not None for _, item in owners], device=batch.labels.device)
-    return torch.where(top_k_rows[:, None], batch.attention_mask.bool(), metrics.scored_positions(batch.labels))
+def read_positions(batch: Batch, owners: Sequence[tuple[int, Item]], requests: Sequence[Request]) -> torch.Tensor:
+    """``[B, T]`` mask of the positions whose logits a measurement reads: the real positions of a
+    top-k row (locality compares them; only the last ``Request.top_k_tail`` where it says), the
+    positions before a label elsewhere. Rows are right-padded, so a row's real positions come first."""
+    device = batch.labels.device
+    top_k_rows = torch.tensor([item.top_k is not None for _, item in owners], device=device)
+    read = batch.attention_mask.bool()
+    tails = [requests[index].top_k_tail.get(item.name) for index, item in owners]
+    if any(tail is not None for tail in tails):
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        first = torch.tensor([0 if tail is None else max(0, length - tail) for length, tail in zip(lengths, tails)],
+                             device=device)
+        read = read & (torch.arange(read.shape[1], device=device) >= first[:, None])
+    return torch.where(top_k_rows[:, None], read, metrics.scored_positions(batch.labels))
 
 
 def measured_batch(model: VLMAdapter, protocol: Protocol,
@@ -456,12 +469,7 @@ def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images
     use the edit's own context (spec §4: IKE's demonstrations followed by the bare question).
     Locality always compares with the baseline's predictions of the unedited, context-free model.
     """
-    requests = []
-    for record, edit in pairs:
-        imgs = images(record)
-        requests.append(Request(record, imgs, MEASURED_ITEMS, edit.prompt, edit))
-        if edit.in_context:
-            requests.append(Request(record, imgs, EDIT_ITEMS + (PORTABILITY_ITEM,), edit.pre_prompt, edit))
+    requests = [request for record, edit in pairs for request in edit_requests(record, images(record), edit, baseline)]
     results = iter(measure(model, protocol, requests, own_rows=own_rows, max_tokens=max_tokens))
     rows = []
     for record, edit in pairs:
@@ -471,6 +479,17 @@ def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images
             post[item.name] = metrics.locality_agreement(getattr(baseline, item.baseline)[record.id], post[item.name])
         rows.append({"id": record.id, "pre": pre, "post": post, "knows_pred": baseline.knows_pred[record.id]})
     return rows
+
+
+def edit_requests(record: EditRecord, images: dict, edit: Edit, baseline: Baseline) -> list[Request]:
+    """What a record is asked under its live edit: every measured item (of a locality item only
+    the last positions the baseline's predictions cover, :attr:`Request.top_k_tail`) and, for an
+    in-context edit, the scored items under its pre-edit context."""
+    tails = {item.name: len(getattr(baseline, item.baseline)[record.id]) for item in LOCALITY_ITEMS}
+    requests = [Request(record, images, MEASURED_ITEMS, edit.prompt, edit, tails)]
+    if edit.in_context:
+        requests.append(Request(record, images, EDIT_ITEMS + (PORTABILITY_ITEM,), edit.pre_prompt, edit))
+    return requests
 
 
 @contextlib.contextmanager
