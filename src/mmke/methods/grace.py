@@ -23,7 +23,6 @@ import torch
 
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
-from mmke.metrics import target_nll
 from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, key_positions, scope_module
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
@@ -125,7 +124,7 @@ class GRACE(LifelongEditor):
                 memory.training = value
                 for _ in range(hp.n_iter):
                     optimiser.zero_grad(set_to_none=True)
-                    target_nll(model.logits(batch), batch.labels).backward()
+                    model.target_nll(batch).backward()
                     optimiser.step()
         finally:
             memory.training = None
