@@ -19,6 +19,7 @@ from mmke.evaluate import Baseline, Protocol, edit_requests, evaluate, loop_imag
 from mmke.image_features import StoredImageFeatures
 from mmke.methods.base import Editor
 from mmke.models.base import VLMAdapter
+from mmke.metrics import target_nll
 
 
 def cpu_ms(run: Callable[[], object], repeats: int) -> float:
@@ -135,7 +136,7 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages,
             memo = adapter.frozen_image_features() if frozen else contextlib.nullcontext()
 
             def step() -> None:
-                adapter.target_nll(item).backward()
+                target_nll(adapter.logits(item), item.labels).backward()
 
             # gradients taken for activations (MEND's layer outputs) or for a memory beside the model
             # (LoRA, GRACE, WISE) reach no model parameter: the parameters the method edits then

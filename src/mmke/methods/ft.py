@@ -24,6 +24,7 @@ import torch
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor, register_method
+from mmke.metrics import target_nll
 from mmke.models.base import LANGUAGE_MODEL_SCOPE, Batch, VLMAdapter
 
 
@@ -79,7 +80,7 @@ class FineTune(Editor):
         with model.frozen_layers_below(params):  # the layers under the tuned ones run once per edit
             for _ in range(self.hparams.num_steps):
                 optimiser.zero_grad(set_to_none=True)
-                model.target_nll(batch).backward()
+                target_nll(model.logits(batch), batch.labels).backward()
                 optimiser.step()
                 if bound is not None:
                     with torch.no_grad():

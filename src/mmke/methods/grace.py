@@ -23,6 +23,7 @@ import torch
 
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
+from mmke.metrics import target_nll
 from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, key_positions, scope_module
 from mmke.hparams import HParams
 from mmke.models.base import VLMAdapter
@@ -124,7 +125,7 @@ class GRACE(LifelongEditor):
                 memory.training = value
                 for _ in range(hp.n_iter):
                     optimiser.zero_grad(set_to_none=True)
-                    model.target_nll(batch).backward()
+                    target_nll(model.logits(batch), batch.labels).backward()
                     optimiser.step()
         finally:
             memory.training = None

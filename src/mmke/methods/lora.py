@@ -25,6 +25,7 @@ from peft import AdaLoraConfig, AdaLoraModel, LoraConfig, LoraModel
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
+from mmke.metrics import target_nll
 from mmke.methods.lifelong import LifelongEditor, Memory, scope_modules, unfreeze
 from mmke.models.base import VLMAdapter
 
@@ -117,7 +118,7 @@ class LoRA(LifelongEditor):
         with model.trainable_only(memory.params.values()):
             for _ in range(hp.num_steps):
                 optimiser.zero_grad(set_to_none=True)
-                model.target_nll(batch).backward()
+                target_nll(model.logits(batch), batch.labels).backward()
                 optimiser.step()
                 schedule.step()
             optimiser.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import Batch, VLMAdapter
+from mmke.metrics import target_nll
 from mmke.train import Item, TrainBatch, edit_item, load_checkpoint
 
 
@@ -222,7 +223,7 @@ def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
     params = model.named_parameters()  # the adapter's dict, built once (no module-tree walk per edit)
     with torch.enable_grad(), model.trainable_only(params[name] for name in names), contextlib.ExitStack() as stack:
         if not capture_linear_io:
-            loss = model.target_nll(batch)
+            loss = target_nll(model.logits(batch), batch.labels)
             grads = torch.autograd.grad(loss, [params[name] for name in names])
             return {name: (grad,) for name, grad in zip(names, grads)}
         inputs, outputs = {}, {}
@@ -236,7 +237,7 @@ def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
                 inputs[name], outputs[name] = args[0].detach(), output
 
             stack.enter_context(owner.register_forward_hook(hook))
-        loss = model.target_nll(batch)
+        loss = target_nll(model.logits(batch), batch.labels)
         grads = torch.autograd.grad(loss, [outputs[name] for name in names])
     mask = batch.attention_mask.reshape(-1).bool()
     return {name: (inputs[name].reshape(-1, inputs[name].shape[-1])[mask],

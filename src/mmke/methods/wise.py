@@ -47,6 +47,7 @@ from transformers.activations import ACT2FN
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
 from mmke.methods.base import register_method
+from mmke.metrics import target_nll
 from mmke.methods.lifelong import HookedMemory, LifelongEditor, by_row, scope_module
 from mmke.models.base import Batch, VLMAdapter
 
@@ -296,7 +297,7 @@ class WISE(LifelongEditor):
         try:  # only the side weight trains; the lower layers run once per edit
             with model.trainable_only(()), model.frozen_layers_below(self.edited_parameters(model)):
                 for _ in range(hp.n_iter):
-                    nll = model.target_nll(edit)
+                    nll = target_nll(model.logits(edit), edit.labels)
                     inside = memory.distance[0]
                     outside = memory.trained(*unrelated)[1][0]
                     loss = (nll + F.relu(outside - inside + gamma) + F.relu(outside - alpha) + F.relu(beta - inside))

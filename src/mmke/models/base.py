@@ -26,7 +26,6 @@ from PIL import Image
 
 from mmke.data.images import UndecodedImage
 from mmke.data.records import lead_space
-from mmke.metrics import scored_positions
 
 IGNORE_INDEX = -100
 LOG = logging.getLogger(__name__)
@@ -397,19 +396,6 @@ class VLMAdapter(abc.ABC):
         """
         text = batch.attention_mask.bool() & (batch.input_ids != self.placeholder_id)
         return batch.input_ids.masked_fill(~text, IGNORE_INDEX)
-
-    def target_nll(self, batch: Batch) -> torch.Tensor:
-        """:func:`mmke.metrics.target_nll` of ``self.logits(batch)``: the loss every edit trains on,
-        with the output layer run only at the positions that predict a label.
-
-        The same terms over the same count. An edit item is a prompt (and on BLIP-2 32 query
-        positions) before a few target tokens, and the output layer, ``[T, V]`` over a large
-        vocabulary, costs more than a decoder layer: a step that trains only the last layers
-        (FT-L, GRACE, WISE, :meth:`frozen_layers_below`) spent most of its time there.
-        """
-        positions = scored_positions(batch.labels)
-        gold = batch.labels[:, 1:][positions[:, :-1]]  # the label each read position predicts, in order
-        return torch.nn.functional.cross_entropy(self.logits(batch, positions), gold)
     def note_resize(self, sizes: Sequence[tuple[int, int]], model_sizes: Sequence[tuple[int, int]]) -> None:
         """Log once per loaded model (one job) when images reach the model at another size.
 
