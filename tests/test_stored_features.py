@@ -30,7 +30,7 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.io import read_jsonl
 from mmke.methods.base import get_method
 from mmke.models import load_model
-from mmke.models.hf_vlm import HFVLMAdapter
+from mmke.models.hf_vlm import HFVLMAdapter, without_video_processor
 from mmke.models.tiny import (
     build_tiny_blip2,
     build_tiny_llava,
@@ -207,14 +207,6 @@ def other_families(tmp_path_factory):
             "onevision": tiny_onevision}
 
 
-class OneVisionImagesOnly(LlavaOnevisionProcessor):
-    """LLaVA-OneVision's processor without its video processor, which transformers builds on
-    torchvision (not installed here). Made in memory, so no saved option can be dropped."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
 def tiny_onevision() -> HFVLMAdapter:
     """A tiny random LLaVA-OneVision (SigLIP 32 px + 2-layer Qwen2), in memory: its images become
     tiles of a grid chosen by their size (anyres), so its image tokens follow each image's size."""
@@ -238,8 +230,10 @@ def tiny_onevision() -> HFVLMAdapter:
     with seeded(0):
         model = LlavaOnevisionForConditionalGeneration(config).eval()
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=grid)
-    processor = OneVisionImagesOnly(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=64,
-                                    vision_feature_select_strategy="full", chat_template=template)
+    # in memory, without the video processor (torchvision is not installed here): no option is dropped
+    processor = without_video_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=64,
+        vision_feature_select_strategy="full", chat_template=template)
     return HFVLMAdapter(model, processor, torch.device("cpu"))
 
 

@@ -341,21 +341,28 @@ def _drops_video_losslessly(processor_class: type[ProcessorMixin]) -> bool:
 
 @functools.cache
 def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """A subclass of ``processor_class`` without its ``video_processor``.
-
-    ``ProcessorMixin`` takes its sub-processors from the constructor's signature, so a subclass
-    whose constructor lacks ``video_processor`` loads and saves only the image processor and the
-    tokenizer; the parent constructor still forwards ``video_processor=None`` positionally, and
-    ``ProcessorMixin`` pairs positional sub-processors with the (now two) names, so it falls off.
-    Only a processor taking exactly :data:`IMAGE_ONLY_ARGS` besides ``video_processor`` qualifies:
-    ``from_pretrained`` would silently drop any further saved option (LLaVA-OneVision's, say).
-    The subclass keeps the parent's name, so ``save_pretrained`` records the real processor class.
+    """:func:`without_video_processor` for a processor that ``from_pretrained`` loads losslessly
+    that way: one taking exactly :data:`IMAGE_ONLY_ARGS` besides ``video_processor``. Any further
+    saved option (LLaVA-OneVision's, say) would silently be dropped, so such a processor is refused.
     """
     if not _drops_video_losslessly(processor_class):
         raise ValueError(f"{processor_class.__name__} takes {', '.join(_init_args(processor_class))}; "
                          f"only a processor taking {', '.join(IMAGE_ONLY_ARGS)} and video_processor can "
                          "be loaded without its video processor")
+    return without_video_processor(processor_class)
 
+
+@functools.cache
+def without_video_processor(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """A subclass of ``processor_class`` without its ``video_processor`` (which transformers builds
+    on torchvision); other options pass through as keywords, so one built in memory loses nothing.
+
+    ``ProcessorMixin`` takes its sub-processors from the constructor's signature, so a subclass
+    whose constructor lacks ``video_processor`` loads and saves only the image processor and the
+    tokenizer; the parent constructor still forwards ``video_processor=None`` positionally, and
+    ``ProcessorMixin`` pairs positional sub-processors with the (now two) names, so it falls off.
+    The subclass keeps the parent's name, so ``save_pretrained`` records the real processor class.
+    """
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_class.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
