@@ -482,14 +482,15 @@ def _measure(model: VLMAdapter, pairs: Sequence[tuple[EditRecord, Edit]], images
 
 
 def edit_requests(record: EditRecord, images: dict, edit: Edit, baseline: Baseline) -> list[Request]:
-    """What a record is asked under its live edit: every measured item (of a locality item only
-    the last positions the baseline's predictions cover, :attr:`Request.top_k_tail`) and, for an
-    in-context edit, the scored items under its pre-edit context."""
+    """What a record is asked under its live edit: every measured item and, for an in-context
+    edit, the scored items under its pre-edit context. Only an in-context edit's prompt is longer
+    than the baseline's, so only its locality items read just the last positions the baseline's
+    predictions cover (:attr:`Request.top_k_tail`); other rows are the baseline's length already."""
+    if not edit.in_context:
+        return [Request(record, images, MEASURED_ITEMS, edit.prompt, edit)]
     tails = {item.name: len(getattr(baseline, item.baseline)[record.id]) for item in LOCALITY_ITEMS}
-    requests = [Request(record, images, MEASURED_ITEMS, edit.prompt, edit, tails)]
-    if edit.in_context:
-        requests.append(Request(record, images, EDIT_ITEMS + (PORTABILITY_ITEM,), edit.pre_prompt, edit))
-    return requests
+    return [Request(record, images, MEASURED_ITEMS, edit.prompt, edit, tails),
+            Request(record, images, EDIT_ITEMS + (PORTABILITY_ITEM,), edit.pre_prompt, edit)]
 
 
 @contextlib.contextmanager
