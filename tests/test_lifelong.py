@@ -46,23 +46,31 @@ def logits(adapter, batch):
     return adapter.logits(batch)
 
 
+def as_loaded(adapter) -> tuple[dict, dict, dict]:
+    """What must come back after the memory is removed: module classes, state dict, grad flags."""
+    return ({name: type(module) for name, module in adapter.model.named_modules()},
+            {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()},
+            {name: p.requires_grad for name, p in adapter.model.named_parameters()})
+
+
+def assert_as_loaded(adapter, loaded: tuple[dict, dict, dict]) -> None:
+    classes, state, flags = as_loaded(adapter)
+    assert classes == loaded[0] and flags == loaded[2]
+    assert state.keys() == loaded[1].keys() and all(torch.equal(state[name], loaded[1][name]) for name in state)
+
+
 @pytest.mark.parametrize("lora_type", ["lora", "adalora"])
 def test_lora_injects_into_the_scopes_and_unloading_leaves_the_model_identical(adapter, eval_records, roots, lora_type):
     record = eval_records[0]
-    state = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
-    classes = {name: type(module) for name, module in adapter.model.named_modules()}
-    flags = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    loaded = as_loaded(adapter)
     targets = {name.removesuffix(".weight") for name in adapter.editable("llm.attn.qv")}
     before = logits(adapter, edit_item(adapter, record, roots))
     edit = editor_for("LoRA", roots, lora_type=lora_type).apply(adapter, [record])
-    wrapped = {name for name, module in adapter.model.named_modules() if type(module) is not classes.get(name)}
+    wrapped = {name for name, module in adapter.model.named_modules() if type(module) is not loaded[0].get(name)}
     assert targets <= wrapped  # peft's layers sit exactly on q_proj / v_proj
     assert not torch.equal(logits(adapter, edit_item(adapter, record, roots)), before)
     edit.revert()
-    assert {name: type(module) for name, module in adapter.model.named_modules()} == classes
-    after = adapter.model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
-    assert {name: p.requires_grad for name, p in adapter.model.named_parameters()} == flags
+    assert_as_loaded(adapter, loaded)
     assert not hasattr(adapter.model, "peft_config") and "logits" not in vars(adapter)
     assert torch.equal(logits(adapter, edit_item(adapter, record, roots)), before)
 
@@ -72,9 +80,7 @@ def test_lora_injects_once_per_evaluation_with_the_records_of_injecting_per_edit
                                                                                  baseline, monkeypatch, lora_type, mode):
     """Within the loop's session peft injects the adapters once and each revert empties them; the
     records equal those of injecting afresh for every edit, and the model ends as loaded."""
-    state = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
-    classes = {name: type(module) for name, module in adapter.model.named_modules()}
-    flags = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    loaded = as_loaded(adapter)
     injections = []
     inject = LoRAMemory.__init__
     monkeypatch.setattr(LoRAMemory, "__init__", lambda memory, *args: injections.append(1) or inject(memory, *args))
@@ -87,10 +93,7 @@ def test_lora_injects_once_per_evaluation_with_the_records_of_injecting_per_edit
         injections.clear()
         rows.append(evaluate(adapter, editor, eval_records, roots, baseline, Protocol(), schedule).rows)
         assert not editor._memories
-        assert {name: type(module) for name, module in adapter.model.named_modules()} == classes
-        after = adapter.model.state_dict()
-        assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
-        assert {name: p.requires_grad for name, p in adapter.model.named_parameters()} == flags
+        assert_as_loaded(adapter, loaded)
         injected = injected if session is Editor.session else len(injections)
     assert injected == 1 and len(injections) == groups > 1
     assert rows[0] == rows[1]
@@ -98,7 +101,7 @@ def test_lora_injects_once_per_evaluation_with_the_records_of_injecting_per_edit
 
 def test_a_session_left_with_a_live_edit_removes_the_memory_when_it_is_reverted(adapter, eval_records, roots):
     editor = editor_for("LoRA", roots, num_steps=1)
-    classes = {name: type(module) for name, module in adapter.model.named_modules()}
+    loaded = as_loaded(adapter)
     with editor.session(adapter):
         editor.apply(adapter, [eval_records[0]]).revert()
         assert editor._memories  # emptied, kept for the next edit
@@ -106,7 +109,7 @@ def test_a_session_left_with_a_live_edit_removes_the_memory_when_it_is_reverted(
     assert editor._memories  # still holds the live edit
     live.revert()
     assert not editor._memories
-    assert {name: type(module) for name, module in adapter.model.named_modules()} == classes
+    assert_as_loaded(adapter, loaded)
 
 
 def test_lora_edit_depends_on_its_seed_not_on_the_global_generator(adapter, eval_records, roots):
@@ -283,11 +286,11 @@ def test_wise_merge_measures_pending_shards_as_merged_without_storing_the_merge(
 def test_sequential_edits_keep_the_first_edit(adapter, eval_records, roots, baseline, method):
     """Reliability of edit 1 measured after all N edits of the group (the sequential schedule)."""
     editor = editor_for(method, roots)
-    state = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    loaded = as_loaded(adapter)
     result = evaluate(adapter, editor, eval_records, roots, baseline, Protocol(),
                       Schedule("sequential", len(eval_records)))
     assert len(eval_records) >= 4 and result.rows[0]["post"]["rewrite_acc"] == 1.0
-    assert all(torch.equal(adapter.model.state_dict()[name], value) for name, value in state.items())
+    assert_as_loaded(adapter, loaded)
     assert not editor._memories
 
 
