@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from mmke.data.records import ImageRoots, RecordImages
 from mmke.evaluate import Baseline, Protocol, edit_requests, evaluate, loop_images, measured_batch, read_positions
@@ -53,9 +54,11 @@ def side_modules(editor: Editor) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[float],
-            trained: set[str]) -> Iterator[None]:
+            trained: set[str], optimiser_ms: list[float]) -> Iterator[None]:
     """Count passes with hooks: decoder forwards (and backwards through them), vision encoder calls,
-    side-model calls (and their CPU time); collect the parameters that receive a gradient."""
+    side-model calls (and their CPU time); collect the parameters that receive a gradient, and the
+    CPU time of every ``torch.optim`` step (the methods' weight updates: no pass, but work the
+    method cannot skip either)."""
     model = adapter.model
     decoder = model.get_submodule(adapter.scopes()["llm.mlp.last1"][0].split(".layers.")[0])  # holds the layers
     vision = common_module(model, adapter.scopes()["vision"])
@@ -80,7 +83,14 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
             counts["side"] += 1
             side_ms.append((time.process_time() - starts.pop("side")) * 1000)
 
+    def step_start(optimiser, args, kwargs):
+        starts["step"] = time.process_time()
+
+    def step_end(optimiser, args, kwargs):
+        optimiser_ms.append((time.process_time() - starts.pop("step")) * 1000)
+
     handles = [decoder.register_forward_hook(on_decoder),
+               register_optimizer_step_pre_hook(step_start), register_optimizer_step_post_hook(step_end),
                vision.register_forward_hook(lambda *_: counts.update(["image_encoder"]))]
     handles += [param.register_hook(lambda grad, name=name: trained.add(name))
                 for name, param in model.named_parameters() if param.requires_grad]
@@ -94,17 +104,17 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
 
 
 def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
-                     protocol: Protocol, repeats: int, **loop) -> tuple[dict[str, float], float]:
+                     protocol: Protocol, repeats: int, **loop) -> tuple[dict[str, float], float, float]:
     """The passes per edit, counted with hooks over one run of the edits (``loop``: the keyword
-    settings of :func:`mmke.evaluate.evaluate`), and the limit: those passes timed alone
-    (:func:`limit_ms`, CPU ms per edit)."""
-    counts, side, trained = Counter(), [], set()
-    with counted(adapter, editor, counts, side, trained):
+    settings of :func:`mmke.evaluate.evaluate`); the limit: those passes timed alone
+    (:func:`limit_ms`, CPU ms per edit); and the CPU ms per edit of the run's optimiser steps."""
+    counts, side, trained, steps = Counter(), [], set(), []
+    with counted(adapter, editor, counts, side, trained, steps):
         evaluate(adapter, editor, records, roots, baseline, protocol, **loop)
     passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
     limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), baseline, protocol, passes["backward"],
                      trained, sum(side) / len(records), repeats, loop.get("stored_features") is not None)
-    return passes, limit
+    return passes, limit, sum(steps) / len(records)
 
 
 def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, baseline: Baseline,

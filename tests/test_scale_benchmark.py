@@ -70,5 +70,8 @@ def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(st
     assert rows["MEND"]["passes"]["side"] > 0  # its editor network ran
     for row in rows.values():
         assert row["limit_cpu_s_per_edit"] > 0 and row["ratio"] == row["cpu_s_per_edit"] / row["limit_cpu_s_per_edit"]
+    # only FT steps an optimiser (its AdamW): MEND's change comes from its network, base makes none
+    assert rows["FT-L"]["optimiser_cpu_s_per_edit"] > 0
+    assert rows["base"]["optimiser_cpu_s_per_edit"] == rows["MEND"]["optimiser_cpu_s_per_edit"] == 0
     refused = run_benchmark("scale.py", "--device", "cuda", "--limit")
     assert refused.returncode == 2 and "--limit times passes in process CPU time" in refused.stderr
