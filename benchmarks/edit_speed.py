@@ -7,9 +7,10 @@ records of one dataset:
 * ``ms/edit``: process CPU time of :func:`mmke.evaluate.evaluate` (apply + measure + revert, the
   loop behind metrics.json's ``edits_per_s``), median of ``--repeats`` runs;
 * ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats): one
-  fused forward of a record's measured items, the image encoder once per distinct image (per step
-  too where the method trains upstream of the features; never where the config stores the
-  baseline's features, ``evaluation.store_image_features``, and the method keeps them), one
+  fused forward of a record's measured items, the image encoder once per distinct image (in the
+  first training step too where the method trains upstream of the features, FT-V; later steps
+  reuse its frozen vision tower's output; never where the config stores the baseline's features,
+  ``evaluation.store_image_features``, and the method keeps them), one
   forward + backward of the edit item per training step the method takes (after the first,
   without the decoder layers below the trained ones, whose outputs the loops keep), and the time
   inside its own models (MEND's and KE's editor networks, SERAC's classifier and counterfactual

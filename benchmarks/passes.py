@@ -62,6 +62,9 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
     model = adapter.model
     decoder = model.get_submodule(adapter.scopes()["llm.mlp.last1"][0].split(".layers.")[0])  # holds the layers
     vision = common_module(model, adapter.scopes()["vision"])
+    # its first module with weights of its own, which runs only when the encoder computes, not when
+    # frozen_layers_below hands back its kept output (FT-V's later steps)
+    vision = next(module for module in vision.modules() if next(module.parameters(recurse=False), None) is not None)
     starts: dict[str, float] = {}
 
     def on_decoder(module, args, output):

@@ -421,6 +421,42 @@ def test_layers_below_the_trained_ones_run_once_per_edit(adapter, eval_records, 
     assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
 
 
+@pytest.mark.parametrize("family, scope, kept", [("blip2", "qformer", True), ("blip2", "vision_proj", True),
+                                                 ("blip2", "vision", False), ("minigpt4", "qformer", True),
+                                                 ("llava", "vision_proj", True), ("llava", "vision", False),
+                                                 ("qwen2vl", "vision_proj", False)])
+def test_ft_v_runs_the_frozen_vision_tower_once_per_edit(family, scope, kept, family_adapters, eval_records, roots,
+                                                          monkeypatch):
+    """FT-V computes the image features from the pixels at every step, but below the Q-Former or
+    the projection it trains, the vision tower is frozen: it runs at the first step only, and the
+    edited weights equal, bit for bit, those of running it at every step. Training the tower
+    itself keeps nothing; nor does training Qwen2-VL's merger, which lies inside its vision module."""
+    adapter = family_adapters[family]()
+    tower = adapter.model.get_submodule(adapter.image_stages()[0][0])
+    entry = next(module for module in tower.modules() if next(module.parameters(recurse=False), None) is not None)
+    hp = {"scopes": [scope], "num_steps": 3}
+
+    def edit() -> tuple[int, dict[str, torch.Tensor]]:
+        calls = []
+        handle = entry.register_forward_hook(lambda *args: calls.append(1))
+        ft = editor("FT-V", **hp)
+        ft.bind_images(roots)
+        try:
+            done = ft.apply(adapter, [eval_records[0]])
+            after = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
+            done.revert()
+        finally:
+            handle.remove()
+        return len(calls), after
+
+    calls, fast = edit()
+    monkeypatch.setattr(adapter, "frozen_layers_below", lambda names: contextlib.nullcontext())
+    every_step, slow = edit()
+    assert every_step == 3 and calls == (1 if kept else 3)
+    assert all(torch.equal(fast[name], slow[name]) for name in fast)
+    assert any(not torch.equal(fast[name], p) for name, p in adapter.named_parameters().items())  # it edited
+
+
 @pytest.mark.parametrize("method", ["KE", "MEND"])
 def test_edit_gradients_record_no_graph_below_the_edited_layer(method, adapter, eval_records, roots, monkeypatch):
     """KE and MEND take the edit item's gradient with only the edited weights requiring grad (a

@@ -174,8 +174,9 @@ def _copy(value: object) -> object:
         return value.detach().clone()
     if isinstance(value, (tuple, list)):
         return type(value)(_copy(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, dict):  # transformers' ModelOutput too (a vision tower's), kept as such
+        items = {key: _copy(item) for key, item in value.items()}
+        return items if type(value) is dict else type(value)(**items)
     return value
 
 
@@ -321,31 +322,45 @@ class VLMAdapter(abc.ABC):
 
     @contextlib.contextmanager
     def frozen_layers_below(self, trained: Iterable[str]) -> Iterator[None]:
-        """While open, each decoder layer below the lowest one holding a ``trained`` parameter
-        returns its last output again when it is called with equal inputs.
+        """While open, each stage of the model below the lowest one holding a ``trained``
+        parameter returns its last output again when it is called with equal inputs. The stages,
+        in the order inputs pass them: the image path's modules (:meth:`image_stages`), then the
+        decoder layers.
 
         An edit that trains high in the language model (FT-L's last MLP, GRACE's and WISE's one
         layer) runs the same item through the same frozen lower layers at every step; their
         output cannot change, so only the first step computes it (on a 32-layer LM trained at
-        layer 23, later steps skip 23 of its 32 layers). Exact: an output is reused only for
-        arguments equal (``torch.equal``) to those it was computed from, by a layer with nothing
-        trained in it, in eval mode. A trained parameter outside the decoder layers turns it off.
+        layer 23, later steps skip 23 of its 32 layers). FT-V, which trains the Q-Former or the
+        projection, computes every step's image features from the pixels, but the vision tower
+        below them is frozen: the paper's EVA ViT-g runs once per edit instead of once per step.
+        Exact: an output is reused only for arguments equal (``torch.equal``) to those it was
+        computed from, by a stage with nothing trained in it, in eval mode. A trained parameter
+        in no stage turns it off.
         """
-        if getattr(self, "_layer_prefixes", None) is None:  # a walk of the module tree, once per adapter
-            self._layer_prefixes = decoder_layer_prefixes(self.model, self.model)
-        prefixes = self._layer_prefixes
-        lowest = len(prefixes)
-        for name in trained:
-            layer = next((i for i, prefix in enumerate(prefixes) if name.startswith(f"{prefix}.")), 0)
-            lowest = min(lowest, layer)
+        if getattr(self, "_stage_of", None) is None:  # walks of the module tree, once per adapter
+            scopes = self.scopes()
+            layers = decoder_layer_prefixes(self.model, self.model)
+            stages = [(path, scopes.get(scope, [])) for path, scope in self.image_stages()]
+            stages += [(prefix, [name for name in self.named_parameters() if name.startswith(f"{prefix}.")])
+                       for prefix in layers]
+            self._stages = [path for path, _ in stages]
+            self._stage_of = {name: index for index, (_, names) in enumerate(stages) for name in names}
+        trained = set(trained)
+        lowest = min((self._stage_of.get(name, 0) for name in trained), default=len(self._stages))
         if self.model.training:
-            lowest = 0  # dropout: a layer is no function of its inputs
-        memos = [RepeatedCall(self.model.get_submodule(prefix)) for prefix in prefixes[:lowest]]
+            lowest = 0  # dropout: a stage is no function of its inputs
+        memos = [RepeatedCall(self.model.get_submodule(path)) for path in self._stages[:lowest]
+                 if not any(name.startswith(f"{path}.") for name in trained)]  # a stage holding a later one
         try:
             yield
         finally:
             for memo in memos:
                 memo.remove()
+
+    def image_stages(self) -> list[tuple[str, str]]:
+        """The image path's modules in the order images pass them, each with the scope naming its
+        parameters: ``(module path, scope name)``, for :meth:`frozen_layers_below`. Default: none."""
+        return []
 
     def downstream_of_features(self, names: Iterable[str]) -> bool:
         """Whether every named parameter lies downstream of the image features (in the language

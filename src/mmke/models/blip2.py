@@ -168,6 +168,9 @@ class Blip2Adapter(VLMAdapter):
         hidden = language_model.base_model(**inputs, attention_mask=batch.attention_mask, use_cache=False)
         return output_logits(language_model, hidden.last_hidden_state, positions)
 
+    def image_stages(self) -> list[tuple[str, str]]:
+        return [("vision_model", "vision"), ("qformer", "qformer"), ("language_projection", "vision_proj")]
+
     def scopes(self) -> dict[str, list[str]]:
         model = self.model
         layers = decoder_layer_prefixes(model, model.language_model)

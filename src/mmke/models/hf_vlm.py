@@ -307,6 +307,13 @@ class HFVLMAdapter(VLMAdapter):
                     return f"{name}."
         return None
 
+    def image_stages(self) -> list[tuple[str, str]]:
+        # Qwen2-VL's merger lies inside its vision module: frozen_layers_below keeps no stage that
+        # holds a trained one
+        stages = [(self._module_prefix(self.VISION_MODULES), "vision"),
+                  (self._module_prefix(self.PROJECTOR_MODULES), "vision_proj")]
+        return [(prefix.rstrip("."), scope) for prefix, scope in stages if prefix is not None]
+
     def scopes(self) -> dict[str, list[str]]:
         model = self.model
         layers = decoder_layer_prefixes(model, model)
