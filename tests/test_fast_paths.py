@@ -99,6 +99,29 @@ def test_memoised_image_features_give_the_recomputed_logits(family, family_adapt
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_without_a_memo_each_distinct_image_is_encoded_once(family, family_adapters, eval_records, roots,
+                                                            monkeypatch):
+    """Outside frozen_image_features (FT-V's measurement) a record's items still encode each of
+    its images once, although the edit image is on three or four rows; the logits are those of
+    encoding every row's pixels."""
+    adapter = family_adapters[family]()
+    record = eval_records[0]
+    prompts, targets, pictures = record_items(record, RecordImages(roots)(record))
+    batch = adapter.teacher_forced(prompts, targets, pictures)
+    distinct = len({id(picture) for picture in pictures if picture is not None})
+    assert len(batch.sources) > distinct == 3
+    calls = []
+    features = adapter.image_features
+    monkeypatch.setattr(adapter, "image_features", lambda b, which: calls.append(list(which)) or features(b, which))
+    with torch.no_grad():
+        once = adapter.logits(batch)
+        monkeypatch.setattr(adapter, "batch_image_features", lambda b: None)  # every row's pixels
+        every_row = adapter.logits(batch)
+    assert len(calls) == 1 and len(calls[0]) == distinct
+    assert torch.equal(once, every_row)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_records_items_in_one_forward_equal_separate_calls(family, family_adapters, eval_records, roots):
     """Text-only row beside image rows: each row's logits and labels are those of its own call."""
     adapter = family_adapters[family]()

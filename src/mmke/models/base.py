@@ -278,15 +278,22 @@ class VLMAdapter(abc.ABC):
     _stored_features: Callable[[object], torch.Tensor | None] | None = None
 
     def batch_image_features(self, batch: Batch) -> list[torch.Tensor] | None:
-        """The features of every image of ``batch`` from the memo of :meth:`frozen_image_features`,
-        taking those not seen yet from its ``stored`` features or computing them (without
-        gradient); None when no memo is open or the batch does not name its images (then
-        ``logits`` computes them from the pixels as part of the graph).
+        """The features of every image of ``batch``, each distinct image's computed once (a
+        record's measured items show its edit image on three or four rows): from the memo of
+        :meth:`frozen_image_features` where one is open, taking those not seen yet from its
+        ``stored`` features or computing them (without gradient); else computed now, as part of
+        the graph (FT-V trains through them). None when the batch does not name its images (then
+        ``logits`` computes them from the pixels).
         """
-        memo = self._feature_memo
-        if memo is None or not batch.sources:
+        if not batch.sources:
             return None
-        index = {id(source): i for i, source in reversed(list(enumerate(batch.sources)))}  # first row of each
+        index: dict[int, int] = {}  # first row of each image
+        for i, source in enumerate(batch.sources):
+            index.setdefault(id(source), i)
+        memo = self._feature_memo
+        if memo is None:
+            computed = dict(zip(index, self.image_features(batch, list(index.values()))))
+            return [computed[id(source)] for source in batch.sources]
         stored = self._stored_features or (lambda source: None)
 
         def compute(missing: list[object]) -> list[torch.Tensor]:

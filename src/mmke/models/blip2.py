@@ -149,8 +149,8 @@ class Blip2Adapter(VLMAdapter):
 
         The projected Q-Former outputs are written over the query positions of the image rows,
         between the embedded ``image_prompt`` parts, which is what EasyEdit's concatenation gives
-        and does not depend on the placeholder id. Within ``frozen_image_features`` they come from
-        the memo, computed once per image.
+        and does not depend on the placeholder id. Each distinct image of the batch is computed
+        once (:meth:`batch_image_features`), within ``frozen_image_features`` once per memo.
         """
         batch = batch.to(self.device)
         language_model = self.model.language_model

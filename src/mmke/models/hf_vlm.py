@@ -285,8 +285,9 @@ class HFVLMAdapter(VLMAdapter):
     def logits(self, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The model's own forward: it places the image features at the image tokens.
 
-        Within ``frozen_image_features`` the features come from the memo and reach the forward
-        as its ``mm_encoder_outputs``, in place of the pixels.
+        The features of each distinct image (:meth:`batch_image_features`, from the memo within
+        ``frozen_image_features``) reach the forward as its ``mm_encoder_outputs``, in place of
+        the pixels.
         """
         batch = batch.to(self.device)
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.image_inputs}
