@@ -406,6 +406,20 @@ def test_lifelong_rows_at_the_read_positions_equal_the_full_logits(method, value
     assert adapter.__dict__["logits"] is patched  # each memory's batch tap put the instance's logits back
 
 
+def edited_weights(adapter, edit, record, hooks) -> dict[str, torch.Tensor]:
+    """The model's parameters while ``edit`` of ``record`` is live (it is reverted afterwards),
+    with ``hooks`` (``(module, forward hook)`` pairs) on their modules meanwhile."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        done = edit.apply(adapter, [record])
+        after = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
+        done.revert()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return after
+
+
 @pytest.mark.parametrize("method, scopes, cached", [("FT-L", ["llm.mlp.last1"], True),
                                                      ("FT-L", ["llm.layers.0.mlp.in"], False),
                                                      ("GRACE", None, False), ("WISE", None, False)])
@@ -423,18 +437,10 @@ def test_layers_below_the_trained_ones_run_once_per_edit(adapter, eval_records, 
 
     def edit() -> tuple[list[int], dict[str, torch.Tensor]]:
         calls = [0, 0]
-        handles = [layer.register_forward_hook(lambda *args, i=i: calls.__setitem__(i, calls[i] + 1))
-                   for i, layer in enumerate(layers)]
         editor = make_editor(hp)
         editor.bind_images(roots)
-        try:
-            done = editor.apply(adapter, [record])
-            after = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
-            done.revert()
-        finally:
-            for handle in handles:
-                handle.remove()
-        return calls, after
+        hooks = [(layer, lambda *args, i=i: calls.__setitem__(i, calls[i] + 1)) for i, layer in enumerate(layers)]
+        return calls, edited_weights(adapter, editor, record, hooks)
 
     calls, kept = edit()
     monkeypatch.setattr(adapter, "frozen_layers_below", lambda names: contextlib.nullcontext())
@@ -461,15 +467,9 @@ def test_ft_v_runs_the_frozen_vision_tower_once_per_edit(family, scope, kept, fa
 
     def edit() -> tuple[int, dict[str, torch.Tensor]]:
         calls = []
-        handle = entry.register_forward_hook(lambda *args: calls.append(1))
         ft = editor("FT-V", **hp)
         ft.bind_images(roots)
-        try:
-            done = ft.apply(adapter, [eval_records[0]])
-            after = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
-            done.revert()
-        finally:
-            handle.remove()
+        after = edited_weights(adapter, ft, eval_records[0], [(entry, lambda *args: calls.append(1))])
         return len(calls), after
 
     calls, fast = edit()
@@ -495,14 +495,8 @@ def test_edit_gradients_record_no_graph_below_the_edited_layer(method, adapter, 
 
     def edited() -> tuple[list[bool], dict[str, torch.Tensor]]:
         graphs = []
-        handle = below.register_forward_hook(lambda module, args, output: graphs.append(output.requires_grad))
-        try:
-            done = edit.apply(adapter, [eval_records[0]])
-            after = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
-            done.revert()
-        finally:
-            handle.remove()
-        return graphs, after
+        hook = (below, lambda module, args, output: graphs.append(output.requires_grad))
+        return graphs, edited_weights(adapter, edit, eval_records[0], [hook])
 
     assert all(p.requires_grad for p in adapter.model.parameters())
     graphs, fast = edited()
