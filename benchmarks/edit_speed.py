@@ -155,8 +155,8 @@ def main() -> None:
             settings = {"batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "stored_features": stored}
             evaluate(adapter, editor, records[:1], roots, baseline, protocol, **settings)  # warm-up: lazy
             # networks built, first-call allocations made
-            passes, limit, optimiser = passes_and_limit(adapter, editor, records, roots, baseline, protocol, args.repeats,
-                                             **settings)
+            passes, limit, optimiser = passes_and_limit(adapter, editor, records, roots, baseline, protocol,
+                                                        args.repeats, **settings)
             loop = cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol, **settings),
                           args.repeats) / len(records)
             name = f"{entry['family']}/{method}"

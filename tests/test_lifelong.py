@@ -76,8 +76,8 @@ def test_lora_injects_into_the_scopes_and_unloading_leaves_the_model_identical(a
 
 
 @pytest.mark.parametrize("lora_type,mode", [("lora", "single"), ("lora", "sequential"), ("adalora", "single")])
-def test_lora_injects_once_per_evaluation_with_the_records_of_injecting_per_edit(adapter, eval_records, roots,
-                                                                                 baseline, monkeypatch, lora_type, mode):
+def test_lora_injects_once_per_evaluation_with_the_records_of_injecting_per_edit(
+        adapter, eval_records, roots, baseline, monkeypatch, lora_type, mode):
     """Within the loop's session peft injects the adapters once and each revert empties them; the
     records equal those of injecting afresh for every edit, and the model ends as loaded."""
     loaded = as_loaded(adapter)

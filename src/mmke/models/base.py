@@ -69,8 +69,9 @@ class Batch:
     # The rows that carry an image, in the order of the images; None: every row if there are pixels.
     # A batch may mix image items with text-only ones (the measured items of a record in one forward).
     image_rows: torch.Tensor | None = None
-    # The image objects, one per image: within VLMAdapter.frozen_image_features their features are
-    # computed (or read) once per object and reused (empty: never cached, or no images).
+    # The image objects, one per image: each distinct object's features are computed once per
+    # forward (VLMAdapter.batch_image_features), and within VLMAdapter.frozen_image_features once
+    # per memo (empty: no images, or a hand-built batch whose every row's pixels are encoded).
     sources: tuple[object, ...] = ()
 
     def to(self, device: torch.device | str) -> Batch:
