@@ -14,13 +14,17 @@ Every registered method with a ``config/hparams/<METHOD>/<model>.yaml`` runs ``-
 edits through :func:`mmke.evaluate.evaluate` (apply + the five measured items + revert) after one
 shared baseline pass, timed after one untimed edit. Peak memory per method: ``torch.cuda.max_memory_allocated`` on a GPU (reset
 before each method; it includes the model; the allocator's peak reservation beside it), the peak
-resident set size on a CPU (Linux' ``clear_refs`` reset, else the process' peak so far). On a GPU
-the MiniGPT-4 figures are compared with EasyEdit's (issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB),
-the goal being at most half.
+resident set size on a CPU (Linux' ``clear_refs`` reset, else the process' peak so far). The
+``allocated`` figure is the peak of live tensor bytes: ``max_memory_allocated`` on a GPU, and on a
+CPU with ``--tensor-memory`` the same count made by :class:`live_tensors.LiveTensors` (tensors
+only, short of the GPU kernels' workspaces), so that a machine without a GPU can size the
+paper's models as a GPU would hold them. The MiniGPT-4 figures are compared with EasyEdit's
+(issue 97: IKE 21.5, SERAC 56.8, MEND 27.6 GB), the goal being at most half.
 
     PYTHONPATH=src python benchmarks/scale.py                       # CPU: BLIP-2 OPT-2.7b, bf16
     PYTHONPATH=src python benchmarks/scale.py --device cuda --edits 5 --json scale.json
     PYTHONPATH=src python benchmarks/scale.py --small --edits 1     # tiny shapes, seconds (the test)
+    PYTHONPATH=src python benchmarks/scale.py --models minigpt4-vicuna-7b --tensor-memory   # CPU, GPU-like bytes
 
 ``--steps N`` caps FT-style ``num_steps`` (reported with the figures); without it the paper's
 hparams run unchanged. ``--stored-features`` keeps the baseline's image features and hands them
@@ -62,6 +66,7 @@ from mmke.models.convert import EVA_VIT_G
 from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_tokenizer
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
+from live_tensors import LiveTensors
 from passes import passes_and_limit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,13 +169,27 @@ def build_adapter(shape: Shape, device: torch.device, dtype: torch.dtype, small:
 
 
 class Meter:
-    """Peak memory of a block: GPU allocations on CUDA, resident set size on a CPU."""
+    """Peak memory of a block: GPU allocations on CUDA, resident set size on a CPU, and with
+    ``tensors`` on a CPU also the bytes of live tensors (:class:`live_tensors.LiveTensors`, open
+    from :meth:`__enter__` on), the figure a GPU's ``max_memory_allocated`` gives."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, tensors: bool = False):
         self.device = device
         self.exact = True
+        self.tensors = LiveTensors() if tensors and device.type == "cpu" else None
+
+    def __enter__(self) -> "Meter":
+        if self.tensors is not None:
+            self.tensors.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tensors is not None:
+            self.tensors.__exit__(*exc)
 
     def reset(self) -> None:
+        if self.tensors is not None:
+            self.tensors.reset_peak()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -189,6 +208,14 @@ class Meter:
             kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
             return kib * 1024 / GIB
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+    def allocated_gib(self, now: bool = False) -> float | None:
+        """The peak of live tensor bytes (``now``: those live now): CUDA's own count on a GPU,
+        :class:`LiveTensors`' on a CPU (None there unless ``tensors``). Comparable between the two,
+        and with EasyEdit's figures."""
+        if self.device.type == "cuda":
+            return (torch.cuda.memory_allocated(self.device) if now else torch.cuda.max_memory_allocated(self.device)) / GIB
+        return None if self.tensors is None else (self.tensors.live if now else self.tensors.peak) / GIB
 
     def reserved_gib(self) -> float | None:
         """On CUDA, the caching allocator's peak reservation (what nvidia-smi shows, less the
@@ -260,9 +287,9 @@ def run_method(method: str, model_name: str, adapter, records, roots, data: Mapp
     wall, cpu = time.perf_counter(), time.process_time()
     result = evaluate(adapter, editor, records, roots, baseline, Protocol(), stored_features=stored)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak, reserved = meter.peak_gib(), meter.reserved_gib()
-    row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows),
-           "cpu_s_per_edit": cpu / len(result.rows), "peak_gib": peak, "reserved_gib": reserved, "notes": notes}
+    row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows), "cpu_s_per_edit": cpu / len(result.rows),
+           "peak_gib": meter.peak_gib(), "allocated_gib": meter.allocated_gib(), "reserved_gib": meter.reserved_gib(),
+           "notes": notes}
     if args.limit:
         row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"], stored)
     del editor
@@ -299,8 +326,10 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     adapter = build_adapter(shape, device, dtype, args.small, tokenizer)
     params = sum(p.numel() for p in adapter.model.parameters())
     report = {"parameters": params, "build_s": time.perf_counter() - start, "model_gib": meter.peak_gib(),
-              "methods": {}}
-    print(f"  {params / 1e6:.1f}M parameters, built in {report['build_s']:.1f} s, {report['model_gib']:.2f} GiB")
+              "model_allocated_gib": meter.allocated_gib(now=True), "methods": {}}
+    allocated = "" if report["model_allocated_gib"] is None else f" ({report['model_allocated_gib']:.2f} allocated)"
+    print(f"  {params / 1e6:.1f}M parameters, built in {report['build_s']:.1f} s, {report['model_gib']:.2f} GiB"
+          f"{allocated}")
     start = time.perf_counter()
     baseline = run_baseline(adapter, records, roots, Protocol(), keep_image_features=args.stored_features)
     report["baseline_s_per_record"] = (time.perf_counter() - start) / len(records)
@@ -344,19 +373,19 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
 
 
 def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
-    print("\nmodel               method   s/edit  CPU s/edit  limit  peak GiB  reserved  EasyEdit GB  ratio")
+    print("\nmodel               method   s/edit  CPU s/edit  limit  peak GiB  allocated  reserved  EasyEdit GB  ratio")
     for model_name, report in reports.items():
         for method, row in report["methods"].items():
             if "error" in row:
                 print(f"{model_name:19s} {method:7s}  {row['error']}")
                 continue
             anchor = EASYEDIT_MINIGPT4_GB.get(method) if model_name.startswith("minigpt4") else None
-            compare = f"{anchor:11.1f}  {row['peak_gib'] * GIB / 1e9 / anchor:5.2f}" if anchor and device.type == "cuda" else ""
+            allocated, reserved = ("" if row[key] is None else f"{row[key]:.2f}" for key in ("allocated_gib", "reserved_gib"))
+            compare = f"{anchor:11.1f}  {row['allocated_gib'] * GIB / 1e9 / anchor:5.2f}" if anchor and allocated else ""
             note = f"  ({'; '.join(row['notes'])})" if row["notes"] else ""
-            reserved = "" if row["reserved_gib"] is None else f"{row['reserved_gib']:8.2f}"
             limit = f"{row['ratio']:5.2f}x" if "ratio" in row else ""
             print(f"{model_name:19s} {method:7s} {row['s_per_edit']:7.2f} {row['cpu_s_per_edit']:11.2f} {limit:>6s} "
-                  f"{row['peak_gib']:9.2f}  {reserved:>8s}  {compare}{note}")
+                  f"{row['peak_gib']:9.2f}  {allocated:>9s}  {reserved:>8s}  {compare}{note}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -375,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "printing the loop's ratio to that limit (runs every edit twice more)")
     parser.add_argument("--stored-features", action="store_true",
                         help="the edits read the baseline's image features (evaluation.store_image_features)")
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="CPU: also count the bytes of live tensors (benchmarks/live_tensors.py), the figure a "
+                             "GPU's max_memory_allocated gives; every operator then passes through a Python hook")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also through a pipe
@@ -393,9 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown method(s) {unknown}; registered: {registered_methods()}")
     print(f"scale benchmark: {', '.join(models)} on {device} in {args.dtype}, {args.edits} edit(s) per method, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
-    meter = Meter(device)
+    meter = Meter(device, tensors=args.tensor_memory)
     reports = {}
-    with tempfile.TemporaryDirectory(prefix="mmke-scale-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmke-scale-") as tmp, meter:
         # demo E-VQA records: 12 train records give IKE's k = 32 demonstrations 36 to choose from
         data = write_demo_dataset(Path(tmp) / "data", "evqa", n_train=12, n_eval=args.edits, seed=0)
         for model_name in models:
@@ -404,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": str(device), "dtype": args.dtype, "small": args.small, "edits": args.edits,
               "steps": args.steps, "stored_features": args.stored_features, "memory": "cuda max_memory_allocated" if device.type == "cuda"
               else ("peak RSS (clear_refs)" if meter.exact else "process peak RSS (ru_maxrss)"),
+              "allocated": "cuda max_memory_allocated" if device.type == "cuda"
+              else ("live tensor bytes (LiveTensors)" if meter.tensors is not None else None),
               "easyedit_minigpt4_gb": EASYEDIT_MINIGPT4_GB, "models": reports}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

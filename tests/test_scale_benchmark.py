@@ -26,7 +26,7 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_scale_benchmark_runs_every_method_with_paper_hparams_on_both_models(tmp_path):
     out = tmp_path / "scale.json"
     done = run_benchmark("scale.py", "--small", "--device", "cpu", "--edits", "1", "--steps", "2",
-                         "--models", "blip2-opt-2.7b", "minigpt4-vicuna-7b", "--json", str(out))
+                         "--models", "blip2-opt-2.7b", "minigpt4-vicuna-7b", "--tensor-memory", "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     get_method("base")  # imports the built-in methods
@@ -34,14 +34,18 @@ def test_scale_benchmark_runs_every_method_with_paper_hparams_on_both_models(tmp
         expected = {m for m in METHODS if (REPO / "config" / "hparams" / m / f"{model}.yaml").exists()}
         rows = report["models"][model]["methods"]
         assert set(rows) == expected
+        # the tensors live once the model is built: its bf16 weights (and a few bytes of integer buffers)
+        weights = report["models"][model]["parameters"] * 2
+        assert weights <= report["models"][model]["model_allocated_gib"] * 2**30 < weights * 1.01
         for method, row in rows.items():
             assert "error" not in row, (model, method, row)
             assert row["edits"] == 1 and row["s_per_edit"] > 0 and row["peak_gib"] > 0
+            assert row["allocated_gib"] >= report["models"][model]["model_allocated_gib"]
         # FT-style step counts are capped and say so; meta networks are reported untrained
         num_steps = yaml.safe_load((REPO / "config/hparams/FT-L" / f"{model}.yaml").read_text())["num_steps"]
         assert rows["FT-L"]["notes"] == [f"num_steps {num_steps} -> 2"]
         assert rows["MEND"]["notes"] == ["untrained network"]
-    assert "s/edit" in done.stdout and "peak GiB" in done.stdout
+    assert "s/edit" in done.stdout and "peak GiB" in done.stdout and "allocated" in done.stdout
 
 
 def test_scale_benchmark_refuses_an_unknown_method():
@@ -70,6 +74,7 @@ def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(st
     assert rows["MEND"]["passes"]["forward"] == 2 and rows["MEND"]["passes"]["backward"] == 1
     assert rows["MEND"]["passes"]["side"] > 0  # its editor network ran
     for row in rows.values():
+        assert row["allocated_gib"] is None  # live tensors are counted with --tensor-memory only
         assert row["limit_cpu_s_per_edit"] > 0 and row["ratio"] == row["cpu_s_per_edit"] / row["limit_cpu_s_per_edit"]
     # only FT steps an optimiser (its AdamW): MEND's change comes from its network, base makes none
     assert rows["FT-L"]["optimiser_cpu_s_per_edit"] > 0
