@@ -214,7 +214,8 @@ class Meter:
         :class:`LiveTensors`' on a CPU (None there unless ``tensors``). Comparable between the two,
         and with EasyEdit's figures."""
         if self.device.type == "cuda":
-            return (torch.cuda.memory_allocated(self.device) if now else torch.cuda.max_memory_allocated(self.device)) / GIB
+            allocated = torch.cuda.memory_allocated if now else torch.cuda.max_memory_allocated
+            return allocated(self.device) / GIB
         return None if self.tensors is None else (self.tensors.live if now else self.tensors.peak) / GIB
 
     def reserved_gib(self) -> float | None:
@@ -359,8 +360,9 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
         else:
             limit = (f", limit {row['limit_cpu_s_per_edit']:.2f} CPU s ({row['ratio']:.2f}x), optimiser steps "
                      f"{row['optimiser_cpu_s_per_edit']:.2f} CPU s" if args.limit else "")
+            allocated = "" if row["allocated_gib"] is None else f" ({row['allocated_gib']:.2f} allocated)"
             print(f"  {method}: {row['s_per_edit']:.2f} s/edit ({row['cpu_s_per_edit']:.2f} CPU s{limit}), "
-                  f"peak {row['peak_gib']:.2f} GiB {'; '.join(row['notes'])}")
+                  f"peak {row['peak_gib']:.2f} GiB{allocated} {'; '.join(row['notes'])}")
         report["methods"][method] = row
     for directory in built.values():  # a 7B counterfactual is 13 GB of disk
         for file in directory.iterdir():
@@ -380,8 +382,10 @@ def print_table(reports: Mapping[str, dict], device: torch.device) -> None:
                 print(f"{model_name:19s} {method:7s}  {row['error']}")
                 continue
             anchor = EASYEDIT_MINIGPT4_GB.get(method) if model_name.startswith("minigpt4") else None
-            allocated, reserved = ("" if row[key] is None else f"{row[key]:.2f}" for key in ("allocated_gib", "reserved_gib"))
-            compare = f"{anchor:11.1f}  {row['allocated_gib'] * GIB / 1e9 / anchor:5.2f}" if anchor and allocated else ""
+            allocated, reserved = ("" if row[key] is None else f"{row[key]:.2f}"
+                                   for key in ("allocated_gib", "reserved_gib"))
+            compare = (f"{anchor:11.1f}  {row['allocated_gib'] * GIB / 1e9 / anchor:5.2f}"
+                       if anchor and allocated else "")
             note = f"  ({'; '.join(row['notes'])})" if row["notes"] else ""
             limit = f"{row['ratio']:5.2f}x" if "ratio" in row else ""
             print(f"{model_name:19s} {method:7s} {row['s_per_edit']:7.2f} {row['cpu_s_per_edit']:11.2f} {limit:>6s} "
