@@ -26,10 +26,13 @@ records of one dataset:
   the images and the updates (Python, tokenization, bookkeeping);
 * ``passes``: per edit, counted with forward hooks on the language model's decoder (``forward``),
   its output's gradient hook (``backward``), the vision encoder (``image_encoder``) and the
-  method's own models (``side``, outermost calls).
+  method's own models (``side``, outermost calls); and the decoder's work in passes, each layer
+  that computes (``layer_forward``) or takes a gradient (``layer_backward``) a ``1 / layers``
+  fraction: a step that trains the last layer reruns only that layer.
 
 It then prints the model passes per edit beside EasyEdit's protocol, as read from its code
-(issue 12). CPU time, so a busy machine does not distort the figures; torch runs ``--threads``.
+(issue 12), FT's at the run's number of steps. CPU time, so a busy machine does not distort the
+figures; torch runs ``--threads``.
 
     PYTHONPATH=src python benchmarks/edit_speed.py [--config config/config.yaml] [--dataset demo-evqa]
         [--records 24] [--repeats 3] [--threads 1] [--batch-size 8] [--json PATH]
@@ -56,15 +59,17 @@ from passes import cpu_ms, image_load_ms, passes_and_limit
 
 REPO = Path(__file__).resolve().parents[1]
 #: Model passes per edit of EasyEdit's protocol, as read from its code (issue 12): (forwards,
-#: forward+backward pairs, where). KE has no multimodal path there; it is counted like MEND.
+#: forward+backward pairs, where); None pairs: one per training step, as many as the run takes
+#: (VLKEB's hparams take 15), so that both sides train alike. KE has no multimodal path there; it
+#: is counted like MEND.
 EASYEDIT = {
     "base": (5, 0, "MultimodalEditor: 5 post-edit forwards"),
     "IKE": (10, 0, "MultimodalEditor: 5 pre + 5 post forwards"),
     "SERAC": (10, 0, "MultimodalEditor: 5 pre + 5 post (its wrapper reruns the vision tower)"),
     "MEND": (10, 1, "MultimodalEditor: 5 pre + 5 post + 1 fwd+bwd"),
     "KE": (10, 1, "as MEND"),
-    "FT-L": (7, 15, "VLKEB FT: 15 fwd+bwd + 7 forwards"),
-    "FT-V": (7, 15, "VLKEB FT: 15 fwd+bwd + 7 forwards"),
+    "FT-L": (7, None, "VLKEB FT: a fwd+bwd per step + 7 forwards"),
+    "FT-V": (7, None, "VLKEB FT: a fwd+bwd per step + 7 forwards"),
 }
 
 
@@ -163,22 +168,27 @@ def main() -> None:
             images = images_ms[editor.keeps_image_features(adapter)]
             rest = loop - limit - images - optimiser
             figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": loop / limit,
-                             "image_load_ms": images, "optimiser_ms": optimiser, "rest_ms": rest, "passes": passes}
+                             "image_load_ms": images, "optimiser_ms": optimiser, "rest_ms": rest, "passes": passes,
+                             "num_steps": getattr(hparams, "num_steps", None)}
             print(f"{name:24s} {loop:8.2f} {limit:8.2f} {loop / limit:5.2f}x {images:7.2f} {optimiser:6.2f} "
                   f"{rest:6.2f}  "
                   f"{passes['forward']:.2f}, {passes['backward']:.2f}, {passes['image_encoder']:.2f}, "
                   f"{passes['side']:.2f}")
-    print("\nmodel passes per edit (forward + backward through the language model) beside EasyEdit's protocol")
-    print(f"{'family/method':24s} {'mmke':>6s} {'EasyEdit':>9s} {'share':>6s}  EasyEdit path")
+    print("\nmodel passes per edit (forward + backward through the language model) beside EasyEdit's protocol;"
+          "\n'layers': the same in the decoder layers' work, each layer 1/layers of a pass (a layer whose kept"
+          "\noutput stands in computes nothing; a backward stops at the lowest trained layer)")
+    print(f"{'family/method':24s} {'mmke':>6s} {'layers':>6s} {'EasyEdit':>9s} {'share':>6s} {'layers':>6s}  "
+          "EasyEdit path")
     for name, figure in figures.items():
         forwards, pairs, path = EASYEDIT.get(name.split("/", 1)[1], (None, None, "no counterpart"))
-        ours = figure["passes"]["forward"] + figure["passes"]["backward"]
+        passes = figure["passes"]
+        ours, layers = passes["forward"] + passes["backward"], passes["layer_forward"] + passes["layer_backward"]
         if forwards is None:
-            print(f"{name:24s} {ours:6.2f} {'-':>9s} {'-':>6s}  {path}")
+            print(f"{name:24s} {ours:6.2f} {layers:6.2f} {'-':>9s} {'-':>6s} {'-':>6s}  {path}")
             continue
-        theirs = forwards + 2 * pairs
+        theirs = forwards + 2 * (figure["num_steps"] if pairs is None else pairs)
         figure["easyedit_passes"] = theirs
-        print(f"{name:24s} {ours:6.2f} {theirs:9d} {ours / theirs:6.2f}  {path}")
+        print(f"{name:24s} {ours:6.2f} {layers:6.2f} {theirs:9d} {ours / theirs:6.2f} {layers / theirs:6.2f}  {path}")
     if args.json:
         args.json.write_text(json.dumps({"methods": figures}, indent=2) + "\n")
 

@@ -52,19 +52,28 @@ def side_modules(editor: Editor) -> list[torch.nn.Module]:
     return ([] if network is None else list(network.modules())) + ([] if encoder is None else [encoder])
 
 
+def first_computation(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s first submodule with weights of its own: it runs when ``module`` computes, not
+    when :meth:`VLMAdapter.frozen_layers_below` hands back the module's kept output."""
+    return next(sub for sub in module.modules() if next(sub.parameters(recurse=False), None) is not None)
+
+
 @contextlib.contextmanager
 def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[float],
             trained: set[str], optimiser_ms: list[float]) -> Iterator[None]:
     """Count passes with hooks: decoder forwards (and backwards through them), vision encoder calls,
     side-model calls (and their CPU time); collect the parameters that receive a gradient, and the
     CPU time of every ``torch.optim`` step (the methods' weight updates: no pass, but work the
-    method cannot skip either)."""
+    method cannot skip either).
+
+    ``layer_forward`` and ``layer_backward`` count the decoder's work in passes too, each layer a
+    fraction ``1 / layers``: a layer whose output :meth:`VLMAdapter.frozen_layers_below` hands back
+    computes nothing, and a backward stops at the lowest layer with a gradient to take, so a step
+    that trains the last layer costs that fraction of a pass, where a whole-pass count says 1."""
     model = adapter.model
     decoder = model.get_submodule(adapter.scopes()["llm.mlp.last1"][0].split(".layers.")[0])  # holds the layers
+    layers = list(decoder.get_submodule("layers"))
     vision = common_module(model, adapter.scopes()["vision"])
-    # its first module with weights of its own, which runs only when the encoder computes, not when
-    # frozen_layers_below hands back its kept output (FT-V's later steps)
-    vision = next(module for module in vision.modules() if next(module.parameters(recurse=False), None) is not None)
     starts: dict[str, float] = {}
 
     def on_decoder(module, args, output):
@@ -92,9 +101,17 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
     def step_end(optimiser, args, kwargs):
         optimiser_ms.append((time.process_time() - starts.pop("step")) * 1000)
 
+    def on_layer(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:  # a gradient reaches into this layer
+            hidden.register_hook(lambda grad: counts.update({"layer_backward": 1 / len(layers)}))
+
     handles = [decoder.register_forward_hook(on_decoder),
                register_optimizer_step_pre_hook(step_start), register_optimizer_step_post_hook(step_end),
-               vision.register_forward_hook(lambda *_: counts.update(["image_encoder"]))]
+               first_computation(vision).register_forward_hook(lambda *_: counts.update(["image_encoder"]))]
+    for layer in layers:
+        handles += [layer.register_forward_hook(on_layer), first_computation(layer).register_forward_hook(
+            lambda *_: counts.update({"layer_forward": 1 / len(layers)}))]
     handles += [param.register_hook(lambda grad, name=name: trained.add(name))
                 for name, param in model.named_parameters() if param.requires_grad]
     for module in side_modules(editor):
@@ -114,7 +131,8 @@ def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageR
     counts, side, trained, steps = Counter(), [], set(), []
     with counted(adapter, editor, counts, side, trained, steps):
         evaluate(adapter, editor, records, roots, baseline, protocol, **loop)
-    passes = {key: counts[key] / len(records) for key in ("forward", "backward", "image_encoder", "side")}
+    passes = {key: counts[key] / len(records)
+              for key in ("forward", "backward", "image_encoder", "side", "layer_forward", "layer_backward")}
     limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), baseline, protocol, passes["backward"],
                      trained, sum(side) / len(records), repeats, loop.get("stored_features") is not None)
     return passes, limit, sum(steps) / len(records)

@@ -30,10 +30,15 @@ def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(store, tm
     # measures once; MEND takes one gradient and measures once, and runs its network
     # with the baseline's features stored, no method here runs the image encoder
     encoder = 0 if store else 0.5
-    assert figures["blip2/base"]["passes"] == {"forward": 0.5, "backward": 0, "image_encoder": encoder, "side": 0}
+    assert figures["blip2/base"]["passes"] == {"forward": 0.5, "backward": 0, "image_encoder": encoder, "side": 0,
+                                               "layer_forward": 0.5, "layer_backward": 0}
     assert figures["blip2/FT-L"]["passes"]["image_encoder"] == 2 * encoder
     assert figures["blip2/FT-L"]["passes"]["forward"] == num_steps + 1
     assert figures["blip2/FT-L"]["passes"]["backward"] == num_steps
+    # in the decoder's work: FT-L trains the last of the 2 layers, so after the first step the lower
+    # layer's kept output stands in and each step computes, and backpropagates through, half a pass
+    assert figures["blip2/FT-L"]["passes"]["layer_forward"] == 1 + (num_steps - 1) / 2 + 1
+    assert figures["blip2/FT-L"]["passes"]["layer_backward"] == num_steps / 2
     assert figures["blip2/MEND"]["passes"]["forward"] == 2 and figures["blip2/MEND"]["passes"]["backward"] == 1
     assert figures["blip2/MEND"]["passes"]["side"] > 0
     for name, figure in figures.items():
@@ -45,4 +50,5 @@ def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(store, tm
     assert figures["blip2/FT-L"]["optimiser_ms"] > 0
     assert figures["blip2/base"]["optimiser_ms"] == figures["blip2/MEND"]["optimiser_ms"] == 0
     assert figures["blip2/MEND"]["easyedit_passes"] == 12  # 5 pre + 5 post forwards + 1 fwd+bwd
+    assert figures["blip2/FT-L"]["easyedit_passes"] == 7 + 2 * num_steps  # VLKEB's FT at the same steps
     assert "images" in done.stdout and "EasyEdit" in done.stdout
