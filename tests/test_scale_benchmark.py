@@ -71,6 +71,10 @@ def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(st
     # one gradient + its measurement
     assert rows["base"]["passes"]["forward"] == 0.5 and rows["base"]["passes"]["backward"] == 0
     assert rows["FT-L"]["passes"]["forward"] == 4 and rows["FT-L"]["passes"]["backward"] == 3
+    # in the decoder's work: FT-L tunes layer 31 of the paper's 32 (kept at test width), so its
+    # later steps compute, and backpropagate through, that layer alone
+    assert rows["FT-L"]["passes"]["layer_forward"] == 1 + 2 / 32 + 1
+    assert rows["FT-L"]["passes"]["layer_backward"] == 3 / 32
     assert rows["MEND"]["passes"]["forward"] == 2 and rows["MEND"]["passes"]["backward"] == 1
     assert rows["MEND"]["passes"]["side"] > 0  # its editor network ran
     for row in rows.values():
