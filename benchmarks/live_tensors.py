@@ -19,12 +19,14 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveTensors(TorchDispatchMode):
-    """While open, counts every tensor storage an operator allocates until it is freed.
+    """While open, counts every tensor storage an operator reads or writes, from then until it is freed.
 
-    ``live``: bytes allocated while open and not freed yet; ``peak``: the most ``live`` has been
-    since opening or the last :meth:`reset_peak`. Storages that existed before opening (a model
-    loaded earlier) are not counted, nor are views and in-place results: an operator's output
-    counts only where its schema says it is no alias of an input, so ``weight.t()`` adds nothing.
+    ``live``: the bytes of those storages still alive; ``peak``: the most ``live`` has been since
+    opening or the last :meth:`reset_peak`. A storage counts once, whatever views of it an
+    operator sees. Counting what operators read too takes in the tensors made without one: a
+    model loaded from safetensors on a CPU lies in the file's memory map until a forward uses it,
+    where a GPU run copies it to the device. Opened before anything is built, it therefore counts
+    what a GPU would hold; a tensor from before opening counts from its first use.
     """
 
     def __init__(self) -> None:
@@ -39,12 +41,9 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        outputs = result if isinstance(result, tuple) else (result,)
-        for returned, output in zip(func._schema.returns, outputs):
-            if returned.alias_info is None:  # a fresh allocation, not a view or an in-place result
-                for tensor in tree_flatten(output)[0]:
-                    if isinstance(tensor, torch.Tensor):
-                        self._count(tensor.untyped_storage())
+        for value in tree_flatten((args, kwargs, result))[0]:
+            if isinstance(value, torch.Tensor):
+                self._count(value.untyped_storage())
         return result
 
     def _count(self, storage: torch.UntypedStorage) -> None:

@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from transformers import OPTConfig, OPTForCausalLM
 
 SPEC = importlib.util.spec_from_file_location(
     "live_tensors", Path(__file__).resolve().parents[1] / "benchmarks" / "live_tensors.py")
@@ -32,19 +33,33 @@ def test_counts_each_allocation_until_it_is_freed_and_keeps_the_peak():
     assert count.live == 0 and outside.numel() == 1000
 
 
-def test_tensors_from_before_count_only_through_what_they_allocate():
-    weight = torch.randn(100, 50, requires_grad=True)  # a model loaded before counting starts
+def test_a_tensor_from_before_opening_counts_from_its_first_use():
+    weight = torch.ones(100, 50)  # 20,000 bytes
     with live_tensors.LiveTensors() as count:
-        transposed = weight.t()  # a view of a storage from before: nothing
         assert count.live == 0
+        transposed = weight.t()  # its first use: its storage counts, once, whatever the views
+        weight.requires_grad_(True)
+        assert count.live == 20000
         x = torch.randn(8, 100)  # 3,200 bytes
         loss = (x @ weight).relu().sum()
-        peak_before_backward = count.peak
-        loss.backward()  # the weight's gradient: 20,000 bytes that outlive the backward
-        assert count.live == 3200 + 20000 + loss.untyped_storage().nbytes()
         # the forward's [8, 50] product and its relu (1,600 bytes each) were alive at once
-        assert peak_before_backward >= 3200 + 2 * 1600
+        assert count.peak >= 20000 + 3200 + 2 * 1600
+        loss.backward()  # the weight's gradient: 20,000 bytes more, which outlive the backward
+        assert count.live == 20000 + 3200 + 20000 + loss.untyped_storage().nbytes()
         assert transposed.shape == (50, 100)
+
+
+def test_a_model_loaded_from_safetensors_counts_once_a_forward_uses_it(tmp_path):
+    # on a CPU from_pretrained leaves the weights in the file's memory map, where a GPU run copies
+    # them to the device: they count as the forward reads them
+    config = OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                       word_embed_proj_dim=32)
+    OPTForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    with live_tensors.LiveTensors() as count:
+        model = OPTForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+        assert count.live == sum(p.numel() for p in model.parameters()) * 2
 
 
 def test_a_module_built_while_open_counts_its_parameters_exactly():
