@@ -55,24 +55,9 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.stages import load_configured_model, load_eval_split
-from passes import cpu_ms, image_load_ms, passes_and_limit
+from passes import cpu_ms, image_load_ms, passes_and_limit, print_easyedit_passes
 
 REPO = Path(__file__).resolve().parents[1]
-#: Model passes per edit of EasyEdit's protocol, as read from its code (issue 12): (forwards,
-#: forward+backward pairs, where); None pairs: one per training step, as many as the run takes
-#: (VLKEB's hparams take 15), so that both sides train alike. KE has no multimodal path there; it
-#: is counted like MEND.
-EASYEDIT = {
-    "base": (5, 0, "MultimodalEditor: 5 post-edit forwards"),
-    "IKE": (10, 0, "MultimodalEditor: 5 pre + 5 post forwards"),
-    "SERAC": (10, 0, "MultimodalEditor: 5 pre + 5 post (its wrapper reruns the vision tower)"),
-    "MEND": (10, 1, "MultimodalEditor: 5 pre + 5 post + 1 fwd+bwd"),
-    "KE": (10, 1, "as MEND"),
-    "FT-L": (7, None, "VLKEB FT: a fwd+bwd per step + 7 forwards"),
-    "FT-V": (7, None, "VLKEB FT: a fwd+bwd per step + 7 forwards"),
-}
-
-
 def hparams_path(config: dict, method: str, model: str) -> Path:
     """``<hparams_dir>/<METHOD>/<model>.yaml`` unless ``models.<model>.hparams`` reuses another
     model's file (the workflow's rule, workflow/rules/common.smk)."""
@@ -174,21 +159,7 @@ def main() -> None:
                   f"{rest:6.2f}  "
                   f"{passes['forward']:.2f}, {passes['backward']:.2f}, {passes['image_encoder']:.2f}, "
                   f"{passes['side']:.2f}")
-    print("\nmodel passes per edit (forward + backward through the language model) beside EasyEdit's protocol;"
-          "\n'layers': the same in the decoder layers' work, each layer 1/layers of a pass (a layer whose kept"
-          "\noutput stands in computes nothing; a backward stops at the lowest trained layer)")
-    print(f"{'family/method':24s} {'mmke':>6s} {'layers':>6s} {'EasyEdit':>9s} {'share':>6s} {'layers':>6s}  "
-          "EasyEdit path")
-    for name, figure in figures.items():
-        forwards, pairs, path = EASYEDIT.get(name.split("/", 1)[1], (None, None, "no counterpart"))
-        passes = figure["passes"]
-        ours, layers = passes["forward"] + passes["backward"], passes["layer_forward"] + passes["layer_backward"]
-        if forwards is None:
-            print(f"{name:24s} {ours:6.2f} {layers:6.2f} {'-':>9s} {'-':>6s} {'-':>6s}  {path}")
-            continue
-        theirs = forwards + 2 * (figure["num_steps"] if pairs is None else pairs)
-        figure["easyedit_passes"] = theirs
-        print(f"{name:24s} {ours:6.2f} {layers:6.2f} {theirs:9d} {ours / theirs:6.2f} {layers / theirs:6.2f}  {path}")
+    print_easyedit_passes(figures)
     if args.json:
         args.json.write_text(json.dumps({"methods": figures}, indent=2) + "\n")
 

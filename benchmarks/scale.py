@@ -30,7 +30,8 @@ paper's models as a GPU would hold them. The MiniGPT-4 figures are compared with
 hparams run unchanged. ``--stored-features`` keeps the baseline's image features and hands them
 to the edits, as the workflow does with ``evaluation.store_image_features`` (config/mmedit.yaml). ``--limit`` (CPU) also times the passes each method cannot avoid, alone, as
 benchmarks/edit_speed.py does on the demo's tiny models, and prints the loop's ratio to them: at the
-paper's sizes, what the loop adds beyond its model passes.
+paper's sizes, what the loop adds beyond its model passes; it then prints the passes per edit,
+whole and in the decoder layers' work, beside EasyEdit's protocol (as edit_speed.py does).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_to
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
 from live_tensors import LiveTensors
-from passes import passes_and_limit
+from passes import passes_and_limit, print_easyedit_passes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,7 +291,7 @@ def run_method(method: str, model_name: str, adapter, records, roots, data: Mapp
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows), "cpu_s_per_edit": cpu / len(result.rows),
            "peak_gib": meter.peak_gib(), "allocated_gib": meter.allocated_gib(), "reserved_gib": meter.reserved_gib(),
-           "notes": notes}
+           "num_steps": getattr(hparams, "num_steps", None), "notes": notes}
     if args.limit:
         row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"], stored)
     del editor
@@ -437,6 +438,9 @@ def main(argv: list[str] | None = None) -> dict:
         for model_name in models:
             reports[model_name] = run_model(model_name, args, device, dtype, Path(tmp), meter, data)
     print_table(reports, device)
+    if args.limit:
+        print_easyedit_passes({f"{model}/{method}": row for model, report in reports.items()
+                               for method, row in report["methods"].items() if "passes" in row})
     result = {"device": str(device), "dtype": args.dtype, "small": args.small, "edits": args.edits,
               "steps": args.steps, "stored_features": args.stored_features, "memory": "cuda max_memory_allocated" if device.type == "cuda"
               else ("peak RSS (clear_refs)" if meter.exact else "process peak RSS (ru_maxrss)"),

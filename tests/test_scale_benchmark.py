@@ -75,6 +75,8 @@ def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(st
     # later steps compute, and backpropagate through, that layer alone
     assert rows["FT-L"]["passes"]["layer_forward"] == 1 + 2 / 32 + 1
     assert rows["FT-L"]["passes"]["layer_backward"] == 3 / 32
+    assert rows["FT-L"]["easyedit_passes"] == 7 + 2 * 3  # VLKEB's FT at the same 3 steps
+    assert rows["MEND"]["easyedit_passes"] == 12 and "EasyEdit path" in done.stdout
     assert rows["MEND"]["passes"]["forward"] == 2 and rows["MEND"]["passes"]["backward"] == 1
     assert rows["MEND"]["passes"]["side"] > 0  # its editor network ran
     for row in rows.values():
