@@ -55,7 +55,7 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.stages import load_configured_model, load_eval_split
-from passes import cpu_ms, image_load_ms, passes_and_limit, print_easyedit_passes
+from passes import cpu_ms, easyedit_passes, image_load_ms, passes_and_limit, print_easyedit_passes
 
 REPO = Path(__file__).resolve().parents[1]
 def hparams_path(config: dict, method: str, model: str) -> Path:
@@ -152,9 +152,10 @@ def main() -> None:
             name = f"{entry['family']}/{method}"
             images = images_ms[editor.keeps_image_features(adapter)]
             rest = loop - limit - images - optimiser
+            steps = getattr(hparams, "num_steps", None)
             figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": loop / limit,
                              "image_load_ms": images, "optimiser_ms": optimiser, "rest_ms": rest, "passes": passes,
-                             "num_steps": getattr(hparams, "num_steps", None)}
+                             "num_steps": steps, "easyedit_passes": easyedit_passes(method, steps)}
             print(f"{name:24s} {loop:8.2f} {limit:8.2f} {loop / limit:5.2f}x {images:7.2f} {optimiser:6.2f} "
                   f"{rest:6.2f}  "
                   f"{passes['forward']:.2f}, {passes['backward']:.2f}, {passes['image_encoder']:.2f}, "

@@ -38,25 +38,32 @@ EASYEDIT = {
 }
 
 
+def easyedit_passes(method: str, num_steps: int | None) -> int | None:
+    """EasyEdit's model passes per edit for ``method`` (:data:`EASYEDIT`; FT's at ``num_steps``,
+    the run's), a fwd+bwd counted as 2; None where EasyEdit has no counterpart."""
+    forwards, pairs, _ = EASYEDIT.get(method, (None, None, ""))
+    if forwards is None:
+        return None
+    return forwards + 2 * (num_steps if pairs is None else pairs)
+
+
 def print_easyedit_passes(figures: Mapping[str, dict]) -> None:
     """Print each ``"<family or model>/<method>"`` figure's passes per edit (its ``passes``, counted by
-    :func:`counted`) beside EasyEdit's (:data:`EASYEDIT`, FT's at the figure's ``num_steps``), whole
-    and in the decoder's work, and store EasyEdit's count in the figure as ``easyedit_passes``."""
+    :func:`counted`), whole and in the decoder's work, beside its ``easyedit_passes``."""
     print("\nmodel passes per edit (forward + backward through the language model) beside EasyEdit's protocol;"
           "\n'layers': the same in the decoder layers' work, each layer 1/layers of a pass (a layer whose kept"
           "\noutput stands in computes nothing; a backward stops at the lowest trained layer)")
     print(f"{'model/method':26s} {'mmke':>6s} {'layers':>6s} {'EasyEdit':>9s} {'share':>6s} {'layers':>6s}  "
           "EasyEdit path")
     for name, figure in figures.items():
-        forwards, pairs, path = EASYEDIT.get(name.split("/", 1)[1], (None, None, "no counterpart"))
-        passes = figure["passes"]
+        path = EASYEDIT.get(name.split("/", 1)[1], (None, None, "no counterpart"))[2]
+        passes, theirs = figure["passes"], figure["easyedit_passes"]
         ours, layers = passes["forward"] + passes["backward"], passes["layer_forward"] + passes["layer_backward"]
-        if forwards is None:
+        if theirs is None:
             print(f"{name:26s} {ours:6.2f} {layers:6.2f} {'-':>9s} {'-':>6s} {'-':>6s}  {path}")
-            continue
-        theirs = forwards + 2 * (figure["num_steps"] if pairs is None else pairs)
-        figure["easyedit_passes"] = theirs
-        print(f"{name:26s} {ours:6.2f} {layers:6.2f} {theirs:9d} {ours / theirs:6.2f} {layers / theirs:6.2f}  {path}")
+        else:
+            print(f"{name:26s} {ours:6.2f} {layers:6.2f} {theirs:9d} {ours / theirs:6.2f} {layers / theirs:6.2f}  "
+                  f"{path}")
 
 
 def cpu_ms(run: Callable[[], object], repeats: int) -> float:

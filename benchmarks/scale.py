@@ -68,7 +68,7 @@ from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_to
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
 from live_tensors import LiveTensors
-from passes import passes_and_limit, print_easyedit_passes
+from passes import easyedit_passes, passes_and_limit, print_easyedit_passes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -289,9 +289,10 @@ def run_method(method: str, model_name: str, adapter, records, roots, data: Mapp
     wall, cpu = time.perf_counter(), time.process_time()
     result = evaluate(adapter, editor, records, roots, baseline, Protocol(), stored_features=stored)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    steps = getattr(hparams, "num_steps", None)
     row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows), "cpu_s_per_edit": cpu / len(result.rows),
            "peak_gib": meter.peak_gib(), "allocated_gib": meter.allocated_gib(), "reserved_gib": meter.reserved_gib(),
-           "num_steps": getattr(hparams, "num_steps", None), "notes": notes}
+           "num_steps": steps, "easyedit_passes": easyedit_passes(method, steps), "notes": notes}
     if args.limit:
         row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"], stored)
     del editor

@@ -406,12 +406,12 @@ def test_lifelong_rows_at_the_read_positions_equal_the_full_logits(method, value
     assert adapter.__dict__["logits"] is patched  # each memory's batch tap put the instance's logits back
 
 
-def edited_weights(adapter, edit, record, hooks) -> dict[str, torch.Tensor]:
-    """The model's parameters while ``edit`` of ``record`` is live (it is reverted afterwards),
-    with ``hooks`` (``(module, forward hook)`` pairs) on their modules meanwhile."""
+def edited_weights(adapter, editor, record, hooks) -> dict[str, torch.Tensor]:
+    """The model's parameters while ``editor``'s edit of ``record`` is live (it is reverted
+    afterwards), with ``hooks`` (``(module, forward hook)`` pairs) on their modules meanwhile."""
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
-        done = edit.apply(adapter, [record])
+        done = editor.apply(adapter, [record])
         after = {name: p.detach().clone() for name, p in adapter.named_parameters().items()}
         done.revert()
     finally:
