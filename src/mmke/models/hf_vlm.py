@@ -299,21 +299,20 @@ class HFVLMAdapter(VLMAdapter):
         hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
         return output_logits(self.model, hidden, positions)
 
-    def _module_prefix(self, paths: Sequence[str]) -> str | None:
-        """``named_modules`` prefix of the first of ``paths`` (dotted, under ``model.model``) present."""
-        modules = dict(self.model.named_modules())
-        for path in paths:
-            for name in modules:
-                if name == path or name.endswith(f".{path}"):
-                    return f"{name}."
-        return None
+    def _image_modules(self) -> dict[str, str]:
+        """``named_modules`` prefix (dotted) of the vision encoder (scope ``vision``) and of the
+        projector into the LM (``vision_proj``): the first of ``VISION_MODULES`` and of
+        ``PROJECTOR_MODULES`` the model has, in the order images pass them; absent ones left out."""
+        names = [name for name, _ in self.model.named_modules()]
+        found = {scope: next((f"{name}." for path in paths for name in names
+                              if name == path or name.endswith(f".{path}")), None)
+                 for scope, paths in (("vision", self.VISION_MODULES), ("vision_proj", self.PROJECTOR_MODULES))}
+        return {scope: prefix for scope, prefix in found.items() if prefix is not None}
 
     def image_stages(self) -> list[tuple[str, str]]:
         # Qwen2-VL's merger lies inside its vision module: frozen_layers_below keeps no stage that
         # holds a trained one
-        stages = [(self._module_prefix(self.VISION_MODULES), "vision"),
-                  (self._module_prefix(self.PROJECTOR_MODULES), "vision_proj")]
-        return [(prefix.rstrip("."), scope) for prefix, scope in stages if prefix is not None]
+        return [(prefix.rstrip("."), scope) for scope, prefix in self._image_modules().items()]
 
     def scopes(self) -> dict[str, list[str]]:
         model = self.model
@@ -321,8 +320,8 @@ class HFVLMAdapter(VLMAdapter):
         scopes = mlp_scopes(model, layers) | layer_scopes(model, layers)
         language_model = layers[0].rsplit(".layers.", 1)[0]
         scopes["llm"] = params_under(model, f"{language_model}.", "lm_head.")
-        projector = self._module_prefix(self.PROJECTOR_MODULES)
-        vision = self._module_prefix(self.VISION_MODULES)
+        modules = self._image_modules()
+        projector, vision = modules.get("vision_proj"), modules.get("vision")
         if projector is not None:
             scopes["vision_proj"] = params_under(model, projector)
         if vision is not None:
