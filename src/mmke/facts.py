@@ -86,7 +86,7 @@ class FactItem:
 
 @dataclasses.dataclass(frozen=True)
 class ContextConfig:
-    """How often and how questions are asked after an IKE-style context (README, "The demo world").
+    """How often and how questions are asked after an IKE-style context (docs/world.md).
 
     ``share`` of the items get a context; of those, ``relevant`` state a new fact about the item's
     own question (answer: the new target), the rest a new fact about something else (answer: the

@@ -15,7 +15,7 @@ Two stages use this module:
 
 Both are a function of their config, seed and code: the budget is a number of steps, the stream
 is seeded, dropout stays off (eval mode) and nothing depends on wall time. What the demo's budget
-buys, and which choices it took, is in the README ("The demo world").
+buys, and which choices it took, is in docs/world.md.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def build_tiny_blip2(out_dir: str | os.PathLike, *, seed: int = 0, image_size: i
     ``position_sincos`` replaces the random vision position embeddings by MAE's fixed 2-D sin-cos
     table times that scale: random ones (the default) carry no notion of left or right, and in
     the demo world the tiny model never learnt *where* an object is from them (held-out position
-    accuracy at chance) while with the sin-cos table it does (1.00; README, "The demo world").
+    accuracy at chance) while with the sin-cos table it does (1.00; docs/world.md).
     """
     tokenizer = train_tokenizer(vocab_size)
     text_config = OPTConfig(
