@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from mmke.data.records import ImageRoots, RecordImages
+from mmke.data.records import ImageRoots
 from mmke.evaluate import Baseline, Protocol, edit_requests, evaluate, loop_images, measured_batch, read_positions
 from mmke.image_features import StoredImageFeatures
 from mmke.methods.base import Editor
@@ -176,46 +176,54 @@ def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageR
         evaluate(adapter, editor, records, roots, baseline, protocol, **loop)
     passes = {key: counts[key] / len(records)
               for key in ("forward", "backward", "image_encoder", "side", "layer_forward", "layer_backward")}
-    limit = limit_ms(adapter, editor, records, RecordImages(roots, memo=1), baseline, protocol, passes["backward"],
-                     trained, sum(side) / len(records), repeats, loop.get("stored_features") is not None)
+    limit = limit_ms(adapter, editor, records, roots, baseline, protocol, passes["backward"],
+                     trained, sum(side) / len(records), repeats, loop.get("stored_features"))
     return passes, limit, sum(steps) / len(records)
 
 
-def limit_ms(adapter: VLMAdapter, editor: Editor, records, images: RecordImages, baseline: Baseline,
+def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
              protocol: Protocol, backward_per_edit: float, trained: set[str], side_ms_per_edit: float,
-             repeats: int, stored: bool = False) -> float:
-    """The passes the method needs per edit, each timed alone (mean over the records). ``stored``:
-    the baseline's features stand in for the image encoder where the method keeps them."""
-    editor.bind_images(images)
+             repeats: int, stored_features: StoredImageFeatures | None = None) -> float:
+    """The passes the method needs per edit, each timed alone (mean over the records).
+    ``stored_features``: the baseline's, which stand in for the image encoder where the method
+    keeps them, as in the loop (whose model may have released its image path)."""
     frozen = editor.keeps_image_features(model=adapter)
+    images, lookup = loop_images(roots, 1, stored_features, frozen)
+    stored = lookup if frozen else None
+    editor.bind_images(images)
+
+    def features() -> contextlib.AbstractContextManager:
+        """As in the loop: each image's features once (or read) where the method keeps them."""
+        return adapter.frozen_image_features(stored) if frozen else contextlib.nullcontext()
+
     total = 0.0
     for record in records:
         imgs = images(record)
-        edit = editor.apply(adapter, [record])
+        with features():
+            edit = editor.apply(adapter, [record])
         try:
-            requests = edit_requests(record, imgs, edit, baseline)  # what the loop asks
-            batch, owners = measured_batch(adapter, protocol, requests)
-            positions = read_positions(batch, owners, requests)
-            with adapter.frozen_image_features(), torch.no_grad():
+            with adapter.frozen_image_features(stored), torch.no_grad():
+                requests = edit_requests(record, imgs, edit, baseline)  # what the loop asks
+                batch, owners = measured_batch(adapter, protocol, requests)
+                positions = read_positions(batch, owners, requests)
                 adapter.logits(batch, positions)  # memoise the features: the forward alone is timed next
                 forward = cpu_ms(lambda: adapter.logits(batch, positions), repeats)
             with torch.no_grad():
                 distinct = list({id(source): i for i, source in enumerate(batch.sources)}.values())
-                encode = 0.0 if stored and frozen else cpu_ms(lambda: adapter.image_features(batch, distinct), repeats)
+                encode = 0.0 if stored is not None else cpu_ms(lambda: adapter.image_features(batch, distinct), repeats)
         finally:
             edit.revert()
         total += forward + encode
         if backward_per_edit:
-            item = adapter.teacher_forced([record.prompt], [record.target], [imgs["image"]])
-            memo = adapter.frozen_image_features() if frozen else contextlib.nullcontext()
-
-            def step() -> None:
-                target_nll(adapter.logits(item), item.labels).backward()
-
             # gradients taken for activations (MEND's layer outputs) or for a memory beside the model
             # (LoRA, GRACE, WISE) reach no model parameter: the parameters the method edits then
             names = trained or set(editor.edited_parameters(adapter))
-            with memo, only_trainable(adapter, names):
+            with features(), only_trainable(adapter, names):
+                item = adapter.teacher_forced([record.prompt], [record.target], [imgs["image"]])
+
+                def step() -> None:
+                    target_nll(adapter.logits(item), item.labels).backward()
+
                 step()  # memoised features where the method keeps them
                 first = cpu_ms(step, repeats)
                 with adapter.frozen_layers_below(names):  # later steps: as the training loops run them

@@ -107,19 +107,23 @@ def test_stored_features_give_the_records_of_computing_them_and_skip_the_encoder
     """...and BLIP-2's fixed query positions need no pixels then: no image file is decoded."""
     baseline, features = stored
     rows, calls, decoded_files = [], [], []
-    for store in (None, features):
+    # the third run as a job whose store covers its images runs it: the image path's weights freed
+    released = method != "FT-V"
+    for store, release in ((None, False), (features, False), (features, released)):
         model = load_model("blip2", tiny_blip2_dir, image_size=32)
+        if release:
+            assert model.release_image_modules() > 0
         with encoder_calls(model) as count, decodes(monkeypatch) as files:
             rows.append(evaluate(model, editor(method), eval_records, roots, baseline, Protocol(),
                                  stored_features=store).rows)
         calls.append(count[0])
         decoded_files.append(files[0])
-    assert rows[0] == rows[1]
+    assert rows[0] == rows[1] == rows[2]
     if method == "FT-V":  # it trains the Q-Former: the baseline's features are not its model's
         assert calls[1] == calls[0] > 0 and decoded_files[1] == decoded_files[0] == 3 * len(eval_records)
     else:
-        assert calls[0] > 0 and calls[1] == 0
-        assert decoded_files == [3 * len(eval_records), 0]
+        assert calls[0] > 0 and calls[1] == calls[2] == 0
+        assert decoded_files == [3 * len(eval_records), 0, 0]
 
 
 def test_the_baseline_encodes_each_image_once_also_when_a_chunk_exceeds_the_memo(tiny_blip2_dir, eval_records,
@@ -183,8 +187,15 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
         evaluate_stage(**common, metrics_out=tmp_path / f"m{store}.json", records_out=tmp_path / f"r{store}.jsonl",
                        evaluation={"batch_tokens": tokens})
         outputs[store] = read_jsonl(tmp_path / f"r{store}.jsonl"), read_jsonl(base["rows_out"])
-        assert json.loads((tmp_path / f"m{store}.json").read_text())["batch_tokens"] == tokens
+        metrics = json.loads((tmp_path / f"m{store}.json").read_text())
+        assert metrics["batch_tokens"] == tokens
+        assert metrics["image_modules_released"] is store  # the store covers every image FT-L's job reads
     assert outputs[True] == outputs[False]
+    (tmp_path / "ftv.yaml").write_text("method: FT-V\nscopes: [qformer]\nnum_steps: 1\n")
+    evaluate_stage(**{**common, "hparams_path": tmp_path / "ftv.yaml", "names": {**common["names"], "method": "FT-V"}},
+                   metrics_out=tmp_path / "v.json",
+                   records_out=tmp_path / "v.jsonl")  # it trains upstream of the features: they are recomputed
+    assert json.loads((tmp_path / "v.json").read_text())["image_modules_released"] is False
     with pytest.raises(ValueError, match=r"featuresTrue.safetensors: features of model settings .* rerun the baseline"):
         evaluate_stage(**{**common, "model": {**model, "image_size": 64}}, metrics_out=tmp_path / "x.json",
                        records_out=tmp_path / "x.jsonl")
@@ -261,8 +272,12 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
     save_image_features(tmp_path / "features.safetensors", baseline.image_features, {"family": family})
     features = StoredImageFeatures(tmp_path / "features.safetensors")
     rows, calls, decoded_files = [], [], []
-    for store in (None, features):
+    for store, release in ((None, False), (features, False), (features, True)):
         model = other_families[family]()
+        if release:  # as a job whose store covers its images: the image path's weights are freed
+            assert model.release_image_modules() > 0
+            assert all(tensor.is_meta for path, _ in model.image_stages()
+                       for tensor in model.model.get_submodule(path).state_dict().values())
         count = [0]
 
         def image_features(batch, which, compute=model.image_features):
@@ -276,9 +291,9 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
                                      stored_features=store).rows)
         calls.append(count[0])
         decoded_files.append(files[0])
-    assert rows[:2] == rows[2:]
-    assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == 0
-    assert decoded_files == [2 * 3 * len(eval_records), 0]
+    assert rows[:2] == rows[2:4] == rows[4:]
+    assert calls[0] >= 2 * len(baseline.image_features) and calls[1] == calls[2] == 0
+    assert decoded_files == [2 * 3 * len(eval_records), 0, 0]
     if family in ("qwen2vl", "onevision"):  # the shapes matter: images with different numbers of image tokens
         assert len({features.get(key).shape[0] for key in baseline.image_features}) > 1
 
@@ -315,3 +330,16 @@ def test_a_batch_without_pixels_is_refused_once_its_store_is_closed(stored, adap
             adapter.logits(batch)
     with pytest.raises(RuntimeError, match="built without pixels, for stored features that are not open now"):
         adapter.logits(batch)
+
+
+def test_released_image_modules_refuse_an_image_the_store_lacks(stored, tiny_blip2_dir, eval_records, roots):
+    baseline, features = stored
+    model = load_model("blip2", tiny_blip2_dir, image_size=32)
+    weights = sum(tensor.nbytes for path, _ in model.image_stages()
+                  for tensor in model.model.get_submodule(path).state_dict().values())
+    assert model.release_image_modules() == weights
+    assert features.covers(eval_records, roots)
+    with pytest.raises(RuntimeError, match=r"blip2: vision_model was released .* an image without stored features"):
+        evaluate(model, editor("base"), eval_records, roots, baseline, Protocol())  # no store: every image encoded
+    other = ImageRoots(roots.image, rephrase=roots.image.parent)  # rephrased images under another root: not stored
+    assert not features.covers(eval_records, other)

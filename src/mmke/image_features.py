@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
 
+from mmke.data.records import IMAGE_FIELDS, EditRecord, ImageRoots
 from mmke.io import atomic_path, broken_safetensors_message
 
 FORMAT = "mmke-image-features/1"
@@ -77,3 +78,8 @@ class StoredImageFeatures:
     def get(self, key: str | None) -> torch.Tensor | None:
         """The stored features of image ``key``; None when the file has none for it."""
         return self._file.get_tensor(key) if key in self._keys else None
+
+    def covers(self, records: Iterable[EditRecord], roots: ImageRoots) -> bool:
+        """Whether every image of ``records`` has stored features: then no image pass is left."""
+        return all(roots.key(field, getattr(record, field)) in self._keys
+                   for record in records for field in IMAGE_FIELDS)

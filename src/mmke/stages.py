@@ -168,6 +168,9 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         records = shard_slice(records, *shard, group=schedule.group_size(len(records)))
     adapter = load_configured_model(model, device, protocol)
     stored = None if image_features is None else StoredImageFeatures(image_features, model)
+    # the store stands in for every image pass of this job: the image path's weights can go
+    released = (stored is not None and editor.keeps_image_features(adapter) and stored.covers(records, roots)
+                and adapter.release_image_modules() > 0)
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
                       Protocol(**protocol), schedule, batch_size, stored_features=stored, batch_tokens=batch_tokens)
@@ -187,6 +190,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "timings": {"load_s": load_s, **result.timings},
         "device": str(adapter.device),
+        "image_modules_released": released,
     }
     write_json(metrics_out, report)
     return report
