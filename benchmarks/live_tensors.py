@@ -48,7 +48,7 @@ class LiveTensors(TorchDispatchMode):
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)  # torch keeps one Python object per storage while the storage lives
-        if key in self._storages:
+        if key in self._storages or storage.device.type == "meta":  # a meta storage holds no data
             return
         size = storage.nbytes()
         self._storages[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))

@@ -66,3 +66,16 @@ def test_a_module_built_while_open_counts_its_parameters_exactly():
     with live_tensors.LiveTensors() as count:
         layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
     assert count.live == sum(p.numel() for p in layer.parameters()) * 2
+
+
+def test_weights_moved_to_the_meta_device_no_longer_count():
+    """As VLMAdapter.release_image_modules frees the image path: meta tensors hold no data."""
+    with live_tensors.LiveTensors() as count:
+        layer = torch.nn.Linear(64, 32)
+        layer(torch.ones(1, 64))
+        weights = sum(p.numel() for p in layer.parameters()) * 4
+        assert count.live == weights  # the input and output, unreferenced, are gone
+        layer.to("meta")
+        assert count.live == 0
+        assert layer(torch.ones(1, 64, device="meta")).shape == (1, 32)
+        assert count.live == 0
