@@ -30,6 +30,7 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.io import read_jsonl
 from mmke.methods.base import get_method
 from mmke.models import load_model
+from mmke.models.base import VLMAdapter
 from mmke.models.hf_vlm import HFVLMAdapter, without_video_processor
 from mmke.models.tiny import (
     build_tiny_blip2,
@@ -168,7 +169,15 @@ def test_record_images_name_only_the_images_they_still_keep(eval_records, roots)
     assert images.key(second["image"]) is None
 
 
-def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_path):
+def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_path, monkeypatch):
+    moves = []  # per evaluate job: whether the image path's weights were gone when the model went to its device
+
+    def to(adapter, device, move=VLMAdapter.to):
+        moves.append(not [tensor for path, _ in adapter.image_stages()
+                          for tensor in adapter.model.get_submodule(path).state_dict().values()])
+        return move(adapter, device)
+
+    monkeypatch.setattr(VLMAdapter, "to", to)
     model = {"family": "blip2", "path": str(build_tiny_blip2(tmp_path / "model", seed=0)), "image_size": 32}
     write_demo_dataset(tmp_path / "data", "evqa", n_train=2, n_eval=3, seed=0, image_size=32)
     dataset = {"kind": "evqa", "eval": str(tmp_path / "data/eval.json"), "image_root": str(tmp_path / "data/images")}
@@ -196,6 +205,7 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
                    metrics_out=tmp_path / "v.json",
                    records_out=tmp_path / "v.jsonl")  # it trains upstream of the features: they are recomputed
     assert json.loads((tmp_path / "v.json").read_text())["image_modules_released"] is False
+    assert moves == [False, True, False]  # FT-L without and with the store, FT-V
     with pytest.raises(ValueError, match=r"featuresTrue.safetensors: features of model settings .* rerun the baseline"):
         evaluate_stage(**{**common, "model": {**model, "image_size": 64}}, metrics_out=tmp_path / "x.json",
                        records_out=tmp_path / "x.jsonl")
@@ -275,9 +285,15 @@ def test_every_family_reads_stored_features_with_the_records_of_computing_them(f
     for store, release in ((None, False), (features, False), (features, True)):
         model = other_families[family]()
         if release:  # as a job whose store covers its images: the image path's weights are freed
+            stages = model.image_stages()
+            with model.frozen_layers_below(()):  # its stages found before (Qwen2-VL's merger is one)
+                pass
             assert model.release_image_modules() > 0
-            assert all(tensor.is_meta for path, _ in model.image_stages()
-                       for tensor in model.model.get_submodule(path).state_dict().values())
+            assert not [tensor for path, _ in model.image_stages()
+                        for tensor in model.model.get_submodule(path).state_dict().values()]
+            for _, scope in stages:
+                with pytest.raises(RuntimeError, match=f"scope '{scope}' lies in the image path"):
+                    model.editable(scope)
         count = [0]
 
         def image_features(batch, which, compute=model.image_features):
@@ -341,5 +357,7 @@ def test_released_image_modules_refuse_an_image_the_store_lacks(stored, tiny_bli
     assert features.covers(eval_records, roots)
     with pytest.raises(RuntimeError, match=r"blip2: vision_model was released .* an image without stored features"):
         evaluate(model, editor("base"), eval_records, roots, baseline, Protocol())  # no store: every image encoded
+    with pytest.raises(RuntimeError, match="scope 'qformer' lies in the image path, whose weights were released"):
+        model.editable("qformer")  # what FT-V would train
     other = ImageRoots(roots.image, rephrase=roots.image.parent)  # rephrased images under another root: not stored
     assert not features.covers(eval_records, other)

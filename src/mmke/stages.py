@@ -166,11 +166,12 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
     skipped = list(records.skipped)
     if shard is not None:
         records = shard_slice(records, *shard, group=schedule.group_size(len(records)))
-    adapter = load_configured_model(model, device, protocol)
+    adapter = load_configured_model(model, "cpu", protocol)  # moved once what the job never runs is gone
     stored = None if image_features is None else StoredImageFeatures(image_features, model)
-    # the store stands in for every image pass of this job: the image path's weights can go
-    released = (stored is not None and editor.keeps_image_features(adapter) and stored.covers(records, roots)
-                and adapter.release_image_modules() > 0)
+    released = False
+    if stored is not None and editor.keeps_image_features(adapter) and stored.covers(records, roots):
+        released = adapter.release_image_modules() > 0  # the store stands in for every image pass
+    adapter.to(resolve_device(device))
     load_s = time.perf_counter() - start
     result = evaluate(adapter, editor, records, roots, Baseline.load(baseline_rows, baseline_tensors),
                       Protocol(**protocol), schedule, batch_size, stored_features=stored, batch_tokens=batch_tokens)

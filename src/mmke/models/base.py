@@ -181,10 +181,17 @@ def _copy(value: object) -> object:
     return value
 
 
-def _released(name: str, module: torch.nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a module whose weights :meth:`VLMAdapter.release_image_modules` freed."""
-    raise RuntimeError(f"{name} was released because the baseline's stored image features stand in for it "
-                       "(evaluation.store_image_features), but an image without stored features reached it")
+class ReleasedModule(torch.nn.Module):
+    """Stands where :meth:`VLMAdapter.release_image_modules` took a module out: no weights, and a
+    call is an error that names the module."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs) -> None:
+        raise RuntimeError(f"{self.name} was released because the baseline's stored image features stand in for "
+                           "it (evaluation.store_image_features), but an image without stored features reached it")
 
 
 def _equal(a: object, b: object) -> bool:
@@ -376,22 +383,36 @@ class VLMAdapter(abc.ABC):
         parameters: ``(module path, scope name)``, for :meth:`frozen_layers_below`. Default: none."""
         return []
 
+    def to(self, device: torch.device | str) -> "VLMAdapter":
+        """Move the loaded model to ``device``, before any use. Loading puts it on its device; a
+        job that frees part of the model first (:meth:`release_image_modules`) loads it on the CPU
+        and moves only the rest, so the freed weights never take device memory."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    _released_scopes: frozenset[str] = frozenset()  # the image path's scopes, once released
+
     def release_image_modules(self) -> int:
         """Free the weights of the image path (:meth:`image_stages`) for good; returns the bytes freed.
 
         For a job in which stored features (:mod:`mmke.image_features`) stand in for every image
         pass, these weights are never read again: on the paper's BLIP-2 OPT-2.7b the EVA ViT-g
-        and Q-Former are about 2 GiB of its 7.3 in bfloat16. Their parameters and buffers move to
-        the meta device, which holds no data; a later call of one of the modules (an image
-        without stored features) is an error naming it, never a silent computation on nothing.
+        and Q-Former are about 2 GiB of its 7.3 in bfloat16. Each module is replaced by a
+        :class:`ReleasedModule`, which holds nothing; a call of one (an image without stored
+        features) is an error naming it, never a silent computation on nothing.
         """
-        freed = 0
-        for path, _ in self.image_stages():
+        stages = self.image_stages()
+        freed, released = 0, []
+        for path, _ in stages:
+            if any(path.startswith(f"{outer}.") for outer in released):
+                continue  # inside one released already (Qwen2-VL's merger, in its vision module)
+            released.append(path)
             module = self.model.get_submodule(path)
-            freed += sum(t.nbytes for t in (*module.parameters(), *module.buffers()) if not t.is_meta)
-            module.to("meta")
-            module.register_forward_pre_hook(functools.partial(_released, f"{self.family}: {path}"))
-        self._params = None  # the moved parameters are new objects: forget the old ones
+            freed += sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
+            self.model.set_submodule(path, ReleasedModule(f"{self.family}: {path}"))
+        self._released_scopes = frozenset(scope for _, scope in stages)
+        self._params = self._stage_of = None  # parameters and stages are found again without them
         return freed
 
     def downstream_of_features(self, names: Iterable[str]) -> bool:
@@ -468,6 +489,9 @@ class VLMAdapter(abc.ABC):
         scopes = self.scopes()
         if scope not in scopes:
             raise KeyError(f"unknown scope {scope!r} for {self.family}; valid scopes: {', '.join(scopes)}")
+        if scope in self._released_scopes:
+            raise RuntimeError(f"{self.family}: scope {scope!r} lies in the image path, whose weights were released "
+                               "for stored image features (release_image_modules)")
         params = self.named_parameters()
         return {name: params[name] for name in scopes[scope]}
 
