@@ -27,14 +27,15 @@ paper's models as a GPU would hold them. The MiniGPT-4 figures are compared with
     PYTHONPATH=src python benchmarks/scale.py --models minigpt4-vicuna-7b --tensor-memory   # CPU, GPU-like bytes
 
 ``--steps N`` caps FT-style ``num_steps`` (reported with the figures); without it the paper's
-hparams run unchanged. ``--stored-features`` keeps the baseline's image features and hands them
-to the edits, as the workflow does with ``evaluation.store_image_features`` (config/mmedit.yaml);
-as in an evaluate job whose store covers its images, the image path's weights are then released
-(:meth:`~mmke.models.base.VLMAdapter.release_image_modules`) for the methods that keep the
-features, which run after those that recompute them (FT-V). ``--limit`` (CPU) also times the passes each method cannot avoid, alone, as
-benchmarks/edit_speed.py does on the demo's tiny models, and prints the loop's ratio to them: at the
-paper's sizes, what the loop adds beyond its model passes; it then prints the passes per edit,
-whole and in the decoder layers' work, beside EasyEdit's protocol (as edit_speed.py does).
+hparams run unchanged. ``--stored-features`` keeps the baseline's image features and hands them to
+the edits, as the workflow does with ``evaluation.store_image_features`` (config/mmedit.yaml); as in
+an evaluate job whose store covers its images, the image path's weights are then released
+(:meth:`~mmke.models.base.VLMAdapter.release_image_modules`) for the methods that keep the features,
+which run after those that recompute them (FT-V). ``--limit`` (CPU) also times the passes each
+method cannot avoid, alone, as benchmarks/edit_speed.py does on the demo's tiny models, and prints
+the loop's ratio to them: at the paper's sizes, what the loop adds beyond its model passes; it then
+prints the passes per edit, whole and in the decoder layers' work, beside EasyEdit's protocol (as
+edit_speed.py does).
 """
 
 from __future__ import annotations
@@ -347,14 +348,13 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     built: dict[str, Path] = {}
     aux = functools.partial(paper_aux, out=tmp / "aux" / model_name, device=device, dtype=dtype, small=args.small,
                             tokenizer=tokenizer, built=built)
-    methods = []
-    for method in args.methods or registered_methods():
-        if (REPO / "config" / "hparams" / method / f"{model_name}.yaml").exists():
-            methods.append(method)
-        else:
-            print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
-    keeps = {method: stored is not None and make_editor(read_hparams(
-        REPO / "config" / "hparams" / method / f"{model_name}.yaml")).keeps_image_features(adapter) for method in methods}
+    paper = {method: REPO / "config" / "hparams" / method / f"{model_name}.yaml"
+             for method in args.methods or registered_methods()}
+    for method in [method for method, path in paper.items() if not path.exists()]:
+        print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
+    methods = [method for method, path in paper.items() if path.exists()]
+    keeps = {method: stored is not None and make_editor(read_hparams(paper[method])).keeps_image_features(adapter)
+             for method in methods}
     methods.sort(key=keeps.get)  # those that recompute the image features first: then they can go
     for method in methods:
         if keeps[method] and "released_gib" not in report:  # as an evaluate job whose store covers its images

@@ -19,7 +19,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 from PIL import Image
@@ -189,7 +189,7 @@ class ReleasedModule(torch.nn.Module):
         super().__init__()
         self.name = name
 
-    def forward(self, *args, **kwargs) -> None:
+    def forward(self, *args, **kwargs) -> NoReturn:
         raise RuntimeError(f"{self.name} was released because the baseline's stored image features stand in for "
                            "it (evaluation.store_image_features), but an image without stored features reached it")
 
@@ -398,7 +398,7 @@ class VLMAdapter(abc.ABC):
 
         For a job in which stored features (:mod:`mmke.image_features`) stand in for every image
         pass, these weights are never read again: on the paper's BLIP-2 OPT-2.7b the EVA ViT-g
-        and Q-Former are about 2 GiB of its 7.3 in bfloat16. Each module is replaced by a
+        and Q-Former are 2.0 GiB of its 7.0 GiB of weights in bfloat16. Each module is replaced by a
         :class:`ReleasedModule`, which holds nothing; a call of one (an image without stored
         features) is an error naming it, never a silent computation on nothing.
         """
