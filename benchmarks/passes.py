@@ -150,8 +150,9 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
             hidden.register_hook(lambda grad: counts.update({"layer_backward": 1 / len(layers)}))
 
     handles = [decoder.register_forward_hook(on_decoder),
-               register_optimizer_step_pre_hook(step_start), register_optimizer_step_post_hook(step_end),
-               first_computation(vision).register_forward_hook(lambda *_: counts.update(["image_encoder"]))]
+               register_optimizer_step_pre_hook(step_start), register_optimizer_step_post_hook(step_end)]
+    if next(vision.parameters(), None) is not None:  # a released image path (release_image_modules) never runs
+        handles.append(first_computation(vision).register_forward_hook(lambda *_: counts.update(["image_encoder"])))
     for layer in layers:
         handles += [layer.register_forward_hook(on_layer), first_computation(layer).register_forward_hook(
             lambda *_: counts.update({"layer_forward": 1 / len(layers)}))]
