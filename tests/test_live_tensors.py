@@ -69,7 +69,7 @@ def test_a_module_built_while_open_counts_its_parameters_exactly():
 
 
 def test_weights_moved_to_the_meta_device_no_longer_count():
-    """As VLMAdapter.release_image_modules frees the image path: meta tensors hold no data."""
+    """Meta tensors hold no data: a module moved there frees its weights, as a GPU would count it."""
     with live_tensors.LiveTensors() as count:
         layer = torch.nn.Linear(64, 32)
         layer(torch.ones(1, 64))

@@ -108,7 +108,8 @@ def test_stored_features_give_the_records_of_computing_them_and_skip_the_encoder
     """...and BLIP-2's fixed query positions need no pixels then: no image file is decoded."""
     baseline, features = stored
     rows, calls, decoded_files = [], [], []
-    # the third run as a job whose store covers its images runs it: the image path's weights freed
+    # the third run as an evaluate job whose store covers its images: the image path freed, but for
+    # FT-V, which recomputes the features
     released = method != "FT-V"
     for store, release in ((None, False), (features, False), (features, released)):
         model = load_model("blip2", tiny_blip2_dir, image_size=32)
@@ -170,7 +171,7 @@ def test_record_images_name_only_the_images_they_still_keep(eval_records, roots)
 
 
 def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_path, monkeypatch):
-    moves = []  # per evaluate job: whether the image path's weights were gone when the model went to its device
+    moves = []  # per evaluate job: whether the image path was gone when the model went to its device
 
     def to(adapter, device, move=VLMAdapter.to):
         moves.append(not [tensor for path, _ in adapter.image_stages()
@@ -201,9 +202,9 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
         assert metrics["image_modules_released"] is store  # the store covers every image FT-L's job reads
     assert outputs[True] == outputs[False]
     (tmp_path / "ftv.yaml").write_text("method: FT-V\nscopes: [qformer]\nnum_steps: 1\n")
-    evaluate_stage(**{**common, "hparams_path": tmp_path / "ftv.yaml", "names": {**common["names"], "method": "FT-V"}},
-                   metrics_out=tmp_path / "v.json",
-                   records_out=tmp_path / "v.jsonl")  # it trains upstream of the features: they are recomputed
+    ftv = {**common, "hparams_path": tmp_path / "ftv.yaml", "names": {**common["names"], "method": "FT-V"}}
+    # it trains upstream of the features: they are recomputed, the image path stays
+    evaluate_stage(**ftv, metrics_out=tmp_path / "v.json", records_out=tmp_path / "v.jsonl")
     assert json.loads((tmp_path / "v.json").read_text())["image_modules_released"] is False
     assert moves == [False, True, False]  # FT-L without and with the store, FT-V
     with pytest.raises(ValueError, match=r"featuresTrue.safetensors: features of model settings .* rerun the baseline"):
