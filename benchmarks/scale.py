@@ -35,7 +35,9 @@ which run after those that recompute them (FT-V). ``--limit`` (CPU) also times t
 method cannot avoid, alone, as benchmarks/edit_speed.py does on the demo's tiny models, and prints
 the loop's ratio to them: at the paper's sizes, what the loop adds beyond its model passes; it then
 prints the passes per edit, whole and in the decoder layers' work, beside EasyEdit's protocol (as
-edit_speed.py does).
+edit_speed.py does). ``--mmap-weights`` (CPU) maps the edited model's weights from a file, so that
+SERAC's counterfactual Vicuna-7B and MiniGPT-4 together, 25 GiB, run on a machine with less memory;
+the live-tensor count is the same, the run slower (pages are read back from disk).
 """
 
 from __future__ import annotations
@@ -159,8 +161,22 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_adapter(shape: Shape, device: torch.device, dtype: torch.dtype, small: bool, tokenizer):
-    """The family's adapter around a random model of ``shape`` (tiny shapes with ``small``)."""
+def memory_mapped(model: torch.nn.Module, path: Path) -> None:
+    """Swap ``model``'s weights (CPU) for the same values mapped from a file written to ``path``.
+
+    Their pages are then the kernel's to drop and read back, so a model pair larger than the
+    memory left (SERAC's counterfactual Vicuna-7B beside MiniGPT-4) still runs on a small machine,
+    slowly; the live-tensor count (:class:`live_tensors.LiveTensors`) sees the same bytes.
+    """
+    torch.save(model.state_dict(), path)
+    model.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    model.tie_weights()
+
+
+def build_adapter(shape: Shape, device: torch.device, dtype: torch.dtype, small: bool, tokenizer,
+                  mmap_path: Path | None = None):
+    """The family's adapter around a random model of ``shape`` (tiny shapes with ``small``), its
+    weights mapped from ``mmap_path`` where given (:func:`memory_mapped`)."""
     lm = shape.lm.small() if small else shape.lm
     sizes = ({"image_size": 32, "num_query_tokens": 4} if small
              else {"image_size": shape.vision["image_size"], "num_query_tokens": shape.num_query_tokens,
@@ -169,6 +185,8 @@ def build_adapter(shape: Shape, device: torch.device, dtype: torch.dtype, small:
     config = blip2_config(lm.config(tokenizer), tokenizer, **sizes)
     with torch.device(device), default_dtype(dtype):
         model = init_blip2(config, seed=0)
+    if mmap_path is not None:
+        memory_mapped(model, mmap_path)
     processor = blip2_processor(tokenizer, 32 if small else shape.image_size, config.num_query_tokens)
     return adapter_class(shape.family)(model.eval(), tokenizer, processor.image_processor, device)
 
@@ -330,7 +348,8 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     print(f"{model_name}: building ({'small shapes' if args.small else 'paper shapes'}, {dtype}, {device})")
     meter.reset()
     start = time.perf_counter()
-    adapter = build_adapter(shape, device, dtype, args.small, tokenizer)
+    adapter = build_adapter(shape, device, dtype, args.small, tokenizer,
+                            tmp / f"{model_name}.weights.pt" if args.mmap_weights else None)
     params = sum(p.numel() for p in adapter.model.parameters())
     report = {"parameters": params, "build_s": time.perf_counter() - start, "model_gib": meter.peak_gib(),
               "model_allocated_gib": meter.allocated_gib(now=True), "methods": {}}
@@ -424,6 +443,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tensor-memory", action="store_true",
                         help="CPU: also count the bytes of live tensors (benchmarks/live_tensors.py), the figure a "
                              "GPU's max_memory_allocated gives; every operator then passes through a Python hook")
+    parser.add_argument("--mmap-weights", action="store_true",
+                        help="CPU: map the edited model's weights from a file instead of holding them in memory, "
+                             "so that SERAC's second 7B model fits beside MiniGPT-4 (slow: pages are read back from "
+                             "disk; the live-tensor count is the same)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also through a pipe
@@ -434,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
+    if args.mmap_weights and device.type != "cpu":
+        parser.error("--mmap-weights maps the weights into CPU memory: use it on a CPU")
     if args.limit and device.type != "cpu":
         parser.error("--limit times passes in process CPU time, which means nothing for GPU work: use it on a CPU")
     models = args.models or (sorted(PAPER_MODELS) if device.type == "cuda" else ["blip2-opt-2.7b"])

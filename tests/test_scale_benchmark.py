@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import OPTConfig, OPTForCausalLM
 
 from mmke.methods.base import METHODS, get_method
 
@@ -90,3 +93,43 @@ def test_scale_benchmark_counts_and_times_the_passes_each_method_cannot_avoid(st
     assert rows["base"]["optimiser_cpu_s_per_edit"] == rows["MEND"]["optimiser_cpu_s_per_edit"] == 0
     refused = run_benchmark("scale.py", "--device", "cuda", "--limit")
     assert refused.returncode == 2 and "--limit times passes in process CPU time" in refused.stderr
+
+
+def test_scale_benchmark_maps_the_weights_from_a_file_and_counts_the_same_bytes(tmp_path):
+    # --mmap-weights lets SERAC's second 7B model run beside MiniGPT-4 on a small machine: the
+    # edited model's weights lie in a file mapping, and the live-tensor count must not change
+    figures = {}
+    for mapped in (False, True):
+        out = tmp_path / f"scale-{mapped}.json"
+        done = run_benchmark("scale.py", "--small", "--device", "cpu", "--edits", "1", "--models", "minigpt4-vicuna-7b",
+                             "--methods", "base", "FT-L", "SERAC", "--steps", "2", "--tensor-memory",
+                             "--stored-features", "--json", str(out), *(["--mmap-weights"] if mapped else []))
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(out.read_text())["models"]["minigpt4-vicuna-7b"]
+        figures[mapped] = (report["model_allocated_gib"], report["released_gib"],
+                           {method: row["allocated_gib"] for method, row in report["methods"].items()})
+    assert figures[True] == figures[False]
+    assert set(figures[True][2]) == {"base", "FT-L", "SERAC"} and figures[True][2]["SERAC"] > figures[True][2]["base"]
+    refused = run_benchmark("scale.py", "--device", "cuda", "--mmap-weights")
+    assert refused.returncode == 2 and "--mmap-weights maps the weights into CPU memory" in refused.stderr
+
+
+def test_memory_mapped_weights_hold_the_same_values_in_a_file_mapping(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # scale.py imports its neighbours
+    monkeypatch.setitem(sys.modules, "scale", scale)  # its dataclasses look their module up
+    spec.loader.exec_module(scale)
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    scale.memory_mapped(model, tmp_path / "weights.pt")
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+    # the values live in the file now: every parameter lies inside the process' mapping of it
+    ranges = [tuple(int(bound, 16) for bound in line.split()[0].split("-"))
+              for line in Path("/proc/self/maps").read_text().splitlines()
+              if line.endswith(str(tmp_path / "weights.pt"))]
+    assert ranges and all(any(low <= p.data_ptr() < high for low, high in ranges) for p in model.parameters())
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # OPT's tied output layer stays tied
