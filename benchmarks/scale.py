@@ -166,10 +166,13 @@ def memory_mapped(model: torch.nn.Module, path: Path) -> None:
 
     Their pages are then the kernel's to drop and read back, so a model pair larger than the
     memory left (SERAC's counterfactual Vicuna-7B beside MiniGPT-4) still runs on a small machine,
-    slowly; the live-tensor count (:class:`live_tensors.LiveTensors`) sees the same bytes.
+    slowly; the live-tensor count (:class:`live_tensors.LiveTensors`) sees the same bytes. The
+    file is unlinked once mapped: its disk space (15 GB for MiniGPT-4) goes with the mapping, also
+    when the run is killed.
     """
     torch.save(model.state_dict(), path)
     model.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    path.unlink()
     model.tie_weights()
 
 

@@ -127,9 +127,11 @@ def test_memory_mapped_weights_hold_the_same_values_in_a_file_mapping(tmp_path, 
     scale.memory_mapped(model, tmp_path / "weights.pt")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
-    # the values live in the file now: every parameter lies inside the process' mapping of it
+    # the values live in the file now, unlinked once mapped: every parameter lies inside the
+    # process' mapping of it, and no file is left on disk
     ranges = [tuple(int(bound, 16) for bound in line.split()[0].split("-"))
               for line in Path("/proc/self/maps").read_text().splitlines()
-              if line.endswith(str(tmp_path / "weights.pt"))]
+              if line.endswith(f"{tmp_path / 'weights.pt'} (deleted)")]
     assert ranges and all(any(low <= p.data_ptr() < high for low, high in ranges) for p in model.parameters())
+    assert not (tmp_path / "weights.pt").exists()
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # OPT's tied output layer stays tied
