@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -115,11 +115,8 @@ def test_scale_benchmark_maps_the_weights_from_a_file_and_counts_the_same_bytes(
 
 
 def test_memory_mapped_weights_hold_the_same_values_in_a_file_mapping(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
-    scale = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # scale.py imports its neighbours
-    monkeypatch.setitem(sys.modules, "scale", scale)  # its dataclasses look their module up
-    spec.loader.exec_module(scale)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # scale.py and the neighbours it imports
+    scale = importlib.import_module("scale")
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
                                      num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
