@@ -6,7 +6,9 @@ records of one dataset:
 
 * ``ms/edit``: process CPU time of :func:`mmke.evaluate.evaluate` (apply + measure + revert, the
   loop behind metrics.json's ``edits_per_s``), median of ``--repeats`` runs;
-* ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats): one
+* ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats; each
+  repeat timed beside a run of the loop, and ``ratio`` the median of the runs' loop / limit, so
+  that a busy spell of a shared machine weighs on both sides of a ratio alike): one
   fused forward of a record's measured items, the image encoder once per distinct image (in the
   first training step too where the method trains upstream of the features, FT-V; later steps
   reuse its frozen vision tower's output; never where the config stores the baseline's features,
@@ -55,7 +57,7 @@ from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.stages import load_configured_model, load_eval_split
-from passes import cpu_ms, easyedit_passes, image_load_ms, passes_and_limit, print_easyedit_passes
+from passes import easyedit_figures, image_load_ms, loop_beside_limit, print_easyedit_passes
 
 REPO = Path(__file__).resolve().parents[1]
 def hparams_path(config: dict, method: str, model: str) -> Path:
@@ -145,18 +147,15 @@ def main() -> None:
             settings = {"batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "stored_features": stored}
             evaluate(adapter, editor, records[:1], roots, baseline, protocol, **settings)  # warm-up: lazy
             # networks built, first-call allocations made
-            passes, limit, optimiser = passes_and_limit(adapter, editor, records, roots, baseline, protocol,
+            run, loop, limit, ratio = loop_beside_limit(adapter, editor, records, roots, baseline, protocol,
                                                         args.repeats, **settings)
-            loop = cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol, **settings),
-                          args.repeats) / len(records)
             name = f"{entry['family']}/{method}"
-            images = images_ms[editor.keeps_image_features(adapter)]
+            images, optimiser, passes = images_ms[editor.keeps_image_features(adapter)], run.optimiser_ms, run.passes
             rest = loop - limit - images - optimiser
-            steps = getattr(hparams, "num_steps", None)
-            figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": loop / limit,
+            figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": ratio,
                              "image_load_ms": images, "optimiser_ms": optimiser, "rest_ms": rest, "passes": passes,
-                             "num_steps": steps, "easyedit_passes": easyedit_passes(method, steps)}
-            print(f"{name:24s} {loop:8.2f} {limit:8.2f} {loop / limit:5.2f}x {images:7.2f} {optimiser:6.2f} "
+                             **easyedit_figures(method, hparams)}
+            print(f"{name:24s} {loop:8.2f} {limit:8.2f} {ratio:5.2f}x {images:7.2f} {optimiser:6.2f} "
                   f"{rest:6.2f}  "
                   f"{passes['forward']:.2f}, {passes['backward']:.2f}, {passes['image_encoder']:.2f}, "
                   f"{passes['side']:.2f}")

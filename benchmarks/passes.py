@@ -7,6 +7,7 @@ Everything is process CPU time, so a busy machine does not distort the figures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from mmke.data.records import ImageRoots
 from mmke.evaluate import Baseline, Protocol, edit_requests, evaluate, loop_images, measured_batch, read_positions
+from mmke.hparams import HParams
 from mmke.image_features import StoredImageFeatures
 from mmke.methods.base import Editor
 from mmke.models.base import VLMAdapter
@@ -45,6 +47,12 @@ def easyedit_passes(method: str, num_steps: int | None) -> int | None:
     if forwards is None:
         return None
     return forwards + 2 * (num_steps if pairs is None else pairs)
+
+
+def easyedit_figures(method: str, hparams: HParams) -> dict[str, int | None]:
+    """The run's ``num_steps`` (None for a method without) and EasyEdit's passes per edit at them."""
+    steps = getattr(hparams, "num_steps", None)
+    return {"num_steps": steps, "easyedit_passes": easyedit_passes(method, steps)}
 
 
 def print_easyedit_passes(figures: Mapping[str, dict]) -> None:
@@ -167,25 +175,59 @@ def counted(adapter: VLMAdapter, editor: Editor, counts: Counter, side_ms: list[
             handle.remove()
 
 
-def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
-                     protocol: Protocol, repeats: int, **loop) -> tuple[dict[str, float], float, float]:
+@dataclasses.dataclass
+class Counted:
+    """One counted run of the edits (:func:`count_passes`): per edit, the passes, the CPU ms inside
+    the method's own models and of its optimiser steps; and the parameters that took a gradient."""
+
+    passes: dict[str, float]
+    side_ms: float
+    optimiser_ms: float
+    trained: set[str]
+
+
+def count_passes(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
+                 protocol: Protocol, **loop) -> Counted:
     """The passes per edit, counted with hooks over one run of the edits (``loop``: the keyword
-    settings of :func:`mmke.evaluate.evaluate`); the limit: those passes timed alone
-    (:func:`limit_ms`, CPU ms per edit); and the CPU ms per edit of the run's optimiser steps."""
+    settings of :func:`mmke.evaluate.evaluate`)."""
     counts, side, trained, steps = Counter(), [], set(), []
     with counted(adapter, editor, counts, side, trained, steps):
         evaluate(adapter, editor, records, roots, baseline, protocol, **loop)
     passes = {key: counts[key] / len(records)
               for key in ("forward", "backward", "image_encoder", "side", "layer_forward", "layer_backward")}
-    limit = limit_ms(adapter, editor, records, roots, baseline, protocol, passes["backward"],
-                     trained, sum(side) / len(records), repeats, loop.get("stored_features"))
-    return passes, limit, sum(steps) / len(records)
+    return Counted(passes, sum(side) / len(records), sum(steps) / len(records), trained)
+
+
+def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
+                     protocol: Protocol, repeats: int, **loop) -> tuple[Counted, float]:
+    """The counted run (:func:`count_passes`) and the limit: its passes timed alone
+    (:func:`limit_ms`, CPU ms per edit)."""
+    run = count_passes(adapter, editor, records, roots, baseline, protocol, **loop)
+    return run, limit_ms(adapter, editor, records, roots, baseline, protocol, run, repeats, loop.get("stored_features"))
+
+
+def loop_beside_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
+                      protocol: Protocol, repeats: int, **loop) -> tuple[Counted, float, float, float]:
+    """The counted run, then ``repeats`` times the loop (CPU ms per edit) and its limit, one after the
+    other: a busy spell of a shared machine slows both members of a pair alike, so the median of the
+    pairs' ratios is steadier than the ratio of two medians taken minutes apart. Returns the run,
+    the medians of the loop and of the limit, and the median ratio."""
+    run = count_passes(adapter, editor, records, roots, baseline, protocol, **loop)
+    pairs = []
+    for _ in range(repeats):
+        limit = limit_ms(adapter, editor, records, roots, baseline, protocol, run, 1, loop.get("stored_features"))
+        pairs.append((cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol, **loop), 1)
+                      / len(records), limit))
+    loops, limits = zip(*pairs)
+    return (run, statistics.median(loops), statistics.median(limits),
+            statistics.median(loop / limit for loop, limit in pairs))
 
 
 def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
-             protocol: Protocol, backward_per_edit: float, trained: set[str], side_ms_per_edit: float,
-             repeats: int, stored_features: StoredImageFeatures | None = None) -> float:
-    """The passes the method needs per edit, each timed alone (mean over the records).
+             protocol: Protocol, run: Counted, repeats: int,
+             stored_features: StoredImageFeatures | None = None) -> float:
+    """The passes the method needs per edit (``run``'s, and the time inside its own models), each
+    timed alone (the median of ``repeats``, mean over the records).
     ``stored_features``: the baseline's, which stand in for the image encoder where the method
     keeps them, as in the loop (whose model may have released its image path)."""
     frozen = editor.keeps_image_features(model=adapter)
@@ -215,10 +257,10 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, ba
         finally:
             edit.revert()
         total += forward + encode
-        if backward_per_edit:
+        if run.passes["backward"]:
             # gradients taken for activations (MEND's layer outputs) or for a memory beside the model
             # (LoRA, GRACE, WISE) reach no model parameter: the parameters the method edits then
-            names = trained or set(editor.edited_parameters(adapter))
+            names = run.trained or set(editor.edited_parameters(adapter))
             with features(), only_trainable(adapter, names):
                 item = adapter.teacher_forced([record.prompt], [record.target], [imgs["image"]])
 
@@ -230,8 +272,8 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, ba
                 with adapter.frozen_layers_below(names):  # later steps: as the training loops run them
                     step()
                     later = cpu_ms(step, repeats)
-                total += first + (backward_per_edit - 1) * later
-    return total / len(records) + side_ms_per_edit
+                total += first + (run.passes["backward"] - 1) * later
+    return total / len(records) + run.side_ms
 
 
 def image_load_ms(adapter: VLMAdapter, records, roots, repeats: int,

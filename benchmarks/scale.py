@@ -64,7 +64,7 @@ from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, Llam
 from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, load_records
 from mmke.evaluate import Protocol, evaluate, run_baseline
-from mmke.hparams import read_hparams
+from mmke.hparams import HParams, read_hparams
 from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
 from mmke.methods.meta import MetaEditor
@@ -74,7 +74,7 @@ from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_to
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
 from live_tensors import LiveTensors
-from passes import easyedit_passes, passes_and_limit, print_easyedit_passes
+from passes import easyedit_figures, passes_and_limit, print_easyedit_passes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,12 +282,10 @@ def registered_methods() -> list[str]:
     return [m for m in paper if m in METHODS] + sorted(set(METHODS) - set(paper))
 
 
-def run_method(method: str, model_name: str, adapter, records, roots, data: Mapping[str, Path], baseline,
+def run_method(method: str, hparams: HParams, adapter, records, roots, data: Mapping[str, Path], baseline,
                resources: Mapping[str, Path], meter: Meter, args, aux: Callable,
                stored: StoredImageFeatures | None = None) -> dict:
-    """One method's edits on the loaded model: seconds per edit and peak memory."""
-    path = REPO / "config" / "hparams" / method / f"{model_name}.yaml"
-    hparams = read_hparams(path)
+    """One method's edits (at its paper ``hparams``) on the loaded model: seconds per edit and peak memory."""
     notes = []
     if args.steps is not None and getattr(hparams, "num_steps", args.steps) > args.steps:
         notes.append(f"num_steps {hparams.num_steps} -> {args.steps}")
@@ -314,10 +312,9 @@ def run_method(method: str, model_name: str, adapter, records, roots, data: Mapp
     wall, cpu = time.perf_counter(), time.process_time()
     result = evaluate(adapter, editor, records, roots, baseline, Protocol(), stored_features=stored)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    steps = getattr(hparams, "num_steps", None)
     row = {"edits": len(result.rows), "s_per_edit": wall / len(result.rows), "cpu_s_per_edit": cpu / len(result.rows),
            "peak_gib": meter.peak_gib(), "allocated_gib": meter.allocated_gib(), "reserved_gib": meter.reserved_gib(),
-           "num_steps": steps, "easyedit_passes": easyedit_passes(method, steps), "notes": notes}
+           **easyedit_figures(method, hparams), "notes": notes}
     if args.limit:
         row |= limit_figures(adapter, editor, records, roots, baseline, row["cpu_s_per_edit"], stored)
     del editor
@@ -332,11 +329,11 @@ def limit_figures(adapter, editor, records, roots, baseline, loop_cpu_s: float,
     """The passes the edits needed (counted in a second run of the same edits) and the limit they set,
     as benchmarks/edit_speed.py measures them on the tiny models: CPU s per edit, and the loop's ratio;
     and the CPU s per edit of the optimiser steps in that run (no pass, outside the limit)."""
-    passes, limit_ms, optimiser_ms = passes_and_limit(adapter, editor, records, roots, baseline, Protocol(),
-                                                      repeats=1, stored_features=stored)
+    run, limit_ms = passes_and_limit(adapter, editor, records, roots, baseline, Protocol(), repeats=1,
+                                     stored_features=stored)
     limit = limit_ms / 1000
-    return {"limit_cpu_s_per_edit": limit, "ratio": loop_cpu_s / limit, "optimiser_cpu_s_per_edit": optimiser_ms / 1000,
-            "passes": passes}
+    return {"limit_cpu_s_per_edit": limit, "ratio": loop_cpu_s / limit,
+            "optimiser_cpu_s_per_edit": run.optimiser_ms / 1000, "passes": run.passes}
 
 
 def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, tmp: Path, meter: Meter,
@@ -374,8 +371,9 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
              for method in args.methods or registered_methods()}
     for method in [method for method, path in paper.items() if not path.exists()]:
         print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
-    methods = [method for method, path in paper.items() if path.exists()]
-    keeps = {method: stored is not None and make_editor(read_hparams(paper[method])).keeps_image_features(adapter)
+    hparams = {method: read_hparams(path) for method, path in paper.items() if path.exists()}
+    methods = list(hparams)
+    keeps = {method: stored is not None and make_editor(hparams[method]).keeps_image_features(adapter)
              for method in methods}
     methods.sort(key=keeps.get)  # those that recompute the image features first: then they can go
     for method in methods:
@@ -384,7 +382,7 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
             print(f"  image modules released: {report['released_gib']:.2f} GiB (the stored features stand in)")
         print(f"  {method}: {len(records)} edit(s) ...")
         try:
-            row = run_method(method, model_name, adapter, records, roots, data, baseline, resources, meter, args,
+            row = run_method(method, hparams[method], adapter, records, roots, data, baseline, resources, meter, args,
                              aux, stored)
         except Exception as err:  # one method's failure (e.g. out of memory) must not hide the others
             row = {"error": f"{type(err).__name__}: {err}"}

@@ -3,6 +3,7 @@ rest."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -52,3 +53,18 @@ def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(store, tm
     assert figures["blip2/MEND"]["easyedit_passes"] == 12  # 5 pre + 5 post forwards + 1 fwd+bwd
     assert figures["blip2/FT-L"]["easyedit_passes"] == 7 + 2 * num_steps  # VLKEB's FT at the same steps
     assert "images" in done.stdout and "EasyEdit" in done.stdout
+
+
+def test_the_ratio_is_the_median_of_loop_and_limit_timed_in_pairs(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    passes = importlib.import_module("passes")
+    run = passes.Counted({"forward": 1.0}, side_ms=0.0, optimiser_ms=0.0, trained=set())
+    calls = []  # in the order the benchmark times them: limit, loop, limit, loop, ...
+    limits, loops = iter([10.0, 10.0, 40.0]), iter([20.0, 80.0, 40.0])  # loop ms for 2 records
+    monkeypatch.setattr(passes, "count_passes", lambda *args, **kwargs: run)
+    monkeypatch.setattr(passes, "limit_ms", lambda *args: calls.append("limit") or next(limits))
+    monkeypatch.setattr(passes, "cpu_ms", lambda fn, repeats: calls.append("loop") or next(loops))
+    counted, loop, limit, ratio = passes.loop_beside_limit(None, None, ["a", "b"], None, None, None, 3)
+    assert calls == ["limit", "loop"] * 3 and counted is run
+    # per edit the loops are 10, 40, 20 ms beside limits of 10, 10, 40: ratios 1, 4, 0.5
+    assert (loop, limit, ratio) == (20.0, 10.0, 1.0)  # the ratio of the medians would say 2
