@@ -220,7 +220,7 @@ def loop_beside_limit(adapter: VLMAdapter, editor: Editor, records, roots: Image
                       / len(records), limit))
     loops, limits = zip(*pairs)
     return (run, statistics.median(loops), statistics.median(limits),
-            statistics.median(loop / limit for loop, limit in pairs))
+            statistics.median(ms / limit for ms, limit in pairs))
 
 
 def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
