@@ -150,7 +150,8 @@ def main() -> None:
             run, loop, limit, ratio = loop_beside_limit(adapter, editor, records, roots, baseline, protocol,
                                                         args.repeats, **settings)
             name = f"{entry['family']}/{method}"
-            images, optimiser, passes = images_ms[editor.keeps_image_features(adapter)], run.optimiser_ms, run.passes
+            images = images_ms[editor.keeps_image_features(adapter)]
+            passes, optimiser = run.passes, run.optimiser_ms
             rest = loop - limit - images - optimiser
             figures[name] = {"model": model_name, "ms_per_edit": loop, "limit_ms": limit, "ratio": ratio,
                              "image_load_ms": images, "optimiser_ms": optimiser, "rest_ms": rest, "passes": passes,
