@@ -294,20 +294,26 @@ class VLMAdapter(abc.ABC):
     def batch_image_features(self, batch: Batch) -> list[torch.Tensor] | None:
         """The features of every image of ``batch``, each distinct image's computed once (a
         record's measured items show its edit image on three or four rows): from the memo of
-        :meth:`frozen_image_features` where one is open, taking those not seen yet from its
-        ``stored`` features or computing them (without gradient); else computed now, as part of
-        the graph (FT-V trains through them). None when the batch does not name its images (then
-        ``logits`` computes them from the pixels).
+        :meth:`frozen_image_features` where one is open (:meth:`_memoised_features`); else
+        computed now, as part of the graph (FT-V trains through them). None when the batch does
+        not name its images (then ``logits`` computes them from the pixels).
         """
         if not batch.sources:
             return None
         index: dict[int, int] = {}  # first row of each image
         for i, source in enumerate(batch.sources):
             index.setdefault(id(source), i)
-        memo = self._feature_memo
-        if memo is None:
+        if self._feature_memo is None:
             computed = dict(zip(index, self.image_features(batch, list(index.values()))))
             return [computed[id(source)] for source in batch.sources]
+        return self._memoised_features(batch.sources,
+                                       lambda new: self.image_features(batch, [index[id(source)] for source in new]))
+
+    def _memoised_features(self, sources: Sequence[object],
+                           encode: Callable[[list[object]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Within :meth:`frozen_image_features`: each source's features from its memo, else from its
+        ``stored`` features, else ``encode``d (the sources neither knows, in one call, without
+        gradient), and memoised."""
         stored = self._stored_features or (lambda source: None)
 
         def compute(missing: list[object]) -> list[torch.Tensor]:
@@ -315,10 +321,10 @@ class VLMAdapter(abc.ABC):
             new = [source for source in missing if found[id(source)] is None]
             if new:
                 with torch.no_grad():
-                    found |= zip(map(id, new), self.image_features(batch, [index[id(source)] for source in new]))
+                    found |= zip(map(id, new), encode(new))
             return [found[id(source)].to(self.device) for source in missing]
 
-        return memo.get_many(batch.sources, compute)
+        return self._feature_memo.get_many(sources, compute)
 
     def stored_features_stand_in(self, sources: Sequence[object]) -> bool:
         """Whether a batch of ``sources`` goes without pixels: every image is an undecoded one
@@ -328,17 +334,21 @@ class VLMAdapter(abc.ABC):
         return self._stored_features is not None and all(isinstance(source, UndecodedImage) for source in sources)
 
     def prefetch_image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor] | None:
-        """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, in
-        one encoder call, so a record's (or a batch of records') images cost one pass rather than
-        one per forward that first meets them; returns every image's features, in order. Outside
-        it (or if they would not fit): nothing, and None."""
+        """Within :meth:`frozen_image_features`: the features of ``images`` not memoised yet, those
+        not stored in one encoder call, so a record's (or a batch of records') images cost one pass
+        rather than one per forward that first meets them; returns every image's features, in
+        order. Outside it (or if they would not fit): nothing, and None."""
         distinct = list({id(image): image for image in images}.values())
         if self._feature_memo is None or not distinct or len(distinct) > self.FEATURE_MEMO_SIZE:
             return None
-        # The class's own template, not a live edit's interception of teacher_forced (SERAC's router
-        # registers what it will score): these pixels and features are what the items' batches use.
-        batch = type(self).teacher_forced(self, [""] * len(distinct), ["."] * len(distinct), distinct)
-        features = dict(zip(map(id, distinct), self.batch_image_features(batch)))
+
+        def encode(new: list[object]) -> list[torch.Tensor]:
+            # The class's own template, not a live edit's interception of teacher_forced (SERAC's
+            # router registers what it will score): these pixels are what the items' batches use.
+            batch = type(self).teacher_forced(self, [""] * len(new), ["."] * len(new), new)
+            return self.image_features(batch, range(len(new)))
+
+        features = dict(zip(map(id, distinct), self._memoised_features(distinct, encode)))
         return [features[id(image)] for image in images]
 
     @contextlib.contextmanager
