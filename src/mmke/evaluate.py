@@ -261,13 +261,14 @@ def _measure_batch(model: VLMAdapter, requests: Sequence[Request], batch: Batch,
             edit.measure_rows(None)
     predicted = torch.full_like(batch.labels, -1)
     predicted[positions] = logits.argmax(dim=-1)
-    bounds = [0, *positions.sum(dim=1).cumsum(0).tolist()]  # row r's logits: bounds[r]:bounds[r + 1]
     results: list[dict[str, object]] = [{} for _ in requests]
-    for index, request in enumerate(requests):
-        rows = [row for row, (owner, item) in enumerate(owners) if owner == index and item.top_k is None]
-        if rows:
-            names = [owners[row][1].name for row in rows]
-            results[index] |= metrics.item_scores(names, predicted[rows], batch.labels[rows], protocol.exact_match)
+    scored = [row for row, (_, item) in enumerate(owners) if item.top_k is None]
+    if scored:  # every request's scored rows at once
+        names = [owners[row][1].name for row in scored]
+        for row, scores in zip(scored, metrics.row_scores(names, predicted[scored], batch.labels[scored],
+                                                          protocol.exact_match)):
+            results[owners[row][0]] |= scores
+    bounds = [0, *positions.sum(dim=1).cumsum(0).tolist()]  # row r's logits: bounds[r]:bounds[r + 1]
     for row, (index, item) in enumerate(owners):
         if item.top_k is not None:
             results[index][item.name] = metrics.top_k_ids(logits[bounds[row]:bounds[row + 1]], item.top_k).cpu()

@@ -55,38 +55,44 @@ def per_item_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: b
 
 def accuracy_of_ids(predicted: torch.Tensor, labels: torch.Tensor, exact_match: bool) -> torch.Tensor:
     """:func:`per_item_accuracy` from the argmax ids ``[B, T]``; only :func:`scored_positions` are read."""
+    return both_accuracies(predicted, labels)["em" if exact_match else "token"]
+
+
+def both_accuracies(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per item, exact match (``em``) and token accuracy (``token``) from the argmax ids ``[B, T]``."""
     pred, gold = shift(predicted, labels)
     mask = gold != IGNORE_INDEX
     counts = mask.sum(dim=1)
     if (counts == 0).any():
         raise ValueError(f"items {torch.nonzero(counts == 0).flatten().tolist()} have no target token")
     correct = ((pred == gold) & mask).sum(dim=1)
-    if exact_match:
-        return (correct == counts).float()
-    return correct.float() / counts.float()
+    return {"em": (correct == counts).float(), "token": correct.float() / counts.float()}
 
 
-def both_accuracies(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per item, exact match (``em``) and token accuracy (``token``) from the argmax ids ``[B, T]``."""
-    return {"em": accuracy_of_ids(predicted, labels, exact_match=True),
-            "token": accuracy_of_ids(predicted, labels, exact_match=False)}
+def row_scores(metrics: Sequence[str], predicted: torch.Tensor, labels: torch.Tensor,
+               exact_match: bool) -> list[dict[str, float]]:
+    """Row ``i`` scored as ``metrics[i]`` from its argmax ids, under both definitions and the headline one.
+
+    The headline key (``rewrite_acc``) holds the definition ``exact_match`` picks, so every reader
+    of the headline (tables, training reports, floors) sees the protocol's choice, while the
+    ``_em`` and ``_token`` keys always carry both. The values of every row leave the tensors in
+    one conversion: a measurement scores many rows, and each ``.item()`` is a call of its own.
+    """
+    if len(metrics) != labels.shape[0]:
+        raise ValueError(f"{len(metrics)} metric names for {labels.shape[0]} items")
+    scores = both_accuracies(predicted, labels)
+    headline = DEFINITIONS.index("em" if exact_match else "token")
+    rows = torch.stack([scores[definition] for definition in DEFINITIONS], dim=1).tolist()
+    return [{metric: values[headline], **dict(zip(definition_keys(metric), values))}
+            for metric, values in zip(metrics, rows)]
 
 
 def item_scores(metrics: Sequence[str], predicted: torch.Tensor, labels: torch.Tensor,
                 exact_match: bool) -> dict[str, float]:
-    """Item ``i`` scored as ``metrics[i]`` from its argmax ids, under both definitions and the headline one.
-
-    The headline key (``rewrite_acc``) holds the definition ``exact_match`` picks, so every reader
-    of the headline (tables, training reports, floors) sees the protocol's choice, while the
-    ``_em`` and ``_token`` keys always carry both.
-    """
-    scores = both_accuracies(predicted, labels)
-    if len(metrics) != labels.shape[0]:
-        raise ValueError(f"{len(metrics)} metric names for {labels.shape[0]} items")
+    """Item ``i`` scored as ``metrics[i]`` (:func:`row_scores`), the items' scores in one dict."""
     values: dict[str, float] = {}
-    for i, metric in enumerate(metrics):
-        em, token = (scores[definition][i].item() for definition in DEFINITIONS)
-        values |= {metric: em if exact_match else token, **dict(zip(definition_keys(metric), (em, token)))}
+    for row in row_scores(metrics, predicted, labels, exact_match):
+        values |= row
     return values
 
 
