@@ -118,6 +118,17 @@ def test_item_scores_keep_both_and_the_protocol_picks_the_headline(exact_match, 
         metrics.item_scores(["a", "b"], predicted, labels, exact_match)
 
 
+def test_row_scores_score_each_row_under_its_own_name_also_where_names_repeat():
+    """A batch of several records' items: the same metric on several rows, one dict per row."""
+    predicted = torch.tensor([[1, 2, 0], [1, 4, 0], [3, 0, 0]])
+    labels = torch.tensor([[-100, 1, 2], [-100, 1, 2], [-100, 1, -100]])
+    rows = metrics.row_scores(["rewrite_acc", "rewrite_acc", "rephrase_acc"], predicted, labels, exact_match=False)
+    assert rows == [{"rewrite_acc": 1.0, "rewrite_acc_em": 1.0, "rewrite_acc_token": 1.0},
+                    {"rewrite_acc": 0.5, "rewrite_acc_em": 0.0, "rewrite_acc_token": 0.5},
+                    {"rephrase_acc": 0.0, "rephrase_acc_em": 0.0, "rephrase_acc_token": 0.0}]
+    assert all(type(value) is float for row in rows for value in row.values())  # JSON-ready, no tensors
+
+
 def test_accuracies_read_only_the_positions_before_a_label():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
     assert metrics.scored_positions(labels).tolist() == [[False, True, True, False, False],

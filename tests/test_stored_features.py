@@ -138,6 +138,31 @@ def test_the_baseline_encodes_each_image_once_also_when_a_chunk_exceeds_the_memo
     assert kept.accuracy == run_baseline(model, eval_records, roots, Protocol(), batch_size=1).accuracy
 
 
+def test_prefetch_encodes_only_the_images_neither_memoised_nor_stored(adapter, eval_records, roots, monkeypatch):
+    """One encoder call on a batch of exactly those images; with every image stored or memoised,
+    no batch is built at all."""
+    record_images = RecordImages(roots)(eval_records[0])
+    image, rephrase, m_loc = (record_images[field] for field in ("image", "image_rephrase", "m_loc"))
+    with torch.no_grad():
+        computed = adapter.image_features(adapter.teacher_forced([""] * 3, ["."] * 3, [image, rephrase, m_loc]),
+                                          [0, 1, 2])
+    known = {id(image): computed[0] + 1}  # stored: not what the encoder gives, so its use shows
+    built, encoded = [], []
+    template, encoder = type(adapter).teacher_forced, type(adapter).image_features
+    monkeypatch.setattr(type(adapter), "teacher_forced",
+                        lambda self, *args: built.append(list(args[2])) or template(self, *args))
+    monkeypatch.setattr(type(adapter), "image_features",
+                        lambda self, batch, which: encoded.append(len(batch.sources)) or encoder(self, batch, which))
+    with adapter.frozen_image_features(lambda source: known.get(id(source))):
+        first = adapter.prefetch_image_features([image, rephrase, m_loc, rephrase])
+        again = adapter.prefetch_image_features([m_loc, image])
+    assert [[id(source) for source in sources] for sources in built] == [[id(rephrase), id(m_loc)]]
+    assert encoded == [2]
+    for got, want in zip(first, [known[id(image)], computed[1], computed[2], computed[1]]):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert again[0] is first[2] and again[1] is first[0]  # from the memo
+
+
 def test_a_sequential_group_larger_than_the_memo_reads_every_feature_from_the_store(stored, adapter, eval_records,
                                                                                     roots, monkeypatch):
     """Measured after all edits, a group's images have left the memo: the store still has them."""
