@@ -152,7 +152,7 @@ def test_fused_measurement_scores_equal_the_per_item_scores(adapter, eval_record
                 batch = adapter.teacher_forced([item.question(record, protocol)], [item.answer(record)], picture)
                 logits = adapter.logits(batch)
                 if item.top_k is None:
-                    alone = metrics.item_scores([item.name], logits.argmax(-1), batch.labels, protocol.exact_match)
+                    (alone,) = metrics.row_scores([item.name], logits.argmax(-1), batch.labels, protocol.exact_match)
                     assert {key: fused[key] for key in alone} == alone
                 else:
                     (top,) = metrics.top_k_predictions(logits, batch.attention_mask, item.top_k)

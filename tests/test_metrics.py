@@ -105,17 +105,17 @@ def test_both_definitions_come_from_the_same_argmax():
 
 
 @pytest.mark.parametrize("exact_match, headline", [(True, [1.0, 0.0, 0.0]), (False, [1.0, 0.5, 0.0])])
-def test_item_scores_keep_both_and_the_protocol_picks_the_headline(exact_match, headline):
+def test_row_scores_keep_both_and_the_protocol_picks_the_headline(exact_match, headline):
     predicted = one_hot_logits([[1, 2, 0], [1, 4, 0], [3, 0, 0]]).argmax(dim=-1)
     labels = torch.tensor([[-100, 1, 2], [-100, 1, 2], [-100, 1, -100]])
-    scores = metrics.item_scores(["rewrite_acc", "rephrase_acc", "image_rephrase_acc"], predicted, labels, exact_match)
-    assert scores == {
-        "rewrite_acc": headline[0], "rewrite_acc_em": 1.0, "rewrite_acc_token": 1.0,
-        "rephrase_acc": headline[1], "rephrase_acc_em": 0.0, "rephrase_acc_token": 0.5,
-        "image_rephrase_acc": headline[2], "image_rephrase_acc_em": 0.0, "image_rephrase_acc_token": 0.0,
-    }
+    scores = metrics.row_scores(["rewrite_acc", "rephrase_acc", "image_rephrase_acc"], predicted, labels, exact_match)
+    assert scores == [
+        {"rewrite_acc": headline[0], "rewrite_acc_em": 1.0, "rewrite_acc_token": 1.0},
+        {"rephrase_acc": headline[1], "rephrase_acc_em": 0.0, "rephrase_acc_token": 0.5},
+        {"image_rephrase_acc": headline[2], "image_rephrase_acc_em": 0.0, "image_rephrase_acc_token": 0.0},
+    ]
     with pytest.raises(ValueError, match="2 metric names for 3 items"):
-        metrics.item_scores(["a", "b"], predicted, labels, exact_match)
+        metrics.row_scores(["a", "b"], predicted, labels, exact_match)
 
 
 def test_row_scores_score_each_row_under_its_own_name_also_where_names_repeat():

@@ -87,15 +87,6 @@ def row_scores(metrics: Sequence[str], predicted: torch.Tensor, labels: torch.Te
             for metric, values in zip(metrics, rows)]
 
 
-def item_scores(metrics: Sequence[str], predicted: torch.Tensor, labels: torch.Tensor,
-                exact_match: bool) -> dict[str, float]:
-    """Item ``i`` scored as ``metrics[i]`` (:func:`row_scores`), the items' scores in one dict."""
-    values: dict[str, float] = {}
-    for row in row_scores(metrics, predicted, labels, exact_match):
-        values |= row
-    return values
-
-
 def top_k_predictions(logits: torch.Tensor, attention_mask: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Per item, the top-k token ids ``[T_i, k]`` at every non-padding position."""
     top = top_k_ids(logits, k)
