@@ -13,7 +13,8 @@ records of one dataset:
   first training step too where the method trains upstream of the features, FT-V; later steps
   reuse its frozen vision tower's output; never where the config stores the baseline's features,
   ``evaluation.store_image_features``, and the method keeps them), one
-  forward + backward of the edit item per training step the method takes (after the first,
+  forward + backward of the edit item per training step the method takes (at least one per edit:
+  MEND's and KE's one pass serves ``--batch-size`` edits, timed alone all the same; after the first,
   without the decoder layers below the trained ones, whose outputs the loops keep), and the time
   inside its own models (MEND's and KE's editor networks, SERAC's classifier and counterfactual
   model, IKE's sentence encoder);

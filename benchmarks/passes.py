@@ -272,7 +272,10 @@ def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, ba
                 with adapter.frozen_layers_below(names):  # later steps: as the training loops run them
                     step()
                     later = cpu_ms(step, repeats)
-                total += first + (run.passes["backward"] - 1) * later
+                # MEND's and KE's one backward serves a batch of edits (Editor.single_edits): the
+                # limit counts one per edit, timed alone, as it counts each record's forward alone
+                steps = max(1.0, run.passes["backward"])
+                total += first + (steps - 1) * later
     return total / len(records) + run.side_ms
 
 

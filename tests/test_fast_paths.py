@@ -275,6 +275,49 @@ def test_records_in_batches_equal_batch_size_one(method, adapter, eval_records, 
     assert max(rows * width for rows, width in shapes) < max(rows * width for rows, width in whole)
 
 
+@pytest.mark.parametrize("method", ["KE", "MEND"])
+def test_single_edits_take_a_batch_of_edit_gradients_in_one_pass(method, adapter, eval_records, roots, baseline,
+                                                                 monkeypatch):
+    """In single mode MEND and KE take ``batch_size`` records' edit gradients in one forward and
+    backward, each row's of its own loss at the unedited weights: each edited weight is that of a
+    one-record batch up to the padded rows' rounding, records.jsonl equals batch size 1's (one
+    backward per record), and an edit left live when the next is asked for is refused."""
+    edit = make_editor(read_hparams(REPO / f"config/hparams/{method}/tiny-blip2.yaml"))
+    edit.build(adapter).eval()  # an untrained network, as a checkpoint's is used (MEND's norms fixed)
+    edit.bind_images(roots)
+    records = eval_records[:3]
+    lengths = adapter.teacher_forced([r.prompt for r in records], [r.target for r in records],
+                                     [edit.images(r)["image"] for r in records]).attention_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1  # some rows are padded
+    params = edit.edited_parameters(adapter)
+    unedited = {name: p.detach().clone() for name, p in params.items()}
+    alone = []
+    for record in records:
+        one = edit.apply(adapter, [record])
+        alone.append({name: p.detach().clone() for name, p in params.items()})
+        one.revert()
+    for record, single, expected in zip(records, edit.single_edits(adapter, records), alone):
+        assert any(not torch.equal(p, unedited[name]) for name, p in params.items())
+        for name, p in params.items():
+            torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-7)
+        single.revert()
+    assert all(torch.equal(p, unedited[name]) for name, p in params.items())
+    backwards = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *args, **kw: backwards.append(1) or grad(*args, **kw))
+    one = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=1)
+    assert len(backwards) == len(eval_records) == 4
+    backwards.clear()
+    three = evaluate(adapter, edit, eval_records, roots, baseline, Protocol(), batch_size=3)
+    assert len(backwards) == 2
+    assert one.rows == three.rows
+    edits = edit.single_edits(adapter, records)
+    first = next(edits)
+    with pytest.raises(RuntimeError, match="revert each single edit before asking for the next"):
+        next(edits)
+    first.revert()
+
+
 def test_token_parts_split_requests_where_their_padded_rows_outgrow_the_budget():
     """Rows of requests 0,0,1,2,2 with lengths 3,5,4,9,2: request 1 joins request 0 (3 rows x 5 <=
     16); request 2 would make 5 rows x 9, so it starts a part, alone even though above the budget."""

@@ -28,7 +28,7 @@ from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, RecordImages, load_records
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
-from mmke.methods.meta import RowwiseDelta, subtract_in_place
+from mmke.methods.meta import RowwiseDelta, edit_loss_factors, subtract_in_place
 from mmke.models.base import Batch, load_model
 from mmke.models.tiny import build_tiny_blip2
 from mmke.models.tiny_aux import build_tiny_aux
@@ -548,19 +548,24 @@ def test_weight_deltas_are_written_as_they_come_from_the_unedited_models_gradien
     params = model.editable(editor.hparams.scope)
     before = {name: p.detach().clone() for name, p in params.items()}
     item = train.edit_item(model, eval_records[:1], [editor.images(eval_records[0])["image"]])
+
+    def gradients():  # the edit loss's, taken anew for each call (deltas pops them)
+        return edit_loss_factors(model, item.batch, editor.network.names)[0]
+
     with torch.no_grad():
         expected, yielded = {name: before[name].clone() for name in params}, []
-        for name, delta in editor.deltas(model, item):
+        for name, delta in editor.deltas(model, eval_records[:1], gradients()):
             subtract_in_place(expected[name], delta)  # as apply() writes it
             yielded.append(name)
     assert yielded == list(params) and len(yielded) > 1
     # with grad (training's graph) the deltas are computed out of place: the same values
-    assert all(torch.equal(expected[name], before[name] - delta.detach()) for name, delta in editor.deltas(model, item))
+    assert all(torch.equal(expected[name], before[name] - delta.detach())
+               for name, delta in editor.deltas(model, eval_records[:1], gradients()))
     written_when_yielded = []
     deltas = editor.deltas
 
-    def spy(model, edit):
-        for name, delta in deltas(model, edit):
+    def spy(model, records, gradients):
+        for name, delta in deltas(model, records, gradients):
             written_when_yielded.append([not torch.equal(params[n], before[n]) for n in params])
             yield name, delta
 

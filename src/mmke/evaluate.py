@@ -396,9 +396,12 @@ def evaluate(
 
     ``batch_size`` records are measured in one forward wherever their rows see the same weights:
     in single mode for methods whose edits leave the weights unchanged (their edits of those
-    records are live at once, each on its own rows), and within a sequential group. The values
-    do not depend on it, nor on ``batch_tokens``, the most token positions of one such forward
-    (:func:`measure`). ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
+    records are live at once, each on its own rows), and within a sequential group. In single
+    mode the other methods are handed ``batch_size`` records at a time
+    (:meth:`~mmke.methods.base.Editor.single_edits`): MEND and KE take those records' edit
+    gradients in one forward and backward. The values do not depend on ``batch_size`` (up to
+    the rounding of padded rows, 1e-6 relative, in those gradients), nor on ``batch_tokens``,
+    the most token positions of one forward (:func:`measure`). ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
     stand in for the image encoder while the edits leave the features alone. The edits run within
     the editor's :meth:`~mmke.methods.base.Editor.session`, left after the last revert.
     Timings: ``loop_s`` covers apply + measure + revert (``edits_per_s`` is records per loop
@@ -413,8 +416,9 @@ def evaluate(
     if missing:
         raise KeyError(f"records {missing} have no baseline entry (baseline of another dataset?)")
     _check_batch_size(batch_size)
-    together = schedule.mode == "single" and editor.weights_unchanged
-    group_size = batch_size if together else schedule.group_size(len(records))
+    single = schedule.mode == "single"
+    together = single and editor.weights_unchanged
+    group_size = batch_size if single else schedule.group_size(len(records))
     frozen = editor.keeps_image_features(model)
     images, stored = loop_images(roots, max(group_size, 1), stored_features, frozen)
     editor.bind_images(images)
@@ -423,30 +427,55 @@ def evaluate(
     progress = tqdm(total=len(records), desc=editor.name, unit="edit")
     with _timed(seconds, "loop_s"), editor.session(model):
         for group in _chunks(records, group_size):
-            edits: list[Edit] = []
             with model.frozen_image_features(stored) if frozen else contextlib.nullcontext():
                 model.prefetch_image_features([image for record in group for image in images(record).values()])
-                try:
-                    with _timed(seconds, "apply_s"):
-                        if together:
-                            edits = editor.apply_each(model, group)
-                        else:
-                            for record in group:
-                                edits.append(editor.apply(model, [record]))
-                                if schedule.mode == "sequential" and edits[-1].in_context:
-                                    raise ValueError(f"method {editor.name} edits the prompt, not the weights: its "
-                                                     "edits cannot accumulate (use evaluation mode 'single')")
-                    pairs = list(zip(group, edits))
-                    for chunk in _chunks(pairs, batch_size):
-                        rows += _measure(model, chunk, images, protocol, baseline, own_rows=together,
-                                         max_tokens=batch_tokens)
-                        progress.update(len(chunk))
-                finally:
-                    for edit in reversed(edits):
-                        edit.revert()
+                if single and not together:
+                    rows += _edit_one_at_a_time(model, editor, group, images, protocol, baseline, batch_tokens,
+                                                seconds, progress)
+                else:
+                    edits: list[Edit] = []
+                    try:
+                        with _timed(seconds, "apply_s"):
+                            if together:
+                                edits = editor.apply_each(model, group)
+                            else:
+                                for record in group:
+                                    edits.append(editor.apply(model, [record]))
+                                    if edits[-1].in_context:
+                                        raise ValueError(f"method {editor.name} edits the prompt, not the weights: its "
+                                                         "edits cannot accumulate (use evaluation mode 'single')")
+                        pairs = list(zip(group, edits))
+                        for chunk in _chunks(pairs, batch_size):
+                            rows += _measure(model, chunk, images, protocol, baseline, own_rows=together,
+                                             max_tokens=batch_tokens)
+                            progress.update(len(chunk))
+                    finally:
+                        for edit in reversed(edits):
+                            edit.revert()
     progress.close()
     timings = {**seconds, **rates(len(rows), seconds)}
     return EvalResult(rows, summarize(rows), timings)
+
+
+def _edit_one_at_a_time(model: VLMAdapter, editor: Editor, group: Sequence[EditRecord], images: RecordImages,
+                        protocol: Protocol, baseline: Baseline, max_tokens: int | None, seconds: dict[str, float],
+                        progress: tqdm) -> list[dict]:
+    """The single-edit protocol for methods that change the weights: edit a record, measure it,
+    revert, next record. The editor is handed the whole group at once
+    (:meth:`~mmke.methods.base.Editor.single_edits`), so it may take what every edit needs from
+    the unedited model in one batch."""
+    rows = []
+    with contextlib.closing(editor.single_edits(model, group)) as edits:
+        for record in group:
+            with _timed(seconds, "apply_s"):
+                edit = next(edits)
+            try:
+                rows += _measure(model, [(record, edit)], images, protocol, baseline, own_rows=False,
+                                 max_tokens=max_tokens)
+            finally:
+                edit.revert()
+            progress.update(1)
+    return rows
 
 
 def loop_images(roots: ImageRoots, memo: int, stored_features: StoredImageFeatures | None,

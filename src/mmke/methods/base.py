@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -59,6 +59,11 @@ class Edit:
         prompt edits need nothing here: the weights are shared, the prompt is in the row's text.
         """
 
+    @property
+    def live(self) -> bool:
+        """Whether the model still holds this weight edit (no :meth:`revert` yet)."""
+        return self._snapshot is not None
+
     def revert(self) -> None:
         if self._model is not None and self._snapshot:
             self._model.restore(dict(self._snapshot))
@@ -102,6 +107,14 @@ class Editor(abc.ABC):
     @abc.abstractmethod
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         """Edit ``model`` so it gives each record's target; return the handle that undoes it."""
+
+    def single_edits(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Iterator[Edit]:
+        """``apply(model, [record])`` for each record in turn, as the single-edit protocol asks for
+        them: the caller reverts each edit before it takes the next, so every edit starts from the
+        unedited model. A method may take what all of them need from that model at once (MEND's
+        and KE's edit gradients: one forward and backward for all the records)."""
+        for record in records:
+            yield self.apply(model, [record])
 
     def apply_each(self, model: VLMAdapter, records: Sequence[EditRecord]) -> list[Edit]:
         """One independent edit per record, all live at once: only for :attr:`weights_unchanged`

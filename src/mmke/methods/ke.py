@@ -10,15 +10,15 @@ prompt's target NLL. As in MEND, the network only sees the gradient as a constan
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
-from mmke.methods.meta import MetaHParams, RowwiseDelta, WeightDeltaEditor, edit_loss_gradients
+from mmke.methods.meta import MetaHParams, RowwiseDelta, WeightDeltaEditor
 from mmke.models.base import VLMAdapter
-from mmke.train import Item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +78,16 @@ class KE(WeightDeltaEditor):
 
     def make_network(self, model: VLMAdapter) -> KENetwork:
         shapes = {name: p.shape for name, p in self.edited_parameters(model).items()}
-        for name, shape in shapes.items():
-            if len(shape) != 2:
-                raise ValueError(f"{name}: KE edits weight matrices, got shape {tuple(shape)}")
         return KENetwork(model.model.get_input_embeddings().embedding_dim, shapes, self.hparams)
 
-    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
+    def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
+               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
         network = self.network
-        grads = edit_loss_gradients(model, edit.batch, network.names)
-        texts = [prompt + target for prompt, target in zip(edit.prompts, edit.targets)]
+        texts = [record.prompt + record.target for record in records]
         tokens = model.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
         with torch.no_grad():
             embeds = model.model.get_input_embeddings()(tokens["input_ids"]).float()
         condition = network.condition(embeds, tokens["attention_mask"])
         for index, name in enumerate(network.names):
-            yield name, network.delta(index, condition, grads.pop(name)[0])
+            x, delta = gradients.pop(name)
+            yield name, network.delta(index, condition, delta.T @ x)  # grad W, as autograd's weight gradient

@@ -12,15 +12,15 @@ by a learned per-weight scale and shift ("mode"). Hyperparameters: spec §4.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
-from mmke.methods.meta import MetaHParams, WeightDeltaEditor, edit_loss_gradients
+from mmke.methods.meta import MetaHParams, WeightDeltaEditor
 from mmke.models.base import VLMAdapter
-from mmke.train import Item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +145,12 @@ class MEND(WeightDeltaEditor):
         return [{"params": list(network.transforms.parameters()), "lr": self.hparams.lr},
                 {"params": [network.edit_lrs], "lr": self.hparams.lr_lr}]
 
-    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor]]:
+    def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
+               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         network = self.network
-        factors = edit_loss_gradients(model, edit.batch, network.names, capture_linear_io=True)
         for index, (name, key, mode) in enumerate(zip(network.names, network.keys, network.modes)):
             # the network computes in its own dtype (float32) whatever the model's (bf16 at scale)
-            x, delta = (factor.to(network.edit_lrs.dtype) for factor in factors.pop(name))
+            x, delta = (factor.to(network.edit_lrs.dtype) for factor in gradients.pop(name))
             x_new, delta_new = network.transforms[key](x, delta, mode)
             # an edit (no grad) scales the product in place: one full-size matrix, not two
             product = delta_new.T @ x_new

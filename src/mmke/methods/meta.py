@@ -123,28 +123,52 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         return model.downstream_of_features(self.edited_parameters(model))
 
     @abc.abstractmethod
-    def deltas(self, model: VLMAdapter, edit: Item) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
-        """(edited parameter name, weight change) pairs; the edited weight is ``W - delta``.
+    def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
+               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
+        """(edited parameter name, weight change) pairs of the edit of ``records``; the edited weight is ``W - delta``.
 
-        The edit loss's gradients are taken before the first pair is yielded, so a caller may write
-        each change as it comes: at most one full-size change (a 45M-entry float32 matrix on a 7B
-        model) is alive at a time. Without grad a change may come as a :class:`RowwiseDelta`.
+        ``gradients`` is the edit loss's gradient, factored as :func:`edit_loss_factors` gives it;
+        each entry is popped when its change is made, so a caller may write each change as it
+        comes: at most one full-size change (a 45M-entry float32 matrix on a 7B model) is alive at
+        a time. Without grad a change may come as a :class:`RowwiseDelta`.
         """
 
     def training_edit(self, model: VLMAdapter, batch: TrainBatch) -> contextlib.AbstractContextManager:
         params = self.edited_parameters(model)
+        gradients = edit_loss_factors(model, batch.edit.batch, self.network.names)[0]
         return swapped_parameters(model.model, {
             name: delta.subtracted_from(params[name].detach()) if isinstance(delta, RowwiseDelta)
-            else params[name].detach() - delta for name, delta in self.deltas(model, batch.edit)})
+            else params[name].detach() - delta for name, delta in self.deltas(model, batch.records, gradients)})
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         """Snapshot the edited weights, then write ``W - delta`` in place (one step, no training)."""
         self.ready(model)
         edit = edit_item(model, records, [self.images(r)["image"] for r in records])
+        return self._write(model, records, edit_loss_factors(model, edit.batch, self.network.names)[0])
+
+    def single_edits(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Iterator[Edit]:
+        """Every record's gradient comes from one forward and backward over all of their edit
+        items, each row's of its own loss: the unedited model's, which the caller restores
+        between the edits (checked). The rows are padded to one length, so a gradient may differ
+        from the one-record batch's by the rounding of its forward (1e-6 relative on the tiny
+        models); ``evaluation.batch_size: 1`` takes one record's at a time."""
+        self.ready(model)
+        edit = edit_item(model, records, [self.images(r)["image"] for r in records])
+        factors = edit_loss_factors(model, edit.batch, self.network.names, per_row=True)
+        previous: Edit | None = None
+        for record, gradients in zip(records, factors):
+            if previous is not None and previous.live:
+                raise RuntimeError(f"{self.name}: revert each single edit before asking for the next "
+                                   "(its gradient is the unedited model's)")
+            previous = self._write(model, [record], gradients)
+            yield previous
+
+    def _write(self, model: VLMAdapter, records: Sequence[EditRecord],
+               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Edit:
         params = self.edited_parameters(model)
         snapshot = model.snapshot(params)
         with torch.no_grad():
-            for name, delta in self.deltas(model, edit):
+            for name, delta in self.deltas(model, records, gradients):
                 subtract_in_place(params[name], delta)
         return Edit(model, snapshot)
 
@@ -212,33 +236,42 @@ def swapped_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tenso
             del owner.__dict__[leaf]
 
 
-def edit_loss_gradients(model: VLMAdapter, batch: Batch, names: Sequence[str],
-                        capture_linear_io: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Gradients of the edit item's target NLL for the named weights, as constants.
+def edit_loss_factors(model: VLMAdapter, batch: Batch, names: Sequence[str],
+                      per_row: bool = False) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The edit item's target-NLL gradient for each named Linear weight, as constants and as the
+    two factors it is the product of: the layer's inputs ``x`` [N, in] and its outputs' gradients
+    ``delta`` [N, out] at the real (unpadded) positions, so that ``grad W = delta^T x`` (MEND
+    transforms the factors, KE takes the product).
 
-    With ``capture_linear_io`` each entry is the pair MEND decomposes the gradient into: the
-    layer inputs ``x`` [N, in] and the gradients of its outputs ``delta`` [N, out] at the real
-    (unpadded) positions, so that ``grad W = delta^T x``. Otherwise it is ``(grad W,)``.
+    One loss, the whole batch's, gives one dict: a multi-record edit's or a training step's.
+    ``per_row``: each row's own loss (its mean over its target tokens, as a batch of that row
+    alone), one dict per row: the gradients of several records' separate edits from one forward
+    and backward, since no row's loss depends on another row.
     """
     params = model.named_parameters()  # the adapter's dict, built once (no module-tree walk per edit)
+    inputs, outputs = {}, {}
     with torch.enable_grad(), model.trainable_only(params[name] for name in names), contextlib.ExitStack() as stack:
-        if not capture_linear_io:
-            loss = target_nll(model.logits(batch), batch.labels)
-            grads = torch.autograd.grad(loss, [params[name] for name in names])
-            return {name: (grad,) for name, grad in zip(names, grads)}
-        inputs, outputs = {}, {}
         for name in names:
             owner_name, _, leaf = name.rpartition(".")
             owner = model.model.get_submodule(owner_name)
             if not isinstance(owner, torch.nn.Linear) or leaf != "weight":
-                raise ValueError(f"{name}: MEND edits Linear weights only, got {type(owner).__name__}.{leaf}")
+                raise ValueError(f"{name}: the edit gradient's factors need a Linear weight, "
+                                 f"got {type(owner).__name__}.{leaf}")
 
             def hook(module, args, output, name=name):
                 inputs[name], outputs[name] = args[0].detach(), output
 
             stack.enter_context(owner.register_forward_hook(hook))
-        loss = target_nll(model.logits(batch), batch.labels)
+        logits = model.logits(batch)
+        if per_row:  # the sum of the rows' own means: a row's gradient is that of its loss alone
+            loss = sum(target_nll(logits[row:row + 1], batch.labels[row:row + 1]) for row in range(len(logits)))
+        else:
+            loss = target_nll(logits, batch.labels)
         grads = torch.autograd.grad(loss, [outputs[name] for name in names])
-    mask = batch.attention_mask.reshape(-1).bool()
-    return {name: (inputs[name].reshape(-1, inputs[name].shape[-1])[mask],
-                   grad.reshape(-1, grad.shape[-1])[mask]) for name, grad in zip(names, grads)}
+    real = batch.attention_mask.bool()  # [B, T]
+    factors = {name: (inputs[name].reshape(*real.shape, -1), grad.reshape(*real.shape, -1))
+               for name, grad in zip(names, grads)}
+    if not per_row:
+        return [{name: (x[real], delta[real]) for name, (x, delta) in factors.items()}]
+    return [{name: (x[row][real[row]], delta[row][real[row]]) for name, (x, delta) in factors.items()}
+            for row in range(len(real))]
