@@ -319,14 +319,18 @@ def test_single_edits_take_a_batch_of_edit_gradients_in_one_pass(method, adapter
 
 
 def test_token_parts_split_requests_where_their_padded_rows_outgrow_the_budget():
-    """Rows of requests 0,0,1,2,2 with lengths 3,5,4,9,2: request 1 joins request 0 (3 rows x 5 <=
-    16); request 2 would make 5 rows x 9, so it starts a part, alone even though above the budget."""
+    """Rows of requests 0,0,1,2,2 with lengths 3,5,4,9,2: the requests are taken shortest first (1,
+    widest row 4; 0, 5; 2, 9). Request 0 joins request 1 (3 rows x 5 <= 16); request 2 would make 5
+    rows x 9, so it starts a part, alone even though above the budget."""
     mask = torch.tensor([[1] * n + [0] * (9 - n) for n in (3, 5, 4, 9, 2)])
     batch = Batch(torch.zeros_like(mask), mask, torch.zeros_like(mask), None)
     owners = [(index, None) for index in (0, 0, 1, 2, 2)]
-    assert token_parts(batch, owners, 3, 16) == [range(0, 2), range(2, 3)]
-    assert token_parts(batch, owners, 3, 45) == [range(0, 3)]
-    assert token_parts(batch, owners, 3, 5) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert token_parts(batch, owners, 3, 16) == [[1, 0], [2]]
+    assert token_parts(batch, owners, 3, 45) == [[1, 0, 2]]
+    assert token_parts(batch, owners, 3, 5) == [[1], [0], [2]]
+    # equal widths keep the requests' order
+    same = torch.ones(3, 4, dtype=torch.long)
+    assert token_parts(Batch(same, same, same, None), [(0, None), (1, None), (2, None)], 3, 8) == [[0, 1], [2]]
 
 
 @pytest.mark.parametrize("max_tokens", [None, 1])
@@ -358,8 +362,9 @@ def test_serac_routes_each_row_by_its_own_records_edit(adapter, eval_records, ro
     assert len(EDIT_ITEMS) == 3  # rows 0-2 are the first record's, 3-5 the second's
     if max_tokens is None:
         assert told == [[[0, 1, 2], None], [[3, 4, 5], None]]
-    else:  # one forward per record: the other record's edit owns none of its rows
-        assert told == [[[0, 1, 2], None, [], None], [[], None, [0, 1, 2], None]]
+    else:  # one forward per record (the shorter first): the other record's edit owns none of its rows
+        assert told in ([[[0, 1, 2], None, [], None], [[], None, [0, 1, 2], None]],
+                        [[[], None, [0, 1, 2], None], [[0, 1, 2], None, [], None]])
 
 
 def test_scopes_are_looked_up_once_per_adapter(adapter, monkeypatch):

@@ -240,11 +240,12 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     edits = list({id(request.edit): request.edit for request in requests if request.edit is not None}.values())
     if max_tokens is None or len(requests) == 1 or batch.input_ids.numel() <= max_tokens:
         return _measure_batch(model, requests, batch, owners, edits if own_rows else [], protocol)
-    results = []
+    results: list[dict[str, object]] = [{} for _ in requests]
     for part in token_parts(batch, owners, len(requests), max_tokens):
         part_requests = [requests[index] for index in part]
-        results += _measure_batch(model, part_requests, *measured_batch(model, protocol, part_requests),
-                                  edits if own_rows else [], protocol)
+        for index, result in zip(part, _measure_batch(model, part_requests, *measured_batch(model, protocol, part_requests),
+                                                      edits if own_rows else [], protocol)):
+            results[index] = result
     return results
 
 
@@ -276,22 +277,25 @@ def _measure_batch(model: VLMAdapter, requests: Sequence[Request], batch: Batch,
 
 
 def token_parts(batch: Batch, owners: Sequence[tuple[int, Item]], n_requests: int,
-                max_tokens: int) -> list[range]:
-    """Consecutive runs of request indices whose rows, right-padded to their longest, fill at most
-    ``max_tokens`` positions (a request larger than that alone). Rows never see each other, so a
-    part's values are those of the whole batch; on a CPU a batch that outgrows the caches slows
-    every elementwise op, which long rows (IKE's demonstrations) feel first."""
+                max_tokens: int) -> list[list[int]]:
+    """Request indices in parts whose rows, right-padded to their longest, fill at most
+    ``max_tokens`` positions (a request larger than that alone). The requests are taken from the
+    shortest longest row up, so that each part pads its rows to a width close to theirs. Rows
+    never see each other, so a part's values are those of the whole batch; on a CPU a batch that
+    outgrows the caches slows every elementwise op, which long rows (IKE's demonstrations) feel first."""
     rows, width = [0] * n_requests, [0] * n_requests
     for length, (index, _) in zip(batch.attention_mask.sum(dim=1).tolist(), owners):
         rows[index] += 1
         width[index] = max(width[index], length)
-    parts, start, count, longest = [], 0, 0, 0
-    for index in range(n_requests):
-        if count and (count + rows[index]) * max(longest, width[index]) > max_tokens:
-            parts.append(range(start, index))
-            start, count, longest = index, 0, 0
-        count, longest = count + rows[index], max(longest, width[index])
-    return parts + [range(start, n_requests)]
+    parts: list[list[int]] = [[]]
+    count = 0
+    for index in sorted(range(n_requests), key=width.__getitem__):  # stable: ties keep their order
+        if count and (count + rows[index]) * width[index] > max_tokens:
+            parts.append([])
+            count = 0
+        parts[-1].append(index)
+        count += rows[index]
+    return parts
 
 
 def read_positions(batch: Batch, owners: Sequence[tuple[int, Item]], requests: Sequence[Request]) -> torch.Tensor:
@@ -401,11 +405,12 @@ def evaluate(
     (:meth:`~mmke.methods.base.Editor.single_edits`): MEND and KE take those records' edit
     gradients in one forward and backward. The values do not depend on ``batch_size`` (up to
     the rounding of padded rows, 1e-6 relative, in those gradients), nor on ``batch_tokens``,
-    the most token positions of one forward (:func:`measure`). ``stored_features`` (the baseline job's, :mod:`mmke.image_features`)
-    stand in for the image encoder while the edits leave the features alone. The edits run within
-    the editor's :meth:`~mmke.methods.base.Editor.session`, left after the last revert.
-    Timings: ``loop_s`` covers apply + measure + revert (``edits_per_s`` is records per loop
-    second), ``apply_s`` only ``Editor.apply`` (``apply_edits_per_s``).
+    the most token positions of one forward (:func:`measure`). ``stored_features`` (the
+    baseline job's, :mod:`mmke.image_features`) stand in for the image encoder while the edits
+    leave the features alone. The edits run within the editor's
+    :meth:`~mmke.methods.base.Editor.session`, left after the last revert. Timings: ``loop_s``
+    covers apply + measure + revert (``edits_per_s`` is records per loop second), ``apply_s``
+    only the edits' ``Editor.apply`` (``apply_edits_per_s``).
     """
     if baseline.protocol != protocol:
         raise ValueError(f"baseline was computed with {baseline.protocol}, evaluation uses {protocol}")

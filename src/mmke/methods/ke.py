@@ -17,7 +17,7 @@ from torch import nn
 
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
-from mmke.methods.meta import MetaHParams, RowwiseDelta, WeightDeltaEditor
+from mmke.methods.meta import GradientFactors, MetaHParams, RowwiseDelta, WeightDeltaEditor
 from mmke.models.base import VLMAdapter
 
 
@@ -81,7 +81,7 @@ class KE(WeightDeltaEditor):
         return KENetwork(model.model.get_input_embeddings().embedding_dim, shapes, self.hparams)
 
     def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
-               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
+               gradients: GradientFactors) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
         network = self.network
         texts = [record.prompt + record.target for record in records]
         tokens = model.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)

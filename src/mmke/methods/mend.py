@@ -19,7 +19,7 @@ from torch import nn
 
 from mmke.data.records import EditRecord
 from mmke.methods.base import register_method
-from mmke.methods.meta import MetaHParams, WeightDeltaEditor
+from mmke.methods.meta import GradientFactors, MetaHParams, WeightDeltaEditor
 from mmke.models.base import VLMAdapter
 
 
@@ -146,7 +146,7 @@ class MEND(WeightDeltaEditor):
                 {"params": [network.edit_lrs], "lr": self.hparams.lr_lr}]
 
     def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
-               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+               gradients: GradientFactors) -> Iterator[tuple[str, torch.Tensor]]:
         network = self.network
         for index, (name, key, mode) in enumerate(zip(network.names, network.keys, network.modes)):
             # the network computes in its own dtype (float32) whatever the model's (bf16 at scale)

@@ -25,7 +25,12 @@ from mmke.hparams import HParams
 from mmke.methods.base import Edit, Editor
 from mmke.models.base import Batch, VLMAdapter
 from mmke.metrics import target_nll
-from mmke.train import Item, TrainBatch, edit_item, load_checkpoint
+from mmke.train import TrainBatch, edit_item, load_checkpoint
+
+
+#: An edit loss's gradient by edited weight name, as the factors ``(x, delta)`` of ``grad W = delta^T x``
+#: (:func:`edit_loss_factors`).
+GradientFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +129,7 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
 
     @abc.abstractmethod
     def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
-               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
+               gradients: GradientFactors) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
         """(edited parameter name, weight change) pairs of the edit of ``records``; the edited weight is ``W - delta``.
 
         ``gradients`` is the edit loss's gradient, factored as :func:`edit_loss_factors` gives it;
@@ -163,8 +168,7 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
             previous = self._write(model, [record], gradients)
             yield previous
 
-    def _write(self, model: VLMAdapter, records: Sequence[EditRecord],
-               gradients: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Edit:
+    def _write(self, model: VLMAdapter, records: Sequence[EditRecord], gradients: GradientFactors) -> Edit:
         params = self.edited_parameters(model)
         snapshot = model.snapshot(params)
         with torch.no_grad():
@@ -237,7 +241,7 @@ def swapped_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tenso
 
 
 def edit_loss_factors(model: VLMAdapter, batch: Batch, names: Sequence[str],
-                      per_row: bool = False) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+                      per_row: bool = False) -> list[GradientFactors]:
     """The edit item's target-NLL gradient for each named Linear weight, as constants and as the
     two factors it is the product of: the layer's inputs ``x`` [N, in] and its outputs' gradients
     ``delta`` [N, out] at the real (unpadded) positions, so that ``grad W = delta^T x`` (MEND
