@@ -29,6 +29,7 @@ from mmke.evaluate import (
 )
 from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
+from mmke.methods.meta import edit_loss_factors
 from mmke.models import load_model
 from mmke.models.base import Batch, RepeatedCall
 from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
@@ -316,6 +317,16 @@ def test_single_edits_take_a_batch_of_edit_gradients_in_one_pass(method, adapter
     with pytest.raises(RuntimeError, match="revert each single edit before asking for the next"):
         next(edits)
     first.revert()
+
+
+def test_edit_gradient_factors_refuse_a_weight_outside_a_linear_layer(adapter, eval_records, roots):
+    """MEND and KE read a gradient as a Linear layer's inputs and output gradients: another
+    parameter (a layer norm's) is named in the error, before any pass."""
+    record = eval_records[0]
+    batch = adapter.teacher_forced([record.prompt], [record.target], [RecordImages(roots)(record)["image"]])
+    norm = next(name for name in adapter.scopes()["llm"] if "layer_norm.weight" in name)
+    with pytest.raises(ValueError, match=rf"{norm}: the edit gradient's factors need a Linear weight, got LayerNorm"):
+        edit_loss_factors(adapter, batch, [norm])
 
 
 def test_token_parts_split_requests_where_their_padded_rows_outgrow_the_budget():
