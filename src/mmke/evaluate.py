@@ -243,8 +243,9 @@ def measure(model: VLMAdapter, protocol: Protocol, requests: Sequence[Request],
     results: list[dict[str, object]] = [{} for _ in requests]
     for part in token_parts(batch, owners, len(requests), max_tokens):
         part_requests = [requests[index] for index in part]
-        for index, result in zip(part, _measure_batch(model, part_requests, *measured_batch(model, protocol, part_requests),
-                                                      edits if own_rows else [], protocol)):
+        part_results = _measure_batch(model, part_requests, *measured_batch(model, protocol, part_requests),
+                                      edits if own_rows else [], protocol)
+        for index, result in zip(part, part_results):
             results[index] = result
     return results
 

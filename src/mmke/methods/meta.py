@@ -130,7 +130,8 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
     @abc.abstractmethod
     def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
                gradients: GradientFactors) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
-        """(edited parameter name, weight change) pairs of the edit of ``records``; the edited weight is ``W - delta``.
+        """(edited parameter name, weight change) pairs of the edit of ``records``; the edited
+        weight is ``W - delta``.
 
         ``gradients`` is the edit loss's gradient, factored as :func:`edit_loss_factors` gives it;
         each entry is popped when its change is made, so a caller may write each change as it
@@ -147,9 +148,7 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
         """Snapshot the edited weights, then write ``W - delta`` in place (one step, no training)."""
-        self.ready(model)
-        edit = edit_item(model, records, [self.images(r)["image"] for r in records])
-        return self._write(model, records, edit_loss_factors(model, edit.batch, self.network.names)[0])
+        return self._write(model, records, self._gradients(model, records)[0])
 
     def single_edits(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Iterator[Edit]:
         """Every record's gradient comes from one forward and backward over all of their edit
@@ -157,16 +156,20 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         between the edits (checked). The rows are padded to one length, so a gradient may differ
         from the one-record batch's by the rounding of its forward (1e-6 relative on the tiny
         models); ``evaluation.batch_size: 1`` takes one record's at a time."""
-        self.ready(model)
-        edit = edit_item(model, records, [self.images(r)["image"] for r in records])
-        factors = edit_loss_factors(model, edit.batch, self.network.names, per_row=True)
         previous: Edit | None = None
-        for record, gradients in zip(records, factors):
+        for record, gradients in zip(records, self._gradients(model, records, per_row=True)):
             if previous is not None and previous.live:
                 raise RuntimeError(f"{self.name}: revert each single edit before asking for the next "
                                    "(its gradient is the unedited model's)")
             previous = self._write(model, [record], gradients)
             yield previous
+
+    def _gradients(self, model: VLMAdapter, records: Sequence[EditRecord],
+                   per_row: bool = False) -> list[GradientFactors]:
+        """The edit loss's gradient on the records' edit items (:func:`edit_loss_factors`)."""
+        self.ready(model)
+        edit = edit_item(model, records, [self.images(r)["image"] for r in records])
+        return edit_loss_factors(model, edit.batch, self.network.names, per_row)
 
     def _write(self, model: VLMAdapter, records: Sequence[EditRecord], gradients: GradientFactors) -> Edit:
         params = self.edited_parameters(model)
