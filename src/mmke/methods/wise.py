@@ -64,6 +64,10 @@ WEIGHT_DECAY = 1e-5
 MERGED_WEIGHT, SHARDS_WEIGHT = 0.6, 0.4
 
 
+class LayerReached(Exception):
+    """Ends a forward at the hooked layer, once :meth:`WISEMemory.layer_io` has what it reads."""
+
+
 @dataclasses.dataclass(frozen=True)
 class WISEHParams(HParams):
     scope: str = "llm.layers.-1.mlp.in"  # one weight matrix: the main memory
@@ -213,15 +217,19 @@ class WISEMemory(HookedMemory):
 
     def layer_io(self, model: VLMAdapter, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's input and its own (main) output on ``batch``'s rows, ``[B, T, width]``, and
-        the rows' attention mask, from one forward without gradients.
+        the rows' attention mask, from one forward without gradients that stops at the layer.
 
         While an edit trains, everything upstream of the layer is frozen and only the side weight
         changes, so the unrelated row's input is the same at every step: one forward per edit
-        gives it, where EasyEdit reruns the whole model at each step for it."""
+        gives it, where EasyEdit reruns the whole model at each step for it. Nothing above the
+        layer is needed, so the hook ends the forward there (ROME's ``nethook`` stops the same way):
+        at BLIP-2's layer 23 of 32, 8 layers and the output layer are never run."""
         self._capturing = True
         try:
             with torch.no_grad():
                 model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
+        except LayerReached:
+            pass
         finally:
             self._capturing = False
         seen, self.seen = self.seen, None
@@ -239,7 +247,7 @@ class WISEMemory(HookedMemory):
         shape, x, output = output.shape, by_row(batch, args[0]), by_row(batch, output)
         if self._capturing:
             self.seen = x, output, mask
-            return output.view(shape)
+            raise LayerReached  # see layer_io
         if self.training is not None:
             side, self.distance = self.trained(x, output, mask)
             return side.view(shape)
