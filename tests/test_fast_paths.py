@@ -319,6 +319,32 @@ def test_single_edits_take_a_batch_of_edit_gradients_in_one_pass(method, adapter
     first.revert()
 
 
+@pytest.mark.parametrize("method", ["KE", "MEND"])
+def test_a_weight_delta_edit_that_fails_part_way_puts_back_what_it_wrote(method, adapter, eval_records, roots):
+    """MEND and KE write each layer's change as it is made: when the next one fails (a device out
+    of memory), the changes already written are taken back and the error reaches the caller."""
+    edit = make_editor(read_hparams(REPO / f"config/hparams/{method}/tiny-blip2.yaml"))
+    edit.build(adapter).eval()
+    edit.bind_images(roots)
+    params = edit.edited_parameters(adapter)
+    assert len(params) > 1
+    unedited = {name: p.detach().clone() for name, p in params.items()}
+    deltas = type(edit).deltas
+    written = []
+
+    def first_then_fail(self, *args):
+        for name, delta in deltas(self, *args):
+            written.append(name)
+            yield name, delta
+            raise RuntimeError("out of memory at the next layer")
+
+    edit.deltas = first_then_fail.__get__(edit)
+    with pytest.raises(RuntimeError, match="out of memory at the next layer"):
+        edit.apply(adapter, [eval_records[0]])
+    assert len(written) == 1
+    assert all(torch.equal(p, unedited[name]) for name, p in params.items())
+
+
 def test_edit_gradient_factors_refuse_a_weight_outside_a_linear_layer(adapter, eval_records, roots):
     """MEND and KE read a gradient as a Linear layer's inputs and output gradients: another
     parameter (a layer norm's) is named in the error, before any pass."""
