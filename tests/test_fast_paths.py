@@ -530,7 +530,8 @@ def test_layers_below_the_trained_ones_run_once_per_edit(adapter, eval_records, 
     calls, kept = edit()
     monkeypatch.setattr(adapter, "frozen_layers_below", lambda names: contextlib.nullcontext())
     every_step, recomputed = edit()
-    assert every_step[0] == every_step[1] >= 4
+    # WISE's unrelated row runs layer 0 once more per edit, in a forward that stops there
+    assert every_step[0] == every_step[1] + (method == "WISE") and every_step[1] >= 4
     assert calls == ([1, every_step[1]] if cached else every_step)
     assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
 
