@@ -276,6 +276,31 @@ def test_records_in_batches_equal_batch_size_one(method, adapter, eval_records, 
     assert max(rows * width for rows, width in shapes) < max(rows * width for rows, width in whole)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_gives_batch_size_ones_records_in_batches(family, family_adapters, eval_records, roots, tmp_path,
+                                                               demo_evqa):
+    """Batching across records changes no value on any family, whatever its image layout
+    (Qwen2-VL packs its patches): the baseline, the methods that leave the weights alone (base,
+    IKE's long rows, also split by a token budget) and the batched edit gradients (KE, MEND)."""
+    adapter = family_adapters[family]()
+    one = run_baseline(adapter, eval_records, roots, Protocol(), batch_size=1)
+    three = run_baseline(adapter, eval_records, roots, Protocol(), batch_size=3)
+    assert one.accuracy == three.accuracy and one.knows_pred == three.knows_pred
+    for field in ("loc", "m_loc"):
+        assert all(torch.equal(getattr(one, field)[i], getattr(three, field)[i]) for i in getattr(one, field))
+    ike = batchable_editor("IKE", adapter, tmp_path, demo_evqa, None)
+    edits = [editor("base"), ike]
+    for method in ("KE", "MEND"):
+        edits.append(make_editor(read_hparams(REPO / f"config/hparams/{method}/tiny-blip2.yaml")))
+        edits[-1].build(adapter).eval()  # an untrained network
+        edits[-1].bind_images(roots)
+    for edit in edits:
+        rows = evaluate(adapter, edit, eval_records, roots, one, Protocol(), batch_size=1).rows
+        assert evaluate(adapter, edit, eval_records, roots, one, Protocol(), batch_size=3).rows == rows, edit.name
+        capped = evaluate(adapter, edit, eval_records, roots, one, Protocol(), batch_size=3, batch_tokens=100)
+        assert capped.rows == rows, edit.name
+
+
 @pytest.mark.parametrize("method", ["KE", "MEND"])
 def test_single_edits_take_a_batch_of_edit_gradients_in_one_pass(method, adapter, eval_records, roots, baseline,
                                                                  monkeypatch):
