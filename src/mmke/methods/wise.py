@@ -35,6 +35,7 @@ The side memory starts as a copy of it and takes the edits:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -226,10 +227,8 @@ class WISEMemory(HookedMemory):
         at BLIP-2's layer 23 of 32, 8 layers and the output layer are never run."""
         self._capturing = True
         try:
-            with torch.no_grad():
-                model.logits(batch, positions=torch.zeros_like(batch.attention_mask, dtype=torch.bool))
-        except LayerReached:
-            pass
+            with torch.no_grad(), contextlib.suppress(LayerReached):
+                model.logits(batch)
         finally:
             self._capturing = False
         seen, self.seen = self.seen, None
