@@ -31,7 +31,7 @@ from mmke.hparams import build_hparams, read_hparams
 from mmke.methods.base import get_method, make_editor
 from mmke.methods.meta import edit_loss_factors
 from mmke.models import load_model
-from mmke.models.base import Batch, RepeatedCall
+from mmke.models.base import Batch, RepeatedCall, decoder_layer_prefixes
 from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
 from mmke.models.tiny_aux import build_tiny_aux
 from mmke.stages import embed_stage
@@ -299,6 +299,39 @@ def test_every_family_gives_batch_size_ones_records_in_batches(family, family_ad
         assert evaluate(adapter, edit, eval_records, roots, one, Protocol(), batch_size=3).rows == rows, edit.name
         capped = evaluate(adapter, edit, eval_records, roots, one, Protocol(), batch_size=3, batch_tokens=100)
         assert capped.rows == rows, edit.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wises_stopped_forward_reads_what_a_whole_forward_gives_on_every_family(family, family_adapters,
+                                                                                  eval_records, roots):
+    """WISE's unrelated-row forward ends at its layer on every family's language model (OPT,
+    Llama, Qwen2): no layer above it runs, the layer's input and output equal a whole forward's,
+    and the model answers as before afterwards (the interrupted forward left nothing behind)."""
+    adapter = family_adapters[family]()
+    editor = make_editor(read_hparams(REPO / "config/hparams/WISE/tiny-blip2.yaml"))  # layer 0 of 2
+    record = eval_records[0]
+    text = adapter.teacher_forced([record.loc], [record.loc_ans], None)
+    with torch.no_grad():
+        before = adapter.logits(text)
+    memory = editor.install(adapter)
+    above = adapter.model.get_submodule(decoder_layer_prefixes(adapter.model, adapter.model)[-1])
+    ran_above = []
+    handle = above.register_forward_hook(lambda *args: ran_above.append(1))
+    try:
+        x, output, _ = memory.layer_io(adapter, text)
+    finally:
+        handle.remove()
+        memory.remove()
+    assert memory.layer not in set(above.modules()) and ran_above == []
+    whole = []
+    handle = memory.layer.register_forward_hook(lambda module, args, out: whole.append((args[0], out)))
+    try:
+        with torch.no_grad():
+            after = adapter.logits(text)
+    finally:
+        handle.remove()
+    assert torch.equal(whole[0][0].view(x.shape), x) and torch.equal(whole[0][1].view(output.shape), output)
+    assert torch.equal(after, before)
 
 
 @pytest.mark.parametrize("method", ["KE", "MEND"])

@@ -18,7 +18,6 @@ from mmke.hparams import read_hparams
 from mmke.methods.base import Editor, make_editor
 from mmke.methods.lora import LoRAMemory
 from mmke.methods.wise import Shard, merge, route, ties_merge
-from mmke.models.base import decoder_layer_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,24 +173,16 @@ def test_wise_routes_locality_items_to_the_main_memory(adapter, eval_records, ro
 
 
 def test_wise_takes_the_unrelated_rows_distance_from_one_forward_per_edit(adapter, eval_records, roots):
-    """The unrelated row's layer input is read once per edit, by a forward that stops at the
-    layer: its d and d's gradient equal a whole forward's at any side weight, no layer above it
-    runs, and an edit of n_iter steps runs the layer n_iter + 1 times."""
+    """The unrelated row's layer input is read once per edit (by a forward that stops at the layer,
+    tests/test_fast_paths.py): its d and d's gradient equal a whole forward's at any side weight,
+    and an edit of n_iter steps runs the layer n_iter + 1 times."""
     record = eval_records[0]
     text, _ = unrelated_items(adapter, record, roots)
     editor = editor_for("WISE", roots, n_iter=3)
     memory = editor.install(adapter)
-    above = adapter.model.get_submodule(decoder_layer_prefixes(adapter.model, adapter.model.language_model)[-1])
-    assert memory.layer not in set(above.modules())  # tiny-blip2's WISE scope: layer 0 of 2
     try:
         with adapter.trainable_only(()):
-            ran_above = []
-            handle = above.register_forward_hook(lambda *args: ran_above.append(1))
-            try:
-                seen = memory.layer_io(adapter, text)
-            finally:
-                handle.remove()
-            assert ran_above == []
+            seen = memory.layer_io(adapter, text)
             side = (memory.layer.weight + 0.05 * torch.randn_like(memory.layer.weight)).requires_grad_(True)
             memory.training = side
             adapter.logits(text, positions=torch.zeros_like(text.attention_mask, dtype=torch.bool))
