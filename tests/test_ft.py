@@ -113,6 +113,26 @@ def test_unknown_scope_names_the_valid_ones(adapter, eval_records, roots):
         ft.apply(adapter, eval_records[:1])
 
 
+def test_an_edit_that_fails_part_way_leaves_the_weights_as_they_were(adapter, eval_records, roots, monkeypatch):
+    """A step that fails after earlier steps wrote the weights (a device out of memory) puts the
+    weights back before the error reaches the caller, as a revert would."""
+    ft = editor("FT-L", num_steps=3, lr=1e-2)
+    ft.bind_images(roots)
+    before = parameters(adapter)
+    step, steps = torch.optim.AdamW.step, []
+
+    def second_fails(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("out of memory at step 2")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", second_fails)
+    with pytest.raises(RuntimeError, match="out of memory at step 2"):
+        ft.apply(adapter, eval_records[:1])
+    assert len(steps) == 2 and changed_parameters(adapter, before) == set()
+
+
 def test_apply_without_image_roots_is_an_error(adapter, eval_records):
     with pytest.raises(RuntimeError, match=r"FT-L: call bind_images\(roots\) before editing"):
         editor("FT-L", num_steps=1).apply(adapter, eval_records[:1])

@@ -60,12 +60,8 @@ class FineTune(Editor):
                                      [self.images(r)["image"] for r in records])
         # FT-L: every step reads the edit image's features from one computation (FT-V trains them)
         frozen = model.frozen_image_features() if model.downstream_of_features(params) else contextlib.nullcontext()
-        try:
-            with model.trainable_only(params.values()), frozen:
-                self._optimise(model, params, snapshot, batch)
-        except BaseException:
-            model.restore(snapshot)
-            raise
+        with model.restored_on_failure(snapshot), model.trainable_only(params.values()), frozen:
+            self._optimise(model, params, snapshot, batch)
         return Edit(model, snapshot)
 
     def _optimise(self, model: VLMAdapter, params: dict[str, torch.nn.Parameter],

@@ -172,17 +172,13 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
         return edit_loss_factors(model, edit.batch, self.network.names, per_row)
 
     def _write(self, model: VLMAdapter, records: Sequence[EditRecord], gradients: GradientFactors) -> Edit:
-        """Write each change as :meth:`deltas` makes it. A failure part way (a device out of
-        memory at the next layer's change) puts back the changes already written."""
+        """Write each change as :meth:`deltas` makes it; a failure part way puts back the changes
+        already written."""
         params = self.edited_parameters(model)
         snapshot = model.snapshot(params)
-        try:
-            with torch.no_grad():
-                for name, delta in self.deltas(model, records, gradients):
-                    subtract_in_place(params[name], delta)
-        except BaseException:
-            model.restore(snapshot)
-            raise
+        with model.restored_on_failure(snapshot), torch.no_grad():
+            for name, delta in self.deltas(model, records, gradients):
+                subtract_in_place(params[name], delta)
         return Edit(model, snapshot)
 
 

@@ -520,6 +520,16 @@ class VLMAdapter(abc.ABC):
             for name, value in snapshot.items():
                 params[name].copy_(value)
 
+    @contextlib.contextmanager
+    def restored_on_failure(self, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Put ``snapshot`` back if the block raises: an edit that fails part way (a device out of
+        memory at its next step or layer) leaves no weight half written."""
+        try:
+            yield
+        except BaseException:
+            self.restore(snapshot)
+            raise
+
 
 def _cached_scopes(scopes: Callable[[VLMAdapter], dict[str, list[str]]]) -> Callable[[VLMAdapter], dict[str, list[str]]]:
     @functools.wraps(scopes)
