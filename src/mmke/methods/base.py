@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from PIL import Image
 
 from mmke.data.records import EditRecord, ImageRoots, RecordImages
@@ -131,12 +132,21 @@ class Editor(abc.ABC):
         as it was (same module tree, same tensors). Nothing by default."""
         return contextlib.nullcontext()
 
+    def edited_parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
+        """The parameters of ``model`` that this method's edits write, or whose layers they wrap
+        or hook; none for :attr:`weights_unchanged` methods. Found through
+        :meth:`VLMAdapter.editable`, so a scope the model cannot have written (released, or
+        stored in int8) is an error here, before any edit."""
+        if self.weights_unchanged:
+            return {}
+        raise NotImplementedError(f"{self.name} changes weights but does not name them (edited_parameters)")
+
     def keeps_image_features(self, model: VLMAdapter) -> bool:
         """Whether the model's image features stay those of the unedited model under this method's
         edits, so the evaluation loop may compute them once per image
-        (:meth:`VLMAdapter.frozen_image_features`). Methods that change weights say so from their
-        scopes (:meth:`VLMAdapter.downstream_of_features`)."""
-        return self.weights_unchanged
+        (:meth:`VLMAdapter.frozen_image_features`): whether all it edits lies downstream of them
+        (:meth:`VLMAdapter.downstream_of_features`)."""
+        return model.downstream_of_features(self.edited_parameters(model))
 
 
 def register_method(cls: type[Editor]) -> type[Editor]:

@@ -54,7 +54,7 @@ class FineTune(Editor):
             raise ValueError(f"{self.name}: hparams field 'num_steps' must be >= 1, got {self.hparams.num_steps}")
 
     def apply(self, model: VLMAdapter, records: Sequence[EditRecord]) -> Edit:
-        params = self._parameters(model)
+        params = self.edited_parameters(model)
         snapshot = model.snapshot(params)
         batch = model.teacher_forced([r.prompt for r in records], [r.target for r in records],
                                      [self.images(r)["image"] for r in records])
@@ -84,10 +84,7 @@ class FineTune(Editor):
                             p.copy_(torch.clamp(p, min=original[name] - bound, max=original[name] + bound))
         optimiser.zero_grad(set_to_none=True)  # free the gradients; the edit keeps only the weights
 
-    def keeps_image_features(self, model: VLMAdapter) -> bool:
-        return model.downstream_of_features(self._parameters(model))
-
-    def _parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
+    def edited_parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
         language = set(model.scopes()[LANGUAGE_MODEL_SCOPE])
         params: dict[str, torch.nn.Parameter] = {}
         for scope in self.hparams.scopes:

@@ -117,9 +117,6 @@ class LifelongEditor(Editor):
         """The model parameters whose layers the memory wraps or hooks (never written)."""
         return {name: param for scope in self.scopes() for name, param in model.editable(scope).items()}
 
-    def keeps_image_features(self, model: VLMAdapter) -> bool:
-        return model.downstream_of_features(self.edited_parameters(model))
-
     @abc.abstractmethod
     def install(self, model: VLMAdapter) -> Memory:
         """Put an empty memory into ``model``."""

@@ -124,9 +124,6 @@ class WeightDeltaEditor(MetaEditor, abc.ABC):
     def edited_parameters(self, model: VLMAdapter) -> dict[str, torch.nn.Parameter]:
         return model.editable(self.hparams.scope)
 
-    def keeps_image_features(self, model: VLMAdapter) -> bool:
-        return model.downstream_of_features(self.edited_parameters(model))
-
     @abc.abstractmethod
     def deltas(self, model: VLMAdapter, records: Sequence[EditRecord],
                gradients: GradientFactors) -> Iterator[tuple[str, torch.Tensor | RowwiseDelta]]:
