@@ -36,6 +36,9 @@ class ShiftEditor(Editor):
 
     name = "shift"
 
+    def edited_parameters(self, model):
+        return {PROBE: model.named_parameters()[PROBE]}
+
     def apply(self, model, records):
         snapshot = model.snapshot([PROBE])
         with torch.no_grad():
