@@ -38,6 +38,8 @@ prints the passes per edit, whole and in the decoder layers' work, beside EasyEd
 edit_speed.py does). ``--mmap-weights`` (CPU) maps the edited model's weights from a file, so that
 SERAC's counterfactual Vicuna-7B and MiniGPT-4 together, 25 GiB, run on a machine with less memory;
 the live-tensor count is the same, the run slower (pages are read back from disk).
+``--quantize int8`` holds the language model's decoder-layer weights in int8 but the scopes the
+methods' hparams name, as a config entry's ``quantize`` does (:mod:`mmke.models.quantize`).
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, Llam
 from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, load_records
 from mmke.evaluate import Protocol, evaluate, run_baseline
-from mmke.hparams import HParams, read_hparams
+from mmke.hparams import HParams, named_scopes, read_hparams
 from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.models.base import adapter_class
 from mmke.models.convert import EVA_VIT_G
+from mmke.models.quantize import WEIGHT_FORMATS, quantize_language_model
 from mmke.models.tiny import blip2_config, blip2_processor, init_blip2, train_tokenizer
 from mmke.models.tiny_aux import save_seeded
 from mmke.stages import embed_stage
@@ -356,6 +359,20 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     allocated = "" if report["model_allocated_gib"] is None else f" ({report['model_allocated_gib']:.2f} allocated)"
     print(f"  {params / 1e6:.1f}M parameters, built in {report['build_s']:.1f} s, {report['model_gib']:.2f} GiB"
           f"{allocated}")
+    paper = {method: REPO / "config" / "hparams" / method / f"{model_name}.yaml"
+             for method in args.methods or registered_methods()}
+    for method in [method for method, path in paper.items() if not path.exists()]:
+        print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
+    hparams = {method: read_hparams(path) for method, path in paper.items() if path.exists()}
+    if args.quantize:  # as a config entry whose quantize.keep holds every scope these methods name
+        keep = sorted({scope for hp in hparams.values() for scope in named_scopes(hp)})
+        report["quantized"] = dataclasses.asdict(quantize_language_model(adapter, args.quantize, keep))
+        report["quantized_allocated_gib"] = meter.allocated_gib(now=True)
+        allocated = ("" if report["quantized_allocated_gib"] is None
+                     else f", {report['quantized_allocated_gib']:.2f} GiB allocated")
+        print(f"  {args.quantize}: {report['quantized']['layers']} linear layers, their weights "
+              f"{report['quantized']['bytes_before'] / GIB:.2f} -> {report['quantized']['bytes_after'] / GIB:.2f} GiB"
+              f"{allocated} (kept: {', '.join(keep) or 'none'})")
     start = time.perf_counter()
     baseline = run_baseline(adapter, records, roots, Protocol(), keep_image_features=args.stored_features)
     report["baseline_s_per_record"] = (time.perf_counter() - start) / len(records)
@@ -367,11 +384,6 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     built: dict[str, Path] = {}
     aux = functools.partial(paper_aux, out=tmp / "aux" / model_name, device=device, dtype=dtype, small=args.small,
                             tokenizer=tokenizer, built=built)
-    paper = {method: REPO / "config" / "hparams" / method / f"{model_name}.yaml"
-             for method in args.methods or registered_methods()}
-    for method in [method for method, path in paper.items() if not path.exists()]:
-        print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
-    hparams = {method: read_hparams(path) for method, path in paper.items() if path.exists()}
     methods = list(hparams)
     keeps = {method: stored is not None and make_editor(hparams[method]).keeps_image_features(adapter)
              for method in methods}
@@ -448,6 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CPU: map the edited model's weights from a file instead of holding them in memory, "
                              "so that SERAC's second 7B model fits beside MiniGPT-4 (slow: pages are read back from "
                              "disk; the live-tensor count is the same)")
+    parser.add_argument("--quantize", choices=WEIGHT_FORMATS,
+                        help="hold the language model's decoder-layer weights in this format (mmke.models.quantize), "
+                             "all but the scopes the methods' hparams name, as models.<name>.quantize does")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also through a pipe
@@ -480,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
         print_easyedit_passes({f"{model}/{method}": row for model, report in reports.items()
                                for method, row in report["methods"].items() if "passes" in row})
     result = {"device": str(device), "dtype": args.dtype, "small": args.small, "edits": args.edits,
-              "steps": args.steps, "stored_features": args.stored_features, "memory": "cuda max_memory_allocated" if device.type == "cuda"
+              "steps": args.steps, "stored_features": args.stored_features, "quantize": args.quantize,
+              "memory": "cuda max_memory_allocated" if device.type == "cuda"
               else ("peak RSS (clear_refs)" if meter.exact else "process peak RSS (ru_maxrss)"),
               "allocated": "cuda max_memory_allocated" if device.type == "cuda"
               else ("live tensor bytes (LiveTensors)" if meter.tensors is not None else None),

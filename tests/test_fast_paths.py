@@ -32,7 +32,6 @@ from mmke.methods.base import get_method, make_editor
 from mmke.methods.meta import edit_loss_factors
 from mmke.models import load_model
 from mmke.models.base import Batch, RepeatedCall, decoder_layer_prefixes
-from mmke.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_minigpt4, build_tiny_qwen2vl
 from mmke.models.tiny_aux import build_tiny_aux
 from mmke.stages import embed_stage
 from processor_path import UncachedHFVLM
@@ -46,24 +45,6 @@ def editor(method: str, **values):
 def no_feature_memo(adapter, monkeypatch) -> None:
     """The slow path: every forward computes the image features from the pixels."""
     monkeypatch.setattr(adapter, "frozen_image_features", contextlib.nullcontext)
-
-
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {"blip2": build_tiny_blip2(root / "blip2", image_size=32),
-            "minigpt4": build_tiny_minigpt4(root / "minigpt4", image_size=32),
-            "llava": build_tiny_llava(root / "llava", image_size=32),
-            "qwen2vl": build_tiny_qwen2vl(root / "qwen2vl", image_size=32)}
-
-
-@pytest.fixture
-def family_adapters(family_dirs):
-    """A fresh adapter per family (no memo carried over from another test)."""
-    return {family: (lambda family=family, path=path: load_model(
-                family if family in ("blip2", "minigpt4") else "hf_vlm", path,
-                image_size=32 if family in ("blip2", "minigpt4") else None))
-            for family, path in family_dirs.items()}
 
 
 FAMILIES = ["blip2", "minigpt4", "llava", "qwen2vl"]

@@ -7,7 +7,10 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
 from transformers import OPTConfig, OPTForCausalLM
+
+from mmke.models.quantize import tensor_bytes
 
 SPEC = importlib.util.spec_from_file_location(
     "live_tensors", Path(__file__).resolve().parents[1] / "benchmarks" / "live_tensors.py")
@@ -79,3 +82,18 @@ def test_weights_moved_to_the_meta_device_no_longer_count():
         assert count.live == 0
         assert layer(torch.ones(1, 64, device="meta")).shape == (1, 32)
         assert count.live == 0
+
+
+def test_an_int8_weight_counts_its_int8_values_and_scales_not_a_full_precision_stand_in():
+    """torchao's int8 weights (models.<name>.quantize) are tensor subclasses whose own storage is a
+    stand-in of the float32 size: the count must take the parts that hold the data."""
+    layer = torch.nn.Linear(256, 128, bias=False)
+    quantize_(layer, Int8WeightOnlyConfig(set_inductor_config=False))
+    held = tensor_bytes(layer.weight)
+    assert layer.weight.qdata.dtype == torch.int8 and 128 * 256 < held < 128 * 256 * 1.1
+    with live_tensors.LiveTensors() as count:
+        alias = layer.weight.detach()  # the subclass itself passes the dispatcher
+        with torch.no_grad():
+            layer(torch.ones(1, 256))
+        assert count.live == held
+    del alias

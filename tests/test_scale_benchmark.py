@@ -51,6 +51,25 @@ def test_scale_benchmark_runs_every_method_with_paper_hparams_on_both_models(tmp
     assert "s/edit" in done.stdout and "peak GiB" in done.stdout and "allocated" in done.stdout
 
 
+def test_scale_benchmark_holds_the_language_model_in_int8_but_what_the_methods_name(tmp_path):
+    out = tmp_path / "scale.json"
+    done = run_benchmark("scale.py", "--small", "--device", "cpu", "--edits", "1", "--steps", "2", "--quantize", "int8",
+                         "--models", "minigpt4-vicuna-7b", "--methods", "base", "FT-L", "MEND", "--tensor-memory",
+                         "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())["models"]["minigpt4-vicuna-7b"]
+    quantized = report["quantized"]
+    assert quantized["weights"] == "int8" and quantized["keep"] == ["llm.mlp.last1", "llm.mlp.last3"]
+    assert quantized["layers"] > 0 and quantized["bytes_after"] < 0.6 * quantized["bytes_before"]  # from bf16
+    # the live tensors shrink by exactly what quantising saved: the bf16 weights are freed
+    saved = (report["model_allocated_gib"] - report["quantized_allocated_gib"]) * 2**30
+    assert saved == pytest.approx(quantized["bytes_before"] - quantized["bytes_after"], abs=64)
+    for method, row in report["methods"].items():
+        assert "error" not in row, (method, row)
+        assert row["allocated_gib"] >= report["quantized_allocated_gib"]
+    assert "int8: " in done.stdout and "(kept: llm.mlp.last1, llm.mlp.last3)" in done.stdout
+
+
 def test_scale_benchmark_refuses_an_unknown_method():
     done = run_benchmark("scale.py", "--small", "--methods", "NOPE")
     assert done.returncode == 2 and "unknown method(s) ['NOPE']" in done.stderr

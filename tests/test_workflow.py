@@ -320,6 +320,30 @@ def test_deleted_metrics_reruns_only_that_job_and_merge(workdir):
 
 
 @pytest.mark.slow
+def test_a_quantised_model_reruns_what_edits_it_but_not_its_base_training(workdir):
+    """``quantize`` is a setting of the model as every edit sees it (its baselines, meta-training
+    and evaluations), not of the base model's pretraining, which is not rerun. The last test on
+    ``workdir``: the first model stays quantised."""
+    config_path = workdir / "config/config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    # FT-L's and MEND's scopes (the tiny model's two MLPs) stay; FT-V's Q-Former is not quantised anyway
+    config["models"]["tiny-blip2"]["quantize"] = {"weights": "int8", "keep": ["llm.mlp.last1", "llm.mlp.last2"]}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    before = snapshot(workdir)
+    run_snakemake(workdir)
+    now = changed(before, snapshot(workdir))
+    assert not {path for path in now if path.startswith("resources/world/") or "tiny-blip2-b" in path}
+    assert {f"results/baseline/tiny-blip2/{d}/pre.jsonl" for d in DATASETS} <= now
+    assert any(path.startswith("resources/checkpoints/MEND/tiny-blip2/") for path in now)
+    for method in METHODS:
+        for dataset in DATASETS:
+            metrics = json.loads((workdir / f"results/eval/{method}/tiny-blip2/{dataset}/metrics.json").read_text())
+            assert metrics["quantization"]["weights"] == "int8" and metrics["quantization"]["layers"] == 8
+            if method == "base":  # the baseline job's model is the evaluate job's
+                assert metrics["summary"]["locality_acc"] == metrics["summary"]["multimodal_locality_acc"] == 1.0
+
+
+@pytest.mark.slow
 def test_lavis_pieces_are_converted_once_and_loaded_by_the_baseline(tmp_path):
     """A `lavis:` model entry: convert_model assembles it, the baseline stage loads it like any model."""
     import torch

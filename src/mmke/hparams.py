@@ -27,6 +27,14 @@ class HParams:
     model: str | None = None
 
 
+def named_scopes(hparams: HParams) -> list[str]:
+    """The adapter scopes a method's hparams name (its ``scope`` or ``scopes`` field; none where it
+    has neither): what its edits write, wrap or hook, which a quantised model must keep
+    (``models.<name>.quantize.keep``)."""
+    scopes = getattr(hparams, "scopes", None) or getattr(hparams, "scope", None) or []
+    return [scopes] if isinstance(scopes, str) else list(scopes)
+
+
 def digest(hparams: HParams) -> str:
     """Stable short hash of the values, recorded in metric JSONs and checkpoints."""
     blob = json.dumps(dataclasses.asdict(hparams), sort_keys=True, default=str)

@@ -71,20 +71,29 @@ def load_split(dataset: Mapping[str, Any], split: str) -> tuple[Records, ImageRo
 
 def load_configured_model(model: Mapping[str, Any], device: str = "auto",
                           protocol: Mapping[str, Any] | None = None) -> VLMAdapter:
-    """The adapter of a config ``models:`` entry (family, path, optional image_size/dtype).
+    """The adapter of a config ``models:`` entry (family, path, optional image_size/dtype/quantize).
 
     ``protocol.target_join`` may choose the family's target convention. A corrupt or truncated
-    weights file is an error naming that file and the rule that writes it.
+    weights file is an error naming that file and the rule that writes it. With ``quantize``, the
+    model is quantised on the CPU (:mod:`mmke.models.quantize`) before it moves to ``device``, so
+    the device never holds its full-precision weights.
     """
     from safetensors import SafetensorError
 
     dtype = getattr(torch, model.get("dtype", "float32"))
     target_join = (protocol or {}).get("target_join", {}).get(model["family"])
+    quantize = model.get("quantize")
     try:
-        return load_model(model["family"], model["path"], device=resolve_device(device), dtype=dtype,
-                          image_size=model.get("image_size"), target_join=target_join)
+        adapter = load_model(model["family"], model["path"], device="cpu" if quantize else resolve_device(device),
+                             dtype=dtype, image_size=model.get("image_size"), target_join=target_join)
     except SafetensorError as err:
         raise ValueError(broken_model_message(model["path"], err)) from err
+    if quantize:
+        from mmke.models.quantize import quantize_language_model
+
+        quantize_language_model(adapter, quantize["weights"], quantize.get("keep", ()))
+        adapter.to(resolve_device(device))
+    return adapter
 
 
 def recorded_protocol(protocol: Mapping[str, Any], adapter: VLMAdapter) -> dict[str, Any]:
@@ -192,6 +201,7 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         "timings": {"load_s": load_s, **result.timings},
         "device": str(adapter.device),
         "image_modules_released": released,
+        "quantization": adapter.quantization,
     }
     write_json(metrics_out, report)
     return report

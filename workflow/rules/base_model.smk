@@ -14,7 +14,7 @@ rule pretrain_base:
             category="Base models",
         ),
     params:
-        model=model_spec,
+        model=trained_model_spec,
         datasets=lambda wc: pretrain_datasets(MODELS[wc.model]["pretrain"]),
         settings=lambda wc: pretrain_settings(MODELS[wc.model]["pretrain"]),
         protocol=config["protocol"],

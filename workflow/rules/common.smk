@@ -214,6 +214,12 @@ def model_spec(wildcards):
     return {key: value for key, value in MODELS[wildcards.model].items() if key != "hparams"}
 
 
+def trained_model_spec(wildcards):
+    """:func:`model_spec` as base-model pretraining sees it: without ``quantize``, which only the
+    jobs that edit the trained model apply, so quantising it does not retrain it."""
+    return {key: value for key, value in model_spec(wildcards).items() if key != "quantize"}
+
+
 CONVERTED_DIR = "resources/models"
 
 

@@ -17,7 +17,7 @@ import importlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NoReturn
 
@@ -425,6 +425,17 @@ class VLMAdapter(abc.ABC):
         self._params = self._stage_of = None  # parameters and stages are found again without them
         return freed
 
+    _quantized: frozenset[str] = frozenset()  # parameters held in a quantised format
+    #: What quantising did (:class:`mmke.models.quantize.Quantized` as a dict), for ``metrics.json``.
+    quantization: dict[str, object] | None = None
+
+    def mark_quantized(self, names: Iterable[str], summary: Mapping[str, object]) -> None:
+        """Record the parameters now held quantised (:mod:`mmke.models.quantize`): :meth:`editable`
+        refuses their scopes, and the parameter dict is built again (quantising replaced them)."""
+        self._quantized = frozenset(names)
+        self.quantization = dict(summary)
+        self._params = None
+
     def downstream_of_features(self, names: Iterable[str]) -> bool:
         """Whether every named parameter lies downstream of the image features (in the language
         model), so that changing them leaves the features, and their memo, valid."""
@@ -502,6 +513,12 @@ class VLMAdapter(abc.ABC):
         if scope in self._released_scopes:
             raise RuntimeError(f"{self.family}: scope {scope!r} lies in the image path, whose weights were released "
                                "for stored image features (release_image_modules)")
+        quantized = [name for name in scopes[scope] if name in self._quantized]
+        if quantized:
+            raise ValueError(f"{self.family}: scope {scope!r} holds quantised weights ({quantized[0]}"
+                             f"{f' and {len(quantized) - 1} more' if len(quantized) > 1 else ''}), which no "
+                             "method may write, wrap or hook: list the scope under quantize.keep in the model's "
+                             "config entry")
         params = self.named_parameters()
         return {name: params[name] for name in scopes[scope]}
 
