@@ -326,8 +326,9 @@ def test_a_quantised_model_reruns_what_edits_it_but_not_its_base_training(workdi
     ``workdir``: the first model stays quantised."""
     config_path = workdir / "config/config.yaml"
     config = yaml.safe_load(config_path.read_text())
-    # FT-L's and MEND's scopes (the tiny model's two MLPs) stay; FT-V's Q-Former is not quantised anyway
-    config["models"]["tiny-blip2"]["quantize"] = {"weights": "int8", "keep": ["llm.mlp.last1", "llm.mlp.last2"]}
+    # every scope the methods' hparams name: FT-L's, MEND's and KE's MLPs, FT-V's Q-Former
+    config["models"]["tiny-blip2"]["quantize"] = {"weights": "int8",
+                                                  "keep": ["llm.mlp.last1", "llm.mlp.last2", "qformer"]}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     before = snapshot(workdir)
     run_snakemake(workdir)
@@ -384,6 +385,19 @@ def test_lavis_model_outside_resources_models_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "models.tiny-blip2.path: a model with `lavis:` pieces is assembled at resources/models/tiny-blip2" in (
         proc.stdout + proc.stderr)
+
+
+def test_a_quantised_model_that_would_hold_a_methods_scope_in_int8_is_refused_before_any_job(tmp_path):
+    config = demo_config(tmp_path)
+    config["methods"] = ["base", "FT-L", "MEND"]
+    config["models"]["tiny-blip2"]["quantize"] = {"weights": "int8", "keep": ["llm.mlp.last1"]}
+    (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path)], cwd=tmp_path,
+                          env=snakemake_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("config: models.tiny-blip2.quantize.keep: MEND edits llm.mlp.last2 "
+            "(config/hparams/MEND/tiny-blip2.yaml), which would be held in int8; add them to keep") in proc.stderr
+    assert "FT-L edits" not in proc.stderr
 
 
 def test_lint_is_clean():

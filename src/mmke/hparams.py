@@ -27,11 +27,12 @@ class HParams:
     model: str | None = None
 
 
-def named_scopes(hparams: HParams) -> list[str]:
+def named_scopes(hparams: HParams | Mapping[str, Any]) -> list[str]:
     """The adapter scopes a method's hparams name (its ``scope`` or ``scopes`` field; none where it
-    has neither): what its edits write, wrap or hook, which a quantised model must keep
-    (``models.<name>.quantize.keep``)."""
-    scopes = getattr(hparams, "scopes", None) or getattr(hparams, "scope", None) or []
+    has neither), read or as the file gives them: what its edits write, wrap or hook, which a
+    quantised model must keep (``models.<name>.quantize.keep``)."""
+    values = hparams if isinstance(hparams, Mapping) else dataclasses.asdict(hparams)
+    scopes = values.get("scopes") or values.get("scope") or []
     return [scopes] if isinstance(scopes, str) else list(scopes)
 
 

@@ -271,7 +271,25 @@ def config_problems():
                 f"models.{model}: no {method} hparams file, {path} does not exist; "
                 f"write one{hint}; see config/README.md"
             )
+        elif "quantize" in MODELS[model]:
+            unkept = unkept_scopes(model, path)
+            if unkept:
+                problems.append(
+                    f"models.{model}.quantize.keep: {method} edits {', '.join(unkept)} ({path}), "
+                    "which would be held in int8; add them to keep"
+                )
     return problems
+
+
+def unkept_scopes(model, path):
+    """The scopes an hparams file names that a quantised model's ``quantize.keep`` leaves out: its
+    jobs would stop at the first edit (mmke.models.quantize). A scope left to the method's
+    default is checked there only."""
+    from mmke.hparams import named_scopes  # only for a quantised model: a no-op rerun imports no mmke
+
+    keep = MODELS[model]["quantize"].get("keep", [])
+    with open(path, encoding="utf-8") as file:
+        return [scope for scope in named_scopes(yaml.safe_load(file) or {}) if scope not in keep]
 
 
 def check_config():
