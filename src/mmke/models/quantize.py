@@ -7,8 +7,8 @@ language model is held in 16 bits. Held as int8 with one scale per output row (t
 weights take half the bytes. Activations, gradients and every other weight stay in the model's
 dtype, so an edit's backward reaches the layers it trains through the int8 ones.
 
-A quantised model is another model: its outputs differ from the 16-bit one's (by the rounding of
-each weight to 1/127 of its row's largest), so its table rows are its own, and its baseline, its
+A quantised model is another model: its outputs differ from the 16-bit one's (each weight is rounded
+to a multiple of 1/127 of its row's largest), so its table rows are its own, and its baseline, its
 meta-networks and its evaluate jobs all load it the same way (``models.<name>.quantize``).
 What a method writes, wraps or hooks must stay in full precision: the config lists those scopes
 (``keep``), and :meth:`~mmke.models.base.VLMAdapter.editable` refuses a scope holding int8
@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Iterable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from mmke.models.base import LANGUAGE_MODEL_SCOPE, VLMAdapter
 
@@ -45,8 +46,6 @@ class Quantized:
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds: a quantised one's (a tensor subclass) are those of its parts."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names)
