@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from peft import AdaLoraConfig, AdaLoraModel, LoraConfig, LoraModel
 
 from mmke.data.records import EditRecord
 from mmke.hparams import HParams
@@ -29,10 +30,7 @@ from mmke.methods.lifelong import LifelongEditor, Memory, scope_modules, unfreez
 from mmke.models.base import VLMAdapter
 
 ADAPTER = "mmke_edit"  # the peft adapter's name
-#: peft's config and tuner class of each ``lora_type``, by name. peft is imported where an edit
-#: uses it: importing it costs about 1.7 s of CPU, which every job that reads a method's hparams
-#: (and so imports this registered module) would otherwise pay.
-TUNERS = {"lora": ("LoraConfig", "LoraModel"), "adalora": ("AdaLoraConfig", "AdaLoraModel")}
+TUNERS = {"lora": (LoraConfig, LoraModel), "adalora": (AdaLoraConfig, AdaLoraModel)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +67,7 @@ class LoRAMemory(Memory):
     kept_between_edits = True
 
     def __init__(self, model: VLMAdapter, hp: LoRAHParams, targets: list[str]):
-        import peft
-
-        config_class, tuner_class = (getattr(peft, name) for name in TUNERS[hp.lora_type])
+        config_class, tuner_class = TUNERS[hp.lora_type]
         options = {"total_step": hp.num_steps} if hp.lora_type == "adalora" else {}
         config = config_class(r=hp.rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
                               target_modules=targets, **options)

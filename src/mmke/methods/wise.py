@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from peft.utils.merge_utils import calculate_majority_sign_mask, magnitude_based_pruning
 from transformers.activations import ACT2FN
 
 from mmke.data.records import EditRecord
@@ -127,8 +128,6 @@ class SideMemory:
 def ties_merge(main: torch.Tensor, shards: Sequence[Shard], weights: Sequence[float], density: float) -> Shard:
     """TIES as EasyEdit's ``GTA('magnitude', 'sum', normalize=True)``: the weighted mean of the
     shards' agreeing changes, each change first cut to its ``density`` share by magnitude."""
-    from peft.utils.merge_utils import calculate_majority_sign_mask, magnitude_based_pruning  # see lora.TUNERS
-
     changes = [shard.weight - main for shard in shards]
     if density < 1:
         changes = [magnitude_based_pruning(change, density) for change in changes]
