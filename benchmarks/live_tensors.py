@@ -14,8 +14,10 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from mmke.models.quantize import tensor_parts
 
 
 class LiveTensors(TorchDispatchMode):
@@ -43,17 +45,9 @@ class LiveTensors(TorchDispatchMode):
         result = func(*args, **(kwargs or {}))
         for value in tree_flatten((args, kwargs, result))[0]:
             if isinstance(value, torch.Tensor):
-                self._count_tensor(value)
+                for part in tensor_parts(value):  # a quantised weight's int8 values and scales
+                    self._count(part.untyped_storage())
         return result
-
-    def _count_tensor(self, tensor: torch.Tensor) -> None:
-        """A tensor's storage; for a tensor subclass made of others (torchao's int8 weights), theirs:
-        its own storage is a stand-in of the logical dtype's size, which holds nothing."""
-        if is_traceable_wrapper_subclass(tensor):
-            for name in tensor.__tensor_flatten__()[0]:
-                self._count_tensor(getattr(tensor, name))
-        else:
-            self._count(tensor.untyped_storage())
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)  # torch keeps one Python object per storage while the storage lives

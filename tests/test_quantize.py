@@ -17,19 +17,14 @@ from mmke.metrics import target_nll
 from mmke.methods.base import Edit, make_editor
 from mmke.methods.meta import MetaEditor
 from mmke.models.base import LANGUAGE_MODEL_SCOPE
-from mmke.models.quantize import quantize_language_model, tensor_bytes
+from mmke.models.quantize import quantize_language_model, tensor_bytes, tensor_parts
 from mmke.stages import baseline_stage, evaluate_stage, load_configured_model, load_eval_split
 
 
 def states(adapter) -> dict[str, torch.Tensor]:
     """Every tensor the model holds, an int8 weight as its parts (values, scales, zero points)."""
-    out = {}
-    for name, tensor in adapter.model.state_dict().items():
-        if hasattr(tensor, "qdata"):
-            out |= {f"{name}.{part}": getattr(tensor, part).clone() for part in tensor.__tensor_flatten__()[0]}
-        else:
-            out[name] = tensor.clone()
-    return out
+    return {f"{name}.{i}": part.clone() for name, tensor in adapter.model.state_dict().items()
+            for i, part in enumerate(tensor_parts(tensor))}
 
 
 @pytest.mark.parametrize("family", ["blip2", "minigpt4", "llava", "qwen2vl"])

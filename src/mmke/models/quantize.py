@@ -44,12 +44,18 @@ class Quantized:
     bytes_after: int  # and after (int8 values and their scales)
 
 
+def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s data: itself, or for a tensor subclass made of others
+    (torchao's int8 weight: values, scales, zero points) theirs. Such a subclass's own storage is a
+    stand-in of the logical dtype's size, which holds nothing."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    return [part for name in tensor.__tensor_flatten__()[0] for part in tensor_parts(getattr(tensor, name))]
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor holds: a quantised one's (a tensor subclass) are those of its parts."""
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.nbytes
+    """Bytes a tensor holds (a quantised one's are those of its parts)."""
+    return sum(part.nbytes for part in tensor_parts(tensor))
 
 
 def quantize_language_model(adapter: VLMAdapter, weights: str, keep: Iterable[str] = ()) -> Quantized:
