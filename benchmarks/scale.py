@@ -66,7 +66,7 @@ from transformers import AutoModel, AutoModelForCausalLM, DistilBertConfig, Llam
 from mmke.data.demo import write_demo_dataset
 from mmke.data.records import ImageRoots, load_records
 from mmke.evaluate import Protocol, evaluate, run_baseline
-from mmke.hparams import HParams, named_scopes, read_hparams
+from mmke.hparams import HParams, language_model_scopes, read_hparams
 from mmke.image_features import StoredImageFeatures, save_image_features
 from mmke.methods.base import BUILTIN_METHOD_MODULES, METHODS, make_editor
 from mmke.methods.meta import MetaEditor
@@ -364,8 +364,8 @@ def run_model(model_name: str, args, device: torch.device, dtype: torch.dtype, t
     for method in [method for method, path in paper.items() if not path.exists()]:
         print(f"  {method}: no config/hparams/{method}/{model_name}.yaml, skipped")
     hparams = {method: read_hparams(path) for method, path in paper.items() if path.exists()}
-    if args.quantize:  # as a config entry whose quantize.keep holds every scope these methods name
-        keep = sorted({scope for hp in hparams.values() for scope in named_scopes(hp)})
+    if args.quantize:  # as a config entry whose quantize.keep holds every LM scope these methods name
+        keep = sorted({scope for hp in hparams.values() for scope in language_model_scopes(hp)})
         report["quantized"] = dataclasses.asdict(quantize_language_model(adapter, args.quantize, keep))
         report["quantized_allocated_gib"] = meter.allocated_gib(now=True)
         allocated = ("" if report["quantized_allocated_gib"] is None

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import REPO
 from mmke.data.records import RecordImages
 from mmke.evaluate import Protocol, evaluate, run_baseline
-from mmke.hparams import named_scopes, read_hparams
+from mmke.hparams import language_model_scopes, named_scopes, read_hparams
 from mmke.metrics import target_nll
 from mmke.methods.base import Edit, make_editor
 from mmke.methods.meta import MetaEditor
@@ -69,6 +69,21 @@ def test_the_decoder_layers_linear_weights_go_int8_but_the_kept_scopes_embedding
     with adapter.trainable_only(weight.values()):
         target_nll(adapter.logits(batch), batch.labels).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weight.values())
+
+
+@pytest.mark.parametrize("family", ["blip2", "minigpt4", "llava", "qwen2vl"])
+def test_only_the_scopes_named_llm_can_hold_int8_weights_so_only_they_must_be_kept(family, family_adapters):
+    """The workflow checks quantize.keep by name, before any model is loaded (language_model_scopes)."""
+    adapter = family_adapters[family]()
+    quantize_language_model(adapter, "int8")
+    int8 = {name for name, p in adapter.model.named_parameters() if hasattr(p, "qdata")}
+    for scope, names in adapter.scopes().items():
+        named_llm = language_model_scopes({"scope": scope}) == [scope]
+        assert named_llm == (bool(names) and set(names) <= set(adapter.scopes()[LANGUAGE_MODEL_SCOPE])), scope
+        if not named_llm:  # the image path (qformer, vision_proj, vision) is never int8
+            assert not set(names) & int8, scope
+    assert language_model_scopes({"scopes": ["qformer", "llm.mlp.last1", "vision_proj", "llm"]}) == [
+        "llm.mlp.last1", "llm"]
 
 
 def test_a_scope_holding_int8_weights_cannot_be_edited_and_the_error_says_what_to_keep(adapter, eval_records, roots):

@@ -389,7 +389,7 @@ def test_lavis_model_outside_resources_models_is_refused(tmp_path):
 
 def test_a_quantised_model_that_would_hold_a_methods_scope_in_int8_is_refused_before_any_job(tmp_path):
     config = demo_config(tmp_path)
-    config["methods"] = ["base", "FT-L", "MEND"]
+    config["methods"] = ["base", "FT-L", "FT-V", "MEND"]
     config["models"]["tiny-blip2"]["quantize"] = {"weights": "int8", "keep": ["llm.mlp.last1"]}
     (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path)], cwd=tmp_path,
@@ -398,6 +398,7 @@ def test_a_quantised_model_that_would_hold_a_methods_scope_in_int8_is_refused_be
     assert ("config: models.tiny-blip2.quantize.keep: MEND edits llm.mlp.last2 "
             "(config/hparams/MEND/tiny-blip2.yaml), which would be held in int8; add them to keep") in proc.stderr
     assert "FT-L edits" not in proc.stderr
+    assert "FT-V edits" not in proc.stderr  # its qformer lies outside the language model: never int8
 
 
 def test_lint_is_clean():

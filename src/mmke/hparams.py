@@ -27,13 +27,24 @@ class HParams:
     model: str | None = None
 
 
+#: The scope of the whole language model; every scope inside it is named ``llm.<...>``, in every
+#: family (:meth:`mmke.models.base.VLMAdapter.scopes`), the image path's scopes never so.
+LANGUAGE_MODEL_SCOPE = "llm"
+
+
 def named_scopes(hparams: HParams | Mapping[str, Any]) -> list[str]:
     """The adapter scopes a method's hparams name (its ``scope`` or ``scopes`` field; none where it
-    has neither), read or as the file gives them: what its edits write, wrap or hook, which a
-    quantised model must keep (``models.<name>.quantize.keep``)."""
+    has neither), read or as the file gives them: what its edits write, wrap or hook."""
     values = hparams if isinstance(hparams, Mapping) else dataclasses.asdict(hparams)
     scopes = values.get("scopes") or values.get("scope") or []
     return [scopes] if isinstance(scopes, str) else list(scopes)
+
+
+def language_model_scopes(hparams: HParams | Mapping[str, Any]) -> list[str]:
+    """The :func:`named_scopes` inside the language model: those a quantised model must keep
+    (``models.<name>.quantize.keep``), since int8 weights are only ever the language model's."""
+    return [scope for scope in named_scopes(hparams)
+            if scope == LANGUAGE_MODEL_SCOPE or scope.startswith(f"{LANGUAGE_MODEL_SCOPE}.")]
 
 
 def digest(hparams: HParams) -> str:

@@ -282,14 +282,14 @@ def config_problems():
 
 
 def unkept_scopes(model, path):
-    """The scopes an hparams file names that a quantised model's ``quantize.keep`` leaves out: its
-    jobs would stop at the first edit (mmke.models.quantize). A scope left to the method's
-    default is checked there only."""
-    from mmke.hparams import named_scopes  # only for a quantised model: a no-op rerun imports no mmke
+    """The language-model scopes an hparams file names that a quantised model's ``quantize.keep``
+    leaves out: its jobs would stop at the first edit (mmke.models.quantize). A scope left to the
+    method's default is checked there only."""
+    from mmke.hparams import language_model_scopes  # only for a quantised model: a no-op rerun imports no mmke
 
     keep = MODELS[model]["quantize"].get("keep", [])
     with open(path, encoding="utf-8") as file:
-        return [scope for scope in named_scopes(yaml.safe_load(file) or {}) if scope not in keep]
+        return [scope for scope in language_model_scopes(yaml.safe_load(file) or {}) if scope not in keep]
 
 
 def check_config():

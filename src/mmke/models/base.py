@@ -26,6 +26,7 @@ from PIL import Image
 
 from mmke.data.images import UndecodedImage
 from mmke.data.records import lead_space
+from mmke.hparams import LANGUAGE_MODEL_SCOPE
 
 IGNORE_INDEX = -100
 LOG = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ ATTENTION_WEIGHTS = {"q": "self_attn.q_proj.weight", "v": "self_attn.v_proj.weig
 #: The scope holding every language-model parameter. Everything in it lies downstream of the image
 #: features (vision tower + Q-Former + projection, or the family's equivalent), so an edit confined
 #: to it leaves those features unchanged (:meth:`VLMAdapter.downstream_of_features`).
-LANGUAGE_MODEL_SCOPE = "llm"
 
 
 @dataclass
