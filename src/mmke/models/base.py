@@ -26,6 +26,9 @@ from PIL import Image
 
 from mmke.data.images import UndecodedImage
 from mmke.data.records import lead_space
+# The scope holding every language-model parameter. Everything in it lies downstream of the image
+# features (vision tower + Q-Former + projection, or the family's equivalent), so an edit confined
+# to it leaves those features unchanged (VLMAdapter.downstream_of_features).
 from mmke.hparams import LANGUAGE_MODEL_SCOPE
 
 IGNORE_INDEX = -100
@@ -44,9 +47,6 @@ MLP_WEIGHT_PAIRS = (("fc1.weight", "fc2.weight"), ("mlp.up_proj.weight", "mlp.do
 # The attention query and value projections of one decoder layer (OPT, Llama, Qwen2 alike), where
 # LoRA puts its adapters (EasyEdit's LoRA target_modules q_proj, v_proj).
 ATTENTION_WEIGHTS = {"q": "self_attn.q_proj.weight", "v": "self_attn.v_proj.weight"}
-#: The scope holding every language-model parameter. Everything in it lies downstream of the image
-#: features (vision tower + Q-Former + projection, or the family's equivalent), so an edit confined
-#: to it leaves those features unchanged (:meth:`VLMAdapter.downstream_of_features`).
 
 
 @dataclass
