@@ -224,6 +224,7 @@ def test_stages_store_features_only_when_asked_and_refuse_another_models(tmp_pat
         outputs[store] = read_jsonl(tmp_path / f"r{store}.jsonl"), read_jsonl(base["rows_out"])
         metrics = json.loads((tmp_path / f"m{store}.json").read_text())
         assert metrics["batch_tokens"] == tokens
+        assert metrics["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert metrics["image_modules_released"] is store  # the store covers every image FT-L's job reads
     assert outputs[True] == outputs[False]
     (tmp_path / "ftv.yaml").write_text("method: FT-V\nscopes: [qformer]\nnum_steps: 1\n")

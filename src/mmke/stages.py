@@ -196,8 +196,11 @@ def evaluate_stage(*, names: Mapping[str, str], model: Mapping, dataset: Mapping
         "evaluation": dataclasses.asdict(schedule),  # what the values depend on; the batch settings are not
         "batch_size": batch_size,
         "batch_tokens": batch_tokens,
+        # the CPU kernels' code path too (AVX2, AVX512, ...): another one rounds differently, so
+        # the same config and seed give other figures on another machine (README, under the demo's table)
         "versions": {"mmke": mmke.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+                     "transformers": transformers.__version__, "python": platform.python_version(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "timings": {"load_s": load_s, **result.timings},
         "device": str(adapter.device),
         "image_modules_released": released,
