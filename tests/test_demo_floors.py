@@ -8,9 +8,14 @@ demo DAG, several minutes on 2 cores); CI runs it.
 
 The figures are a function of config, seed and code on one machine, but not across machines: the
 CPU's kernels and the libraries' versions round differently, and thousands of pretraining steps
-carry that into different world models (README, below the demo's table). A floor is therefore
-set below every machine's figure seen, by a record or more (1/24): MEND's E-IC Rel. was 83.3 on
-one and 79.2 on another, GRACE's 87.5 and 79.2, WISE's sequential T-Loc. 100 and 87.5.
+carry that into different world models (README, below the demo's table). The floor of an edit's
+figure is therefore set below every machine's figure seen, by two records or more (1/24 each).
+Three machines gave (an AVX2 one, the README's; an AVX-512 Intel Xeon; an AVX2 AMD EPYC): MEND's
+E-IC Rel. 83.3, 79.2, 70.8 and its T-Gen. 79.2, -, 66.7; GRACE's E-IC Rel. 87.5, 79.2, 75.0; WISE's
+M-Loc. on MiniGPT-4 84.2, -, 76.2; WISE's sequential Rel. 95.8, -, 87.5 and T-Loc. 100, 87.5, 100.
+The captions of E-IC move most: a caption is a whole sentence to match, where an E-VQA answer is a
+word or two (every editor's E-VQA Rel. but KE's was at least 91.7 on the first and the third, and
+above the earlier floor of 80 on the second), so their floors are lower.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ DEMO = yaml.safe_load((REPO / "config/config.yaml").read_text())
 COVERED = [("tiny-blip2", "demo-evqa"), ("tiny-blip2", "demo-eic"), ("tiny-minigpt4", "demo-evqa"),
            ("tiny-llava", "demo-evqa")]
 EDITORS = ("FT-L", "FT-V", "MEND", "SERAC", "IKE")
+#: Rel. and T-Gen. floors of the editors, by dataset (the module's docstring says why E-IC's are lower)
+REL_FLOOR = {"demo-evqa": 0.75, "demo-eic": 0.6}
+GEN_FLOOR = {"demo-evqa": 0.6, "demo-eic": 0.5}
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +73,8 @@ def test_base_row_knows_its_facts_and_does_not_know_the_edits(table, model, data
 @pytest.mark.parametrize("method", EDITORS)
 def test_every_editor_edits(table, method, model, dataset):
     row = table[(method, model, dataset)]
-    assert row["rewrite_acc"] >= 0.75, row
-    assert row["rephrase_acc"] >= 0.6, row
+    assert row["rewrite_acc"] >= REL_FLOOR[dataset], row
+    assert row["rephrase_acc"] >= GEN_FLOOR[dataset], row
 
 
 @pytest.mark.parametrize("model,dataset", COVERED)
@@ -111,11 +119,11 @@ LIFELONG = ("LoRA", "GRACE", "WISE")
 @pytest.mark.parametrize("method", LIFELONG)
 def test_lifelong_editors_edit_one_at_a_time(table, method, model, dataset):
     row = table[(method, model, dataset)]
-    assert row["rewrite_acc"] >= 0.75, row
+    assert row["rewrite_acc"] >= REL_FLOOR[dataset], row
     if method == "GRACE":  # unrelated keys lie outside every radius: the unedited outputs
         assert row["locality_acc"] >= 0.95 and row["multimodal_locality_acc"] >= 0.95, row
     if method == "WISE":  # unrelated questions lie under the router's threshold: the main memory
-        assert row["locality_acc"] >= 0.95 and row["multimodal_locality_acc"] >= 0.75, row
+        assert row["locality_acc"] >= 0.95 and row["multimodal_locality_acc"] >= 0.65, row
 
 
 @pytest.mark.parametrize("method", ["GRACE", "WISE"])
@@ -125,7 +133,7 @@ def test_sequential_table_keeps_lifelong_edits_as_they_accumulate(demo, method):
     assert list(rows) == DEMO["evaluation"]["sequential"]["methods"]
     assert all(r["model"] == "tiny-blip2" and r["dataset"] == "demo-evqa" and r["n"] == "24" for r in rows.values())
     row = rows[method]
-    assert float(row["rewrite_acc"]) >= 0.8 and float(row["locality_acc"]) >= 0.85, row
+    assert float(row["rewrite_acc"]) >= 0.75 and float(row["locality_acc"]) >= 0.75, row
     # tuning shared weights 24 times (FT-L's, KE's and MEND's MLP, LoRA's one adapter) loses more
     # of the earlier edits and of the unrelated answers than GRACE's and WISE's memories do
     for editor in ("FT-L", "KE", "MEND", "LoRA"):
