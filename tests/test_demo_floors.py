@@ -8,14 +8,15 @@ demo DAG, several minutes on 2 cores); CI runs it.
 
 The figures are a function of config, seed and code on one machine, but not across machines: the
 CPU's kernels and the libraries' versions round differently, and thousands of pretraining steps
-carry that into different world models (README, below the demo's table). The floor of an edit's
-figure is therefore set below every machine's figure seen, by two records or more (1/24 each).
-Three machines gave (an AVX2 one, the README's; an AVX-512 Intel Xeon; an AVX2 AMD EPYC): MEND's
-E-IC Rel. 83.3, 79.2, 70.8 and its T-Gen. 79.2, -, 66.7; GRACE's E-IC Rel. 87.5, 79.2, 75.0; WISE's
-M-Loc. on MiniGPT-4 84.2, -, 76.2; WISE's sequential Rel. 95.8, -, 87.5 and T-Loc. 100, 87.5, 100.
-The captions of E-IC move most: a caption is a whole sentence to match, where an E-VQA answer is a
-word or two (every editor's E-VQA Rel. but KE's was at least 91.7 on the first and the third, and
-above the earlier floor of 80 on the second), so their floors are lower.
+carry that into different world models (README, below the demo's table). Three machines were seen
+(an AVX2 one, the README's; an AVX-512 Intel Xeon; an AVX2 AMD EPYC). The floor of an edit's figure
+lies at least two records (1/24 each) under the first's and the third's figures, whose tables were
+kept, and under the second's where it was recorded (its failures of earlier, higher floors; all its
+other figures met those floors): MEND's E-IC Rel. 83.3, 79.2, 70.8 and its T-Gen. 79.2, -, 66.7;
+GRACE's E-IC Rel. 87.5, 79.2, 75.0; WISE's M-Loc. on MiniGPT-4 84.2, -, 76.2; WISE's sequential
+Rel. 95.8, -, 87.5 and T-Loc. 100, 87.5, 100. The captions of E-IC move most: a caption is a whole
+sentence to match, where an E-VQA answer is a word or two (every editor's E-VQA Rel. but KE's was
+at least 91.7 on the first and the third machine), so their floors are lower.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def test_every_editor_edits(table, method, model, dataset):
 
 
 @pytest.mark.parametrize("model,dataset", COVERED)
-def test_ke_edits_half_and_serac_keeps_locality(table, model, dataset):
-    assert table[("KE", model, dataset)]["rewrite_acc"] >= 0.5
+def test_ke_edits_nearly_half_and_serac_keeps_locality(table, model, dataset):
+    assert table[("KE", model, dataset)]["rewrite_acc"] >= 0.45  # E-IC: 54.2, 62.5, 54.2
     assert table[("SERAC", model, dataset)]["locality_acc"] >= 0.95
 
 
