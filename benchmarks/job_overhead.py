@@ -98,21 +98,35 @@ def main(argv: list[str] | None = None) -> dict:
     with_models, _, _ = median_cost(import_probe(staged + list(MODEL_CLASSES)), args.repeats)
     figures["model_classes_s"] = with_models - base
     print(f"  {'+ model classes (load_model)':34s} {with_models - base:6.2f}  {', '.join(MODEL_CLASSES)}")
-    snakemake = shutil.which("snakemake")
+    snakemake = snakemake_command()
     if snakemake is None:
-        print("snakemake not on PATH: no rerun figures")
-        return figures
-    cpu, wall, out = median_cost([snakemake, "-n"], args.repeats, cwd=args.workdir)
+        print("snakemake not found beside this interpreter or on PATH: no rerun figures")
+    else:
+        figures.update(rerun_costs(snakemake, args.workdir, args.repeats))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def snakemake_command() -> str | None:
+    """The Snakemake installed with the interpreter running this (a venv's, whether or not the venv
+    is on PATH, as with ``.venv/bin/python benchmarks/job_overhead.py``), else PATH's."""
+    beside = Path(sys.executable).with_name("snakemake")
+    return str(beside) if beside.is_file() else shutil.which("snakemake")
+
+
+def rerun_costs(snakemake: str, workdir: Path, repeats: int) -> dict:
+    """``snakemake -n`` in ``workdir`` and, when every output is up to date, a no-op ``--cores 1`` run."""
+    figures: dict = {}
+    cpu, wall, out = median_cost([snakemake, "-n"], repeats, cwd=workdir)
     up_to_date = "Nothing to be done" in out
-    print(f"Snakemake in {args.workdir} ({'every output up to date' if up_to_date else 'jobs to run: not a no-op'})")
+    print(f"Snakemake in {workdir} ({'every output up to date' if up_to_date else 'jobs to run: not a no-op'})")
     figures["snakemake -n"] = {"cpu_s": cpu, "wall_s": wall, "up_to_date": up_to_date}
     print(f"  {'snakemake -n':34s} {cpu:6.2f} CPU s  {wall:6.2f} s wall")
     if up_to_date:  # only then does a real run do nothing but check
-        cpu, wall, _ = median_cost([snakemake, "--cores", "1"], args.repeats, cwd=args.workdir)
+        cpu, wall, _ = median_cost([snakemake, "--cores", "1"], repeats, cwd=workdir)
         figures["snakemake --cores 1"] = {"cpu_s": cpu, "wall_s": wall}
         print(f"  {'snakemake --cores 1 (no-op rerun)':34s} {cpu:6.2f} CPU s  {wall:6.2f} s wall")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
