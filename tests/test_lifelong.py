@@ -187,7 +187,8 @@ def test_wise_takes_the_unrelated_rows_distance_from_one_forward_per_edit(adapte
             memory.training = side
             adapter.logits(text, positions=torch.zeros_like(text.attention_mask, dtype=torch.bool))
             whole = memory.distance
-            once = memory.trained(*seen)[1]
+            x, output, rows = seen
+            once = memory.trained(x, memory.main_activations(output), rows)[1]
             assert once.item() > 0 and torch.equal(once, whole)
             assert torch.equal(torch.autograd.grad(once.sum(), side)[0], torch.autograd.grad(whole.sum(), side)[0])
     finally:

@@ -203,13 +203,20 @@ class WISEMemory(HookedMemory):
             self._consulted = book, side, stored
         return self._consulted[1], self._consulted[2]
 
+    def main_activations(self, output: torch.Tensor) -> torch.Tensor:
+        """``act`` of the main memory's output, which every :meth:`distances` of that output measures
+        from: taken once per forward for all candidate memories, and once per edit for the
+        unrelated row, whose main output is the same at every step."""
+        return self.act(output.float())
+
     def distances(self, main: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, infer: bool) -> torch.Tensor:
-        """Per row, ``|act(main) - act(other)|`` over the hidden size, averaged over real tokens
-        (at inference, the largest for a row of more than :data:`LONG_ROW` real tokens).
+        """Per row, ``|main - act(other)|`` over the hidden size (``main``: :meth:`main_activations`),
+        averaged over real tokens (at inference, the largest for a row of more than
+        :data:`LONG_ROW` real tokens).
 
         Each row is judged by its own length, never the batch's padded one: a row is routed the
         same whatever it is measured beside."""
-        norms = (self.act(main.float()) - self.act(other.float())).norm(dim=-1) * mask
+        norms = (main - self.act(other.float())).norm(dim=-1) * mask
         lengths = mask.sum(dim=1)
         mean = norms.sum(dim=1) / lengths.clamp(min=1)
         if not infer:
@@ -234,11 +241,11 @@ class WISEMemory(HookedMemory):
         seen, self.seen = self.seen, None
         return seen
 
-    def trained(self, x: torch.Tensor, output: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trained(self, x: torch.Tensor, main: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output of the side weight being trained on the layer input ``x`` and, per row, its
-        ``d`` from the main ``output``."""
+        ``d`` from the main output's activations ``main`` (:meth:`main_activations`)."""
         side = F.linear(x, self.training.to(x.dtype), self.layer.bias)
-        return side, self.distances(output, side, mask, infer=False)
+        return side, self.distances(main, side, mask, infer=False)
 
     def hook(self, module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
         batch = self.tap.current("WISE")
@@ -248,7 +255,7 @@ class WISEMemory(HookedMemory):
             self.seen = x, output, mask
             raise LayerReached  # see layer_io
         if self.training is not None:
-            side, self.distance = self.trained(x, output, mask)
+            side, self.distance = self.trained(x, self.main_activations(output), mask)
             return side.view(shape)
         side, stored = self.consulted()
         candidates = [*([side] if side is not None else []), *(shard.weight for shard in stored)]
@@ -261,7 +268,8 @@ class WISEMemory(HookedMemory):
         else:
             thresholds = [self.book.min_act() * ratio] * len(candidates)
         outputs = torch.stack([F.linear(x, weight, module.bias) for weight in candidates])
-        d = torch.stack([self.distances(output, other, mask, infer=True) for other in outputs])
+        main = self.main_activations(output)
+        d = torch.stack([self.distances(main, other, mask, infer=True) for other in outputs])
         which = route(d, thresholds, side is not None, self.hp.retrieve)
         self.routes = torch.where(which < 0, 0, which + 1 + (side is None))
         if not (which >= 0).any():
@@ -295,7 +303,8 @@ class WISE(LifelongEditor):
         start = main if book.side is None else book.side
         side = start.clone().requires_grad_(True)
         edit = model.teacher_forced([record.prompt], [record.target], [self.images(record)["image"]])
-        unrelated = memory.layer_io(model, model.teacher_forced([record.loc], [record.loc_ans], None))
+        x, output, rows = memory.layer_io(model, model.teacher_forced([record.loc], [record.loc_ans], None))
+        unrelated = x, memory.main_activations(output), rows
         alpha, beta, gamma = hp.act_margin
         optimiser = torch.optim.SGD([side], lr=hp.edit_lr, weight_decay=WEIGHT_DECAY)
         low, high = main - hp.norm_constraint, main + hp.norm_constraint  # the box the side weight stays in
