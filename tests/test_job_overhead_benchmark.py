@@ -20,14 +20,14 @@ def test_job_overhead_times_every_script_and_finds_the_venvs_snakemake_off_path(
     out = tmp_path / "overhead.json"
     # as `.venv/bin/python benchmarks/job_overhead.py` in a shell whose PATH lacks the venv
     beside = Path(sys.executable).parent
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != beside)
-    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO / "src")}
+    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != beside)
+    env = {**os.environ, "PATH": search, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/job_overhead.py"), "--repeats", "1",
                            "--workdir", str(workdir), "--json", str(out)],
                           capture_output=True, text=True, env=env, check=False, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert set(figures["scripts"]) == {path.stem for path in (REPO / "scripts").glob("*.py")}
+    assert set(figures["scripts"]) == {script.stem for script in (REPO / "scripts").glob("*.py")}
     # the light stages start without torch and transformers; the model stages need both
     assert figures["scripts"]["summary"]["heavy"] == [] and figures["scripts"]["download"]["heavy"] == []
     assert figures["scripts"]["evaluate"]["heavy"] == ["torch", "transformers"]
