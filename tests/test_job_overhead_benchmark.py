@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_scale_benchmark import run_benchmark
 from workflow_copy import REPO, copy_workflow
 
 pytestmark = pytest.mark.slow  # a fresh interpreter per stage script: about a minute
@@ -21,10 +21,8 @@ def test_job_overhead_times_every_script_and_finds_the_venvs_snakemake_off_path(
     # as `.venv/bin/python benchmarks/job_overhead.py` in a shell whose PATH lacks the venv
     beside = Path(sys.executable).parent
     search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != beside)
-    env = {**os.environ, "PATH": search, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks/job_overhead.py"), "--repeats", "1",
-                           "--workdir", str(workdir), "--json", str(out)],
-                          capture_output=True, text=True, env=env, check=False, timeout=900)
+    done = run_benchmark("job_overhead.py", "--repeats", "1", "--workdir", str(workdir), "--json", str(out),
+                         PATH=search)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert set(figures["scripts"]) == {script.stem for script in (REPO / "scripts").glob("*.py")}

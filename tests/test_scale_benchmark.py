@@ -19,9 +19,11 @@ from mmke.methods.base import METHODS, get_method
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
-    """``benchmarks/<script>`` in a fresh interpreter with this checkout's mmke, one torch thread."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1"}
+def run_benchmark(script: str, *args: str, **environ: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script>`` in a fresh interpreter with this checkout's mmke, one torch thread
+    (``environ``: further environment variables, e.g. another ``PATH``)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), "OMP_NUM_THREADS": "1",
+           **environ}
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
                           env=env, check=False)
 
