@@ -5,10 +5,11 @@ IKE embeddings, so run ``make demo`` or copy its ``resources/`` first), on the f
 records of one dataset:
 
 * ``ms/edit``: process CPU time of :func:`mmke.evaluate.evaluate` (apply + measure + revert, the
-  loop behind metrics.json's ``edits_per_s``), median of ``--repeats`` runs;
-* ``limit``: the passes the method needs, each timed alone (CPU time, median of repeats; each
-  repeat timed beside a run of the loop, and ``ratio`` the median of the runs' loop / limit, so
-  that a busy spell of a shared machine weighs on both sides of a ratio alike): one
+  loop behind metrics.json's ``edits_per_s``);
+* ``limit``: the passes the method needs, each timed alone (CPU time). Each of ``--repeats`` runs
+  of the loop is timed beside its limit, and the figures are the pair whose ``ratio`` (loop /
+  limit) is the median, so that a busy spell of a shared machine weighs on both sides of a ratio
+  alike and the ratio is the loop over the limit printed beside it: one
   fused forward of a record's measured items, the image encoder once per distinct image (in the
   first training step too where the method trains upstream of the features, FT-V; later steps
   reuse its frozen vision tower's output; never where the config stores the baseline's features,
@@ -117,7 +118,8 @@ def main() -> None:
     figures: dict[str, dict] = {}
     print(f"{len(records)} {args.dataset} records, batch_size {args.batch_size}, batch_tokens {args.batch_tokens}, "
           f"{args.threads} thread(s), "
-          f"CPU ms per edit (median of {args.repeats}), stored image features: "
+          f"CPU ms per edit (of {args.repeats} loops each timed beside its limit, the pair with the median ratio), "
+          f"stored image features: "
           f"{config.get('evaluation', {}).get('store_image_features', False)}")
     features_path = Path(tempfile.mkdtemp()) / "image_features.safetensors"
     print(f"{'family/method':24s} {'ms/edit':>8s} {'limit':>8s} {'ratio':>6s} {'images':>7s} {'optim':>6s} "

@@ -209,18 +209,18 @@ def passes_and_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageR
 def loop_beside_limit(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,
                       protocol: Protocol, repeats: int, **loop) -> tuple[Counted, float, float, float]:
     """The counted run, then ``repeats`` times the loop (CPU ms per edit) and its limit, one after the
-    other: a busy spell of a shared machine slows both members of a pair alike, so the median of the
-    pairs' ratios is steadier than the ratio of two medians taken minutes apart. Returns the run,
-    the medians of the loop and of the limit, and the median ratio."""
+    other: a busy spell of a shared machine slows both members of a pair alike, so the pair with the
+    median ratio is steadier than the ratio of two medians taken minutes apart. Returns the run and
+    that pair: its loop, its limit and their ratio (the lower of the two middle pairs for an even
+    ``repeats``), so that the ratio is the loop over the limit reported beside it."""
     run = count_passes(adapter, editor, records, roots, baseline, protocol, **loop)
     pairs = []
     for _ in range(repeats):
         limit = limit_ms(adapter, editor, records, roots, baseline, protocol, run, 1, loop.get("stored_features"))
         pairs.append((cpu_ms(lambda: evaluate(adapter, editor, records, roots, baseline, protocol, **loop), 1)
                       / len(records), limit))
-    loops, limits = zip(*pairs)
-    return (run, statistics.median(loops), statistics.median(limits),
-            statistics.median(ms / limit for ms, limit in pairs))
+    ms, limit = sorted(pairs, key=lambda pair: pair[0] / pair[1])[(len(pairs) - 1) // 2]
+    return run, ms, limit, ms / limit
 
 
 def limit_ms(adapter: VLMAdapter, editor: Editor, records, roots: ImageRoots, baseline: Baseline,

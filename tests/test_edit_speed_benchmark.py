@@ -56,16 +56,20 @@ def test_edit_speed_reports_the_loop_beside_the_passes_it_cannot_avoid(store, tm
     assert "images" in done.stdout and "EasyEdit" in done.stdout
 
 
-def test_the_ratio_is_the_median_of_loop_and_limit_timed_in_pairs(monkeypatch):
+def test_the_figures_are_the_pair_of_loop_and_limit_with_the_median_ratio(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     passes = importlib.import_module("passes")
     run = passes.Counted({"forward": 1.0}, side_ms=0.0, optimiser_ms=0.0, trained=set())
     calls = []  # in the order the benchmark times them: limit, loop, limit, loop, ...
-    limits, loops = iter([10.0, 10.0, 40.0]), iter([20.0, 80.0, 40.0])  # loop ms for 2 records
+    limits, loops = iter([10.0, 10.0, 40.0, 20.0]), iter([20.0, 80.0, 40.0, 60.0])  # loop ms for 2 records
     monkeypatch.setattr(passes, "count_passes", lambda *args, **kwargs: run)
     monkeypatch.setattr(passes, "limit_ms", lambda *args: calls.append("limit") or next(limits))
     monkeypatch.setattr(passes, "cpu_ms", lambda fn, repeats: calls.append("loop") or next(loops))
     counted, loop, limit, ratio = passes.loop_beside_limit(None, None, ["a", "b"], None, None, None, 3)
     assert calls == ["limit", "loop"] * 3 and counted is run
-    # per edit the loops are 10, 40, 20 ms beside limits of 10, 10, 40: ratios 1, 4, 0.5
-    assert (loop, limit, ratio) == (20.0, 10.0, 1.0)  # the ratio of the medians would say 2
+    # per edit the loops are 10, 40, 20 ms beside limits of 10, 10, 40: ratios 1, 4, 0.5. The median
+    # pair is the first: the medians of loops and limits apart (20, 10) would say 2
+    assert (loop, limit, ratio) == (10.0, 10.0, 1.0)
+    # an even number of pairs: the lower middle one, still a pair that was timed together
+    limits, loops = iter([10.0, 10.0, 40.0, 20.0]), iter([20.0, 80.0, 40.0, 60.0])
+    assert passes.loop_beside_limit(None, None, ["a", "b"], None, None, None, 4)[1:] == (10.0, 10.0, 1.0)
