@@ -8,8 +8,9 @@ demo DAG, several minutes on 2 cores); CI runs it.
 
 The figures are a function of config, seed and code on one machine, but not across machines: the
 CPU's kernels and the libraries' versions round differently, and thousands of pretraining steps
-carry that into different world models (README, below the demo's table). Three machines were seen
-(an AVX2 one, the README's; an AVX-512 Intel Xeon; an AVX2 AMD EPYC). The floor of an edit's figure
+carry that into different world models (docs/machines.md). Four machines were seen (an AVX2 one,
+the README's; an AVX-512 Intel Xeon; an AVX2 AMD EPYC; an AVX-512 AMD EPYC, whose figures are the
+first's, figure for figure). The floor of an edit's figure
 lies at least two records (1/24 each) under the first's and the third's figures, whose tables were
 kept, and under the second's where it was recorded (its failures of earlier, higher floors; all its
 other figures met those floors): MEND's E-IC Rel. 83.3, 79.2, 70.8 and its T-Gen. 79.2, -, 66.7;
