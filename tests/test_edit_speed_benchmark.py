@@ -61,15 +61,19 @@ def test_the_figures_are_the_pair_of_loop_and_limit_with_the_median_ratio(monkey
     passes = importlib.import_module("passes")
     run = passes.Counted({"forward": 1.0}, side_ms=0.0, optimiser_ms=0.0, trained=set())
     calls = []  # in the order the benchmark times them: limit, loop, limit, loop, ...
-    limits, loops = iter([10.0, 10.0, 40.0, 20.0]), iter([20.0, 80.0, 40.0, 60.0])  # loop ms for 2 records
+
+    def timed(repeats: int) -> tuple[float, float, float]:
+        # per edit (2 records) the loops are 10, 40, 20, 30 ms beside limits of 10, 10, 40, 20: ratios 1, 4, 0.5, 1.5
+        limits, loops = iter([10.0, 10.0, 40.0, 20.0]), iter([20.0, 80.0, 40.0, 60.0])
+        monkeypatch.setattr(passes, "limit_ms", lambda *args: calls.append("limit") or next(limits))
+        monkeypatch.setattr(passes, "cpu_ms", lambda fn, repeats: calls.append("loop") or next(loops))
+        counted, *figures = passes.loop_beside_limit(None, None, ["a", "b"], None, None, None, repeats)
+        assert counted is run
+        return tuple(figures)
+
     monkeypatch.setattr(passes, "count_passes", lambda *args, **kwargs: run)
-    monkeypatch.setattr(passes, "limit_ms", lambda *args: calls.append("limit") or next(limits))
-    monkeypatch.setattr(passes, "cpu_ms", lambda fn, repeats: calls.append("loop") or next(loops))
-    counted, loop, limit, ratio = passes.loop_beside_limit(None, None, ["a", "b"], None, None, None, 3)
-    assert calls == ["limit", "loop"] * 3 and counted is run
-    # per edit the loops are 10, 40, 20 ms beside limits of 10, 10, 40: ratios 1, 4, 0.5. The median
-    # pair is the first: the medians of loops and limits apart (20, 10) would say 2
-    assert (loop, limit, ratio) == (10.0, 10.0, 1.0)
-    # an even number of pairs: the lower middle one, still a pair that was timed together
-    limits, loops = iter([10.0, 10.0, 40.0, 20.0]), iter([20.0, 80.0, 40.0, 60.0])
-    assert passes.loop_beside_limit(None, None, ["a", "b"], None, None, None, 4)[1:] == (10.0, 10.0, 1.0)
+    # of ratios 1, 4, 0.5 the median pair is the first; the medians of loops and limits apart (20, 10) would say 2
+    assert timed(3) == (10.0, 10.0, 1.0)
+    assert calls == ["limit", "loop"] * 3
+    # of ratios 1, 4, 0.5, 1.5 the lower middle pair (1), not the upper (1.5): still a pair timed together
+    assert timed(4) == (10.0, 10.0, 1.0)
